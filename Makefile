@@ -1,0 +1,39 @@
+# Two entry points, each working from a fresh clone with only python3 + pip present:
+#   make quickstart   set up .venv, then run the offline demo
+#   make test         set up .venv, then the whole test suite (Ray tests run in a private net namespace)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# DeepSpeed's JIT ops are cached here so they are built once, during set-up.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
+export HF_HUB_OFFLINE ?= 1
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup quickstart test test-fast bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/build_ds_ops.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: the default build where a GPU is present, the local CPU wheel otherwise.
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PY) scripts/build_ds_ops.py
+	touch $(STAMP)
+
+quickstart: setup
+	$(VENV)/bin/rayft quickstart ./quickstart
+
+# Ray-using tests run inside a private network + pid namespace: only loopback exists and no process outlives the run.
+test: setup
+	scripts/netns.sh $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	scripts/netns.sh $(PY) -m bench.run_all
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) quickstart runs .pytest_cache

@@ -1,0 +1,218 @@
+"""Rows in, batches out: Parquet/JSONL through pyarrow, row validation, encoding with the model's own
+processor and chat template, and collation with loss on the answer tokens only.
+
+`check_rows` needs only pyarrow and PIL: the controller runs it before Ray starts. `encode_rows` needs the
+processor and runs in each worker before its first step, so a row too long fails before training too.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import torch
+
+    from orchestrator.config import DataConfig
+
+IGNORE_INDEX = -100
+MAX_LISTED = 20
+# Token-level tensors a processor may return beside input_ids, and the value answer tokens get:
+# Qwen2-VL's mm_token_type_ids mark image tokens (answer tokens are text: 0); PaliGemma's token_type_ids
+# mark the suffix (1), which makes the answer causal rather than part of the bidirectional prefix.
+TOKEN_LEVEL_FILL = {"mm_token_type_ids": 0, "token_type_ids": 1}
+
+
+class DataError(ValueError):
+    """Every bad row found, each naming its file and row."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        shown = problems[:MAX_LISTED]
+        more = f"\n... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        super().__init__("\n".join(shown) + more)
+
+
+def read_table(path: str | Path) -> pa.Table:
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    if path.suffix == ".jsonl":
+        return pj.read_json(path)
+    raise DataError([f"{path}: unsupported file type (use .parquet or .jsonl)"])
+
+
+def _image_bytes(value: Any, data_file: Path) -> bytes:
+    """An image cell is encoded bytes, a path relative to the data file, or HF datasets' {bytes, path}."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, str) and value:
+        path = Path(value) if Path(value).is_absolute() else data_file.parent / value
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        return path.read_bytes()
+    raise ValueError("empty image cell")
+
+
+def load_image(value: Any, data_file: Path):
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(_image_bytes(value, data_file)))
+    img.load()
+    return img.convert("RGB")
+
+
+def check_rows(data_file: str | Path, cfg: DataConfig, needs_image: bool) -> int:
+    """Validate every row of one data file; returns the row count or raises DataError listing every bad row."""
+    data_file = Path(data_file)
+    try:
+        table = read_table(data_file)
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow's parse errors name the problem; add the file
+        raise DataError([f"{data_file}: cannot be read ({e})"]) from None
+    columns = [cfg.prompt, cfg.answer] + ([cfg.image] if needs_image else [])
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(
+            [f"{data_file}: missing column `{c}` (has: {', '.join(table.column_names)}); set data.{_key(cfg, c)} to the right column" for c in missing]
+        )
+    if table.num_rows == 0:
+        raise DataError([f"{data_file}: no rows"])
+    problems = []
+    prompts = table.column(cfg.prompt).to_pylist()
+    answers = table.column(cfg.answer).to_pylist()
+    images = table.column(cfg.image).to_pylist() if needs_image else [None] * table.num_rows
+    for i, (prompt, answer, image) in enumerate(zip(prompts, answers, images, strict=True)):
+        if not isinstance(prompt, str) or not prompt.strip():
+            problems.append(f"{data_file} row {i}: empty prompt (column `{cfg.prompt}`)")
+        if not isinstance(answer, str) or not answer.strip():
+            problems.append(f"{data_file} row {i}: empty answer (column `{cfg.answer}`)")
+        if needs_image:
+            try:
+                load_image(image, data_file)
+            except FileNotFoundError as e:
+                problems.append(f"{data_file} row {i}: {e}")
+            except Exception as e:
+                problems.append(f"{data_file} row {i}: image does not decode ({type(e).__name__}: {e})")
+    if problems:
+        raise DataError(problems)
+    return table.num_rows
+
+
+def _key(cfg: DataConfig, column: str) -> str:
+    return next(k for k in ("image", "prompt", "answer") if getattr(cfg, k) == column)
+
+
+@dataclass
+class Encoded:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    extras: dict[str, torch.Tensor]
+    row: int
+
+
+def prompt_text(processor: Any, question: str, with_image: bool) -> str:
+    content: Any = [{"type": "image"}, {"type": "text", "text": question}] if with_image else question
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_rows(
+    data_file: str | Path,
+    cfg: DataConfig,
+    processor: Any,
+    with_image: bool,
+    rows: list[int] | None = None,
+) -> tuple[list[Encoded], list[int]]:
+    """Tokenize rows (all, or the given indices) with the model's processor. Returns (examples, dropped rows).
+
+    Never truncates: a row longer than data.max_length is an error naming it, or dropped and counted
+    when data.too_long is `drop`, so image tokens are never cut.
+    """
+    import torch
+
+    data_file = Path(data_file)
+    table = read_table(data_file)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    indices = list(range(table.num_rows)) if rows is None else rows
+    prompts = table.column(cfg.prompt).to_pylist()
+    answers = table.column(cfg.answer).to_pylist()
+    images = table.column(cfg.image).to_pylist() if with_image else None
+    examples, dropped, too_long = [], [], []
+    for i in indices:
+        text = prompt_text(processor, prompts[i], with_image)
+        if with_image:
+            enc = processor(images=[load_image(images[i], data_file)], text=[text], return_tensors="pt")
+        else:
+            enc = tokenizer([text], return_tensors="pt", add_special_tokens=False)
+        prompt_ids = enc["input_ids"][0]
+        answer_ids = tokenizer(answers[i], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer_ids = torch.tensor(answer_ids, dtype=torch.long)
+        length = len(prompt_ids) + len(answer_ids)
+        if length > cfg.max_length:
+            (dropped if cfg.too_long == "drop" else too_long).append(i)
+            continue
+        extras = {}
+        for key, value in enc.items():
+            if key in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
+                continue
+            if key in TOKEN_LEVEL_FILL:
+                fill = torch.full((len(answer_ids),), TOKEN_LEVEL_FILL[key], dtype=value.dtype)
+                value = torch.cat([value[0], fill])
+            elif key == "pixel_values" and cfg.blind:
+                value = torch.zeros_like(value)
+            extras[key] = value
+        examples.append(
+            Encoded(
+                input_ids=torch.cat([prompt_ids, answer_ids]),
+                labels=torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids]),
+                extras=extras,
+                row=i,
+            )
+        )
+    if too_long:
+        raise DataError(
+            [
+                f"{data_file} row {i}: longer than data.max_length={cfg.max_length} tokens (image tokens included); "
+                "raise data.max_length or set data.too_long: drop"
+                for i in too_long
+            ]
+        )
+    return examples, dropped
+
+
+def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token-level tensors; concatenate the rest (pixel_values, image_grid_thw, ...) along dim 0."""
+    import torch
+
+    longest = max(len(e.input_ids) for e in examples)
+    n = len(examples)
+    batch = {
+        "input_ids": torch.full((n, longest), pad_id, dtype=torch.long),
+        "labels": torch.full((n, longest), IGNORE_INDEX, dtype=torch.long),
+        "attention_mask": torch.zeros((n, longest), dtype=torch.long),
+    }
+    for key in TOKEN_LEVEL_FILL:
+        if key in examples[0].extras:
+            batch[key] = torch.zeros((n, longest), dtype=examples[0].extras[key].dtype)
+    for j, e in enumerate(examples):
+        length = len(e.input_ids)
+        batch["input_ids"][j, :length] = e.input_ids
+        batch["labels"][j, :length] = e.labels
+        batch["attention_mask"][j, :length] = 1
+        for key in TOKEN_LEVEL_FILL:
+            if key in e.extras:
+                batch[key][j, :length] = e.extras[key]
+    for key in examples[0].extras:
+        if key not in TOKEN_LEVEL_FILL:
+            batch[key] = torch.cat([e.extras[key] for e in examples])
+    return batch

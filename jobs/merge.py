@@ -1,0 +1,171 @@
+"""Checkpoint -> standalone model: adapter merged into the dequantized base, saved as safetensors with its
+processor, then reloaded with plain transformers and checked against the adapter model's logits.
+
+Why the dequantized base: the adapter was trained against dequant(W4), not the original W16; merging into
+the original weights (or into 4-bit layers) changes logits by ~0.5 (PLATFORM.md). The merged model is
+written to a temporary directory and renamed into place only after the parity check passes, so a
+`model/` directory is always complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs import data as data_mod
+from jobs.evaluate import answer_stats
+from jobs.model import build_model, load_processor, load_trainable_state, model_class, torch_dtype
+from jobs.train_loop import WEIGHTS_FILE
+from orchestrator import architectures
+from orchestrator.config import JobConfig
+
+PARITY_BATCHES = 4
+# Max |logit difference| allowed between the reloaded merged model and the unmerged adapter model
+# (both computed in fp32), relative to the largest |logit|. fp32 exports differ by float rounding only
+# (~1e-6); bf16/fp16 exports round each merged weight to 8/11 mantissa bits.
+PARITY_RTOL = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+def dequantized_state(model: Any) -> dict[str, Any]:
+    """The base's weights as training saw them, in fp32: 4-bit layers dequantized, adapters left out."""
+    import bitsandbytes as bnb
+    import torch
+
+    state: dict[str, torch.Tensor] = {}
+    for mod_name, module in model.named_modules():
+        if ".lora_" in f".{mod_name}" or "lora_" in mod_name.rsplit(".", 1)[-1]:
+            continue
+        clean = mod_name.replace(".base_layer", "")
+        prefix = f"{clean}." if clean else ""
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = module.weight
+            state[prefix + "weight"] = bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+            if module.bias is not None:
+                state[prefix + "bias"] = module.bias.detach().float()
+            continue
+        persistent = {k: v for k, v in module._buffers.items() if k not in module._non_persistent_buffers_set}
+        for p_name, p in {**module._parameters, **persistent}.items():
+            if p is not None and "lora_" not in p_name:
+                state[prefix + p_name] = p.detach().float()
+    return state
+
+
+def _logits(model: Any, batch: dict[str, Any], autocast: Any = None) -> Any:
+    from contextlib import nullcontext
+
+    import torch
+
+    with torch.no_grad(), (autocast() if autocast else nullcontext()):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return model(**inputs).logits.float()
+
+
+def export(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Write the standalone model to out_dir; returns the parity record for the manifest."""
+    from functools import partial
+
+    import torch
+    from safetensors.torch import load_file
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    tmp_dir = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    arch = architectures.for_model_dir(job.model)
+    cpu = torch.device("cpu")
+    weights = load_file(os.path.join(checkpoint_dir, WEIGHTS_FILE))
+    export_dtype = torch_dtype(job.precision)
+
+    processor = load_processor(job.model, arch)
+    parity_batches = _parity_batches(job, processor, arch)
+    autocast = partial(torch.autocast, "cpu", dtype=torch_dtype(job.precision), enabled=job.precision != "fp32")
+
+    # 1. The model as trained (4-bit base for qlora) with the checkpoint's weights.
+    trained = build_model(job, arch, cpu)
+    load_trainable_state(trained, weights)
+    trained.eval()
+    trained_logits = [_logits(trained, b, autocast) for b in parity_batches]
+
+    # 2. The unmerged reference: the same adapter over the dequantized base, all fp32.
+    cls = model_class(arch)
+    if job.method == "full":
+        reference = trained.float()
+        merged = reference
+    else:
+        base_state = dequantized_state(trained.get_base_model())
+        del trained
+        fresh = cls.from_pretrained(job.model, dtype=torch.float32)
+        missing, unexpected = fresh.load_state_dict(base_state, strict=False)
+        missing = [k for k in missing if k not in _tied_keys(fresh)]
+        if missing or unexpected:
+            raise ParityError(f"dequantized base does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        from jobs.model import attach_lora
+
+        reference = attach_lora(fresh, job, arch)
+        load_trainable_state(reference, weights)
+        reference.eval()
+    reference_logits = [_logits(reference, b) for b in parity_batches]
+
+    # 3. Merge, save in the run's precision, reload with plain transformers, compare.
+    if job.method != "full":
+        merged = reference.merge_and_unload()
+    merged.to(export_dtype).save_pretrained(tmp_dir, safe_serialization=True, max_shard_size="2GB")
+    processor.save_pretrained(tmp_dir)
+    reloaded = cls.from_pretrained(tmp_dir, dtype=torch.float32).eval()
+    diffs, scale = [], 0.0
+    merged_stats, trained_stats = [0, 0], [0, 0]
+    for batch, ref, tr in zip(parity_batches, reference_logits, trained_logits, strict=True):
+        got = _logits(reloaded, batch)
+        diffs.append(float((got - ref).abs().max()))
+        scale = max(scale, float(ref.abs().max()))
+        for stats, logits in ((merged_stats, got), (trained_stats, tr)):
+            _, _, correct, count = answer_stats(logits, batch["labels"])
+            stats[0] += correct
+            stats[1] += count
+    max_diff = max(diffs) if diffs else 0.0
+    tolerance = PARITY_RTOL[job.precision] * max(scale, 1.0)
+    record = {
+        "compared": "reloaded merged model vs unmerged adapter over the dequantized base (fp32 maths)",
+        "batches": len(parity_batches),
+        "max_abs_logit_diff": max_diff,
+        "max_abs_logit": scale,
+        "tolerance": tolerance,
+        "passed": max_diff <= tolerance,
+        "merged_accuracy": merged_stats[0] / max(merged_stats[1], 1),
+        "as_trained_accuracy": trained_stats[0] / max(trained_stats[1], 1),
+        "export_dtype": job.precision,
+        "export_s": round(time.time() - t0, 2),
+    }
+    if not record["passed"]:
+        failed = out_dir.with_name(out_dir.name + ".failed")
+        shutil.rmtree(failed, ignore_errors=True)
+        tmp_dir.rename(failed)
+        raise ParityError(
+            f"merged model differs from the adapter model by {max_diff:.3g} in logits (tolerance {tolerance:.3g}); "
+            f"the unverified export is kept at {failed}"
+        )
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp_dir.rename(out_dir)
+    return record
+
+
+def _tied_keys(model: Any) -> set[str]:
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied) if not isinstance(tied, dict) else set(tied.keys())
+
+
+def _parity_batches(job: JobConfig, processor: Any, arch: architectures.Architecture) -> list[dict[str, Any]]:
+    """A few eval batches (train rows when there is no eval file)."""
+    source = job.data.eval or job.data.train
+    n = min(data_mod.read_table(source).num_rows, PARITY_BATCHES * job.train.micro_batch_size)
+    rows, _ = data_mod.encode_rows(source, job.data, processor, arch.kind == "vlm", list(range(n)))
+    pad_id = getattr(processor, "tokenizer", processor).pad_token_id or 0
+    mbs = job.train.micro_batch_size
+    return [data_mod.collate(rows[i : i + mbs], pad_id) for i in range(0, len(rows), mbs)]

@@ -1,0 +1,149 @@
+"""Load the base (in the run's precision, or 4-bit NF4/FP4 through bitsandbytes), attach LoRA, and keep
+frozen what must stay frozen. The same functions serve training, merging and real checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.architectures import Architecture
+from orchestrator.config import JobConfig
+
+if TYPE_CHECKING:
+    import torch
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def base_dtype(job: JobConfig) -> torch.dtype:
+    """Storage dtype of the base's (non-4-bit) weights.
+
+    full: fp32 master weights, maths in the run's precision under autocast (the standard mixed-precision
+    recipe). lora/qlora: the frozen base is stored in the run's precision; adapters stay fp32.
+    """
+    import torch
+
+    return torch.float32 if job.method == "full" else torch_dtype(job.precision)
+
+
+def model_class(arch: Architecture):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if arch.kind == "vlm" else AutoModelForCausalLM
+
+
+def load_processor(model_dir: str, arch: Architecture):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if arch.kind == "text":
+        return AutoTokenizer.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    if not hasattr(processor, "image_processor"):
+        raise RuntimeError(
+            f"{model_dir}: AutoProcessor returned only a tokenizer ({type(processor).__name__}); the image processor "
+            "could not be built (for Qwen2-VL without torchvision, register an image-only processor)"
+        )
+    return processor
+
+
+def quantization_config(job: JobConfig, arch: Architecture):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=job.quantization.type,
+        bnb_4bit_use_double_quant=job.quantization.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(job.precision),
+        # Vision tower, projector and lm_head stay in the run's precision (matched from the name's start).
+        llm_int8_skip_modules=list(arch.keep_out_of_4bit),
+    )
+
+
+def load_base(job: JobConfig, arch: Architecture, device: torch.device) -> Any:
+    kwargs: dict[str, Any] = {"dtype": base_dtype(job)}
+    if job.quantized:
+        kwargs["quantization_config"] = quantization_config(job, arch)
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device.index or 0}
+    model = model_class(arch).from_pretrained(job.model, **kwargs)
+    if job.quantized:
+        disable_cpu_bf16_repack(model)
+    else:
+        model.to(device)
+    return model
+
+
+def disable_cpu_bf16_repack(model: Any) -> None:
+    """bitsandbytes on CPUs with avx512_bf16 repacks Linear4bit weights in place on the first eval forward;
+    afterwards training fails and dequantize() is wrong (PLATFORM.md). Keep the packed layout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def lora_targets(job: JobConfig, arch: Architecture) -> str | list[str]:
+    return arch.lora_target_regex(job.lora.train_vision) if job.lora.targets == "auto" else list(job.lora.targets)
+
+
+def attach_lora(model: Any, job: JobConfig, arch: Architecture) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=job.lora.rank,
+        lora_alpha=job.lora.alpha,
+        lora_dropout=job.lora.dropout,
+        target_modules=lora_targets(job, arch),
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def build_model(job: JobConfig, arch: Architecture, device: torch.device) -> Any:
+    """The trainable model: the base, plus adapters for lora/qlora (everything else frozen)."""
+    import torch
+
+    torch.manual_seed(job.train.seed)  # same adapter init on every rank
+    model = load_base(job, arch, device)
+    if job.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if job.method in ("lora", "qlora"):
+        model = attach_lora(model, job, arch)
+        if not job.quantized:
+            model.to(device)
+    return model
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as the parameters they stand for."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state"):  # bnb Params4bit: two 4-bit values per stored byte
+            n *= 2
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint must hold: adapters for lora/qlora, every weight for full."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: Any, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    unknown = [n for n in state if n not in params]
+    if missing or unknown:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unknown[:5]}")
+    import torch
+
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))

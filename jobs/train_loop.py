@@ -1,0 +1,213 @@
+"""train_fn_per_worker: what every Ray Train worker runs, top to bottom.
+
+setup (job, threads, device, data shard, model, optimizer) -> restore checkpoint -> optimizer steps
+-> eval/report/checkpoint on cadence -> final eval + checkpoint. Rank 0 writes metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from jobs import data as data_mod
+from jobs.evaluate import evaluate
+from jobs.model import (
+    build_model,
+    count_parameters,
+    load_processor,
+    load_trainable_state,
+    torch_dtype,
+    trainable_state,
+)
+from orchestrator import architectures
+from orchestrator.config import JobConfig
+
+WEIGHTS_FILE = "weights.safetensors"
+STATE_FILE = "train_state.pt"
+
+
+def lr_lambda(step: int, total: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
+
+
+def plan_steps(job: JobConfig, shard_rows: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for one worker's shard."""
+    micro_batches = math.ceil(shard_rows / job.train.micro_batch_size)
+    per_epoch = max(1, micro_batches // job.train.grad_accum)
+    total = job.train.max_steps or per_epoch * job.train.epochs
+    return per_epoch, total
+
+
+def micro_batches_for_step(step: int, n_rows: int, job: JobConfig, per_epoch: int) -> list[list[int]]:
+    """Row indices of each micro batch of optimizer step `step`: a fresh seeded permutation per epoch,
+    so a resumed run sees exactly the batches it would have seen."""
+    import torch
+
+    epoch, within = divmod(step, per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(job.train.seed * 1000 + epoch)).tolist()
+    mbs = job.train.micro_batch_size
+    first = within * job.train.grad_accum
+    return [order[(first + k) * mbs : (first + k + 1) * mbs] for k in range(job.train.grad_accum) if (first + k) * mbs < n_rows]
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+
+    # ---- setup ------------------------------------------------------------------------------------
+    job = JobConfig.model_validate(config["job"])
+    run_dir = Path(config["run_dir"])
+    torch.set_num_threads(int(config["cpus_per_worker"]))  # Ray sets OMP threads to the reservation
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    arch = architectures.for_model_dir(job.model)
+    with_image = arch.kind == "vlm"
+    t_setup = time.time()
+
+    processor = load_processor(job.model, arch)
+    pad_id = getattr(processor, "tokenizer", processor).pad_token_id or 0
+    n_train = data_mod.read_table(job.data.train).num_rows
+    shard = list(range(rank, n_train - n_train % world if n_train >= world else n_train, world))
+    train_rows, dropped = data_mod.encode_rows(job.data.train, job.data, processor, with_image, shard)
+    eval_batches = []
+    if job.data.eval:
+        n_eval = data_mod.read_table(job.data.eval).num_rows
+        eval_rows, _ = data_mod.encode_rows(job.data.eval, job.data, processor, with_image, list(range(rank, n_eval, world)))
+        mbs = job.train.micro_batch_size
+        eval_batches = [data_mod.collate(eval_rows[i : i + mbs], pad_id) for i in range(0, len(eval_rows), mbs)]
+
+    model = build_model(job, arch, device)
+    trainable, total = count_parameters(model)
+    core = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=job.train.lr, weight_decay=job.train.weight_decay)
+    per_epoch, total_steps = plan_steps(job, len(train_rows))
+    warmup = int(job.train.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_lambda, total=total_steps, warmup=warmup, schedule=job.train.schedule)
+    )
+    use_amp = job.precision != "fp32"
+    autocast = partial(torch.autocast, device.type, dtype=torch_dtype(job.precision), enabled=use_amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=job.precision == "fp16")
+
+    # ---- restore ----------------------------------------------------------------------------------
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            load_trainable_state(core, load_file(os.path.join(ckpt_dir, WEIGHTS_FILE)))
+            state = torch.load(os.path.join(ckpt_dir, STATE_FILE), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_step = state["step"]
+
+    def log(record: dict[str, Any]) -> None:
+        if rank == 0:
+            with (run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(step: int) -> Any:
+        if rank != 0:
+            return None
+        ckpt_dir = tempfile.mkdtemp(prefix=f"rayft-ckpt-{step}-")
+        save_file(trainable_state(core), os.path.join(ckpt_dir, WEIGHTS_FILE))
+        torch.save(
+            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
+            os.path.join(ckpt_dir, STATE_FILE),
+        )
+        return ray.train.Checkpoint.from_directory(ckpt_dir)
+
+    log(
+        {
+            "event": "start",
+            "step": start_step,
+            "total_steps": total_steps,
+            "rank_rows": len(train_rows),
+            "dropped_rows": len(dropped),
+            "trainable_params": trainable,
+            "total_params": total,
+            "world_size": world,
+            "device": str(device),
+            "setup_s": round(time.time() - t_setup, 2),
+        }
+    )
+    if start_step == 0 and eval_batches:  # the "before" number
+        before = evaluate(model, eval_batches, device, autocast)
+        log({"event": "eval", "step": 0, **before})
+        ray.train.report({"step": 0, **before})
+
+    # ---- optimizer steps --------------------------------------------------------------------------
+    model.train()
+    window_loss, window_steps, window_tokens, window_samples, window_t0 = 0.0, 0, 0, 0, time.time()
+    for step in range(start_step, total_steps):
+        micro = micro_batches_for_step(step, len(train_rows), job, per_epoch)
+        step_loss = 0.0
+        for k, rows in enumerate(micro):
+            batch = data_mod.collate([train_rows[i] for i in rows], pad_id)
+            window_tokens += int(batch["attention_mask"].sum())
+            window_samples += len(rows)
+            batch = {key: v.to(device) for key, v in batch.items()}
+            sync = nullcontext() if world == 1 or k == len(micro) - 1 else model.no_sync()
+            with sync:
+                with autocast():
+                    loss = model(**batch).loss / len(micro)
+                scaler.scale(loss).backward()
+            step_loss += float(loss.detach())
+        if job.train.max_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, job.train.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"train loss is {step_loss} at step {step + 1}; lower train.lr or use precision: bf16")
+        window_loss, window_steps = window_loss + step_loss, window_steps + 1
+
+        done = step + 1
+        is_last = done == total_steps
+        do_eval = bool(eval_batches) and (done % job.train.eval_every == 0 or is_last)
+        do_ckpt = done % job.train.checkpoint_every == 0 or is_last
+        if done % job.train.log_every == 0 or do_eval or do_ckpt:
+            elapsed = time.time() - window_t0
+            counts = torch.tensor([window_tokens, window_samples], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(counts)
+            metrics = {
+                "step": done,
+                "epoch": round(done / per_epoch, 3),
+                "train_loss": window_loss / window_steps,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": float(counts[0]) / elapsed,
+                "samples_per_s": float(counts[1]) / elapsed,
+                "steps_per_s": window_steps / elapsed,
+            }
+            window_loss, window_steps, window_tokens, window_samples = 0.0, 0, 0, 0
+            if do_eval:
+                metrics.update(evaluate(model, eval_batches, device, autocast))
+            log({"event": "eval" if do_eval else "train", **metrics})
+            if do_eval or do_ckpt:
+                ray.train.report(metrics, checkpoint=save_checkpoint(done) if do_ckpt else None)
+            window_t0 = time.time()
+    log({"event": "end", "step": total_steps})

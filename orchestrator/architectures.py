@@ -1,0 +1,155 @@
+"""What rayft knows per architecture: methods it supports, default LoRA targets, modules kept out of 4-bit.
+
+Read from the model's config.json (`model_type`), without importing torch or transformers. Module names
+are those of transformers 5 (`model.language_model...`, `model.vision_tower...`, `lm_head`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+ATTN_MLP = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+ALL_METHODS = ("full", "lora", "qlora")
+
+
+class UnknownArchitecture(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model_types: tuple[str, ...]
+    kind: Literal["vlm", "text"]
+    methods: tuple[str, ...]
+    lora_targets: str
+    """Regex (peft full-match) over module names: the language model's attention and MLP projections."""
+    vision_lora_targets: str
+    """Regex for the vision tower's projections (opt-in with lora.train_vision)."""
+    keep_out_of_4bit: tuple[str, ...]
+    """Module-name prefixes never quantized (bitsandbytes llm_int8_skip_modules matches from the start)."""
+    vision_modules: tuple[str, ...]
+    """Prefixes of the vision tower and projector."""
+    processor_notes: str = ""
+    note: str = ""
+
+    def lora_target_regex(self, train_vision: bool) -> str:
+        if train_vision and self.vision_lora_targets:
+            return f"(?:{self.lora_targets})|(?:{self.vision_lora_targets})"
+        return self.lora_targets
+
+
+def _lm(prefix: str) -> str:
+    return rf"{prefix}\.layers\.\d+\.(?:self_attn|mlp)\.{ATTN_MLP}"
+
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture(
+        name="llava",
+        model_types=("llava",),
+        kind="vlm",
+        methods=ALL_METHODS,
+        lora_targets=_lm(r"model\.language_model"),
+        vision_lora_targets=r"model\.vision_tower\..*\.(?:q_proj|k_proj|v_proj|out_proj|fc1|fc2)",
+        keep_out_of_4bit=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
+        vision_modules=("model.vision_tower", "model.multi_modal_projector"),
+        processor_notes="LlavaProcessor expands <image> to (image_size/patch_size)^2 tokens (+1 with a CLS token).",
+    ),
+    Architecture(
+        name="idefics3",
+        model_types=("idefics3",),
+        kind="vlm",
+        methods=ALL_METHODS,
+        lora_targets=_lm(r"model\.text_model"),
+        vision_lora_targets=r"model\.vision_model\..*\.(?:q_proj|k_proj|v_proj|out_proj|fc1|fc2)",
+        keep_out_of_4bit=("model.vision_model", "model.connector", "lm_head"),
+        vision_modules=("model.vision_model", "model.connector"),
+        processor_notes="Tokenizer must hold <fake_token_around_image>, <image>, <end_of_utterance>, <global-img> and "
+        "<row_i_col_j>; tiny models use do_image_splitting=False.",
+    ),
+    Architecture(
+        name="qwen2_vl",
+        model_types=("qwen2_vl",),
+        kind="vlm",
+        methods=ALL_METHODS,
+        lora_targets=_lm(r"model\.language_model"),
+        vision_lora_targets=r"model\.visual\.blocks\.\d+\.(?:attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)",
+        keep_out_of_4bit=("model.visual", "lm_head"),
+        vision_modules=("model.visual",),
+        processor_notes="Needs an image-only processor registered with AutoProcessor where torchvision is absent; "
+        "returns image_grid_thw and mm_token_type_ids, both passed to the model.",
+    ),
+    Architecture(
+        name="qwen2_5_vl",
+        model_types=("qwen2_5_vl",),
+        kind="vlm",
+        methods=ALL_METHODS,
+        lora_targets=_lm(r"model\.language_model"),
+        vision_lora_targets=r"model\.visual\.blocks\.\d+\.(?:attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj)",
+        keep_out_of_4bit=("model.visual", "lm_head"),
+        vision_modules=("model.visual",),
+        processor_notes="As qwen2_vl.",
+    ),
+    Architecture(
+        name="paligemma",
+        model_types=("paligemma",),
+        kind="vlm",
+        methods=ALL_METHODS,
+        lora_targets=_lm(r"model\.language_model"),
+        vision_lora_targets=r"model\.vision_tower\..*\.(?:q_proj|k_proj|v_proj|out_proj|fc1|fc2)",
+        keep_out_of_4bit=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
+        vision_modules=("model.vision_tower", "model.multi_modal_projector"),
+        processor_notes="The processor adds 1152 <loc>/<seg> tokens: size the vocabulary from len(tokenizer).",
+    ),
+    Architecture(
+        name="nvila_lite",
+        model_types=("nvila_lite", "nvila"),
+        kind="vlm",
+        methods=("full",),
+        lora_targets="",
+        vision_lora_targets="",
+        keep_out_of_4bit=(),
+        vision_modules=("vision_tower", "mm_projector"),
+        note="NVILA-Lite supports full fine-tuning only",
+    ),
+    Architecture(
+        name="llama",
+        model_types=("llama",),
+        kind="text",
+        methods=ALL_METHODS,
+        lora_targets=_lm(r"model"),
+        vision_lora_targets="",
+        keep_out_of_4bit=("lm_head",),
+        vision_modules=(),
+    ),
+    Architecture(
+        name="qwen2",
+        model_types=("qwen2",),
+        kind="text",
+        methods=ALL_METHODS,
+        lora_targets=_lm(r"model"),
+        vision_lora_targets="",
+        keep_out_of_4bit=("lm_head",),
+        vision_modules=(),
+    ),
+)
+
+
+def for_model_type(model_type: str) -> Architecture:
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return arch
+    known = ", ".join(a.name for a in ARCHITECTURES)
+    raise UnknownArchitecture(f"architecture `{model_type}` is not in rayft's capability matrix (known: {known})")
+
+
+def read_model_type(model_dir: str | Path) -> str:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return str(config.get("model_type", ""))
+
+
+def for_model_dir(model_dir: str | Path) -> Architecture:
+    return for_model_type(read_model_type(model_dir))

@@ -1,0 +1,142 @@
+"""`rayft`: each command parses, calls one function, prints. Exit codes: 0 ok, 1 the run failed, 2 bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from orchestrator.config import ConfigError, JobConfig, build_job, load_job, load_raw, to_yaml
+
+SET_HELP = "Override a job key: --set train.lr=1e-4 (repeatable; values parse as YAML)."
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+def _config_problems(e: ConfigError) -> NoReturn:
+    lines = [f"{len(e.problems)} problem(s) in the job:"]
+    for p in e.problems:
+        lines.append(f"  ✗ {p.path}: {p.message}")
+        if p.fix:
+            lines.append(f"      fix: {p.fix}")
+    _fail("\n".join(lines), 2)
+
+
+def _load(job_file: str, sets: tuple[str, ...]) -> JobConfig:
+    try:
+        job, warnings = load_job(job_file, sets)
+    except ConfigError as e:
+        _config_problems(e)
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    return job
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rayft")
+def main() -> None:
+    """Fine-tune vision-language models (and text LLMs) on Ray: full (DeepSpeed ZeRO), LoRA, QLoRA."""
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the resolved config as JSON.")
+def validate(job_file: str, sets: tuple[str, ...], as_json: bool) -> None:
+    """Print the resolved job config, or every problem at once (exit 2)."""
+    job = _load(job_file, sets)
+    if as_json:
+        _print_json(job.model_dump(mode="json"))
+    else:
+        click.echo(to_yaml(job), nl=False)
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue RUN_DIR from its last checkpoint.")
+@click.option("--no-progress", is_flag=True, help="No live progress display.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
+def train(job_file: str, sets: tuple[str, ...], resume: Path | None, no_progress: bool, as_json: bool) -> None:
+    """Run one fine-tuning job; prints the run directory and the merged model's path."""
+    from jobs.data import DataError
+    from orchestrator import launch
+
+    job = _load(job_file, sets)
+    try:
+        outcome = launch.train(job, resume=resume, progress=not no_progress)
+    except DataError as e:
+        _fail(f"bad data rows:\n{e}", 2)
+    except launch.Interrupted as e:
+        _fail(str(e), 130)
+    except launch.RunFailed as e:
+        _fail(str(e), 1)
+    if as_json:
+        _print_json(outcome.manifest)
+        return
+    m = outcome.manifest["metrics"]
+    click.echo(f"run directory: {outcome.run_dir}")
+    if m.get("eval_accuracy") is not None:
+        click.echo(f"eval accuracy: {m['initial_eval_accuracy']:.1%} -> {m['eval_accuracy']:.1%} (eval loss {m['eval_loss']:.4f})")
+    click.echo(f"merged model:  {outcome.model_dir}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--checkpoint", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Default: the newest.")
+@click.option("--json", "as_json", is_flag=True)
+def merge(run_dir: Path, checkpoint: Path | None, as_json: bool) -> None:
+    """(Re)export RUN_DIR's checkpoint as a merged standalone model under RUN_DIR/model."""
+    from orchestrator import launch
+
+    try:
+        job, _ = build_job(load_raw(run_dir / "job.yaml"))
+    except ConfigError as e:
+        _config_problems(e)
+    checkpoint = checkpoint or launch.latest_checkpoint(run_dir)
+    if checkpoint is None:
+        _fail(f"{run_dir}: no checkpoint found under {run_dir / 'checkpoints'}", 2)
+    try:
+        outcome = launch.export_run(job, run_dir.resolve(), checkpoint.resolve())
+    except Exception as e:
+        _fail(f"export failed: {e}", 1)
+    if as_json:
+        _print_json(outcome.manifest)
+        return
+    parity = outcome.manifest["parity"]
+    click.echo(f"merged model: {outcome.model_dir}")
+    click.echo(f"parity: max |logit diff| {parity['max_abs_logit_diff']:.3g} (tolerance {parity['tolerance']:.3g})")
+
+
+@main.command()
+@click.argument("directory", default="./quickstart", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def quickstart(directory: Path, as_json: bool) -> None:
+    """Offline demo: tiny VLM + colour data -> full fine-tune -> QLoRA to a new task -> merged model."""
+    from orchestrator import launch
+    from orchestrator import quickstart as qs
+
+    try:
+        summary = qs.run(directory, sys.stdout)
+    except launch.RunFailed as e:
+        _fail(str(e), 1)
+    if as_json:
+        _print_json(summary)
+        return
+    s = summary["sample"]
+    click.echo("")
+    click.echo(f"base (full fine-tune, English answers): held-out accuracy {summary['base_accuracy_english']:.1%}")
+    click.echo(f"QLoRA to French answers: held-out accuracy {summary['before_accuracy_french']:.1%} -> {summary['after_accuracy_french']:.1%}")
+    click.echo(f"merged model: {summary['merged_model']}")
+    click.echo(f"sample: {s['question']!r} -> {s['merged_model_answer']!r} (expected {s['expected']!r})")
+    click.echo(f"wall time: {summary['wall_s']}s")

@@ -1,0 +1,381 @@
+"""The job schema: one typed, frozen object; every default lives here, each field has a one-line doc.
+
+`load_job` is the edge: YAML + `--set` overrides -> schema -> cross-field and filesystem checks, with
+every problem collected and raised at once as a ConfigError. Workers rebuild the same object from
+`job.model_dump()` with `JobConfig.model_validate`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Method = Literal["full", "lora", "qlora"]
+Precision = Literal["bf16", "fp16", "fp32"]
+QuantType = Literal["nf4", "fp4", "none"]
+DATA_SUFFIXES = (".parquet", ".jsonl")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class DataConfig(_Section):
+    train: str
+    """Training rows: a .parquet or .jsonl file (relative paths resolve against the job file)."""
+    eval: str | None = None
+    """Held-out rows for eval loss and answer accuracy (same layout as train)."""
+    image: str = "image"
+    """Column holding the image: encoded bytes, or a path relative to the data file."""
+    prompt: str = "question"
+    """Column holding the user's question."""
+    answer: str = "answer"
+    """Column holding the expected answer (loss is computed on these tokens only)."""
+    max_length: int = Field(256, ge=8)
+    """Longest tokenized example, image tokens included; longer rows are never truncated."""
+    too_long: Literal["error", "drop"] = "error"
+    """What to do with a row longer than max_length: fail naming the row, or drop and count it."""
+    blind: bool = False
+    """Zero every image (a control run: accuracy should stay at chance if the task needs the image)."""
+
+
+class LoraConfig(_Section):
+    rank: int = Field(16, ge=1, le=1024)
+    """Rank r of the adapter matrices A (r x in) and B (out x r)."""
+    alpha: float = Field(32.0, gt=0)
+    """Scaling numerator: the update is (alpha / rank) * B @ A."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input."""
+    targets: Literal["auto"] | list[str] = "auto"
+    """Modules to adapt: `auto` = the language model's attention and MLP projections for the architecture,
+    or a list of module-name suffixes."""
+    train_vision: bool = False
+    """Also adapt the vision tower's projections (with targets: auto)."""
+
+
+class QuantizationConfig(_Section):
+    type: QuantType = "nf4"
+    """How the frozen base is stored: nf4 | fp4 (4-bit, qlora only) | none. Defaults to none unless method is qlora."""
+    double_quant: bool = True
+    """Quantize the 4-bit block scales too (about 4.127 instead of 4.5 bits per parameter)."""
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(3, ge=1)
+    """Passes over the training rows."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps, whatever epochs says."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Rows per worker per forward pass."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro batches accumulated into one optimizer step."""
+    lr: float = Field(2.0e-4, gt=0.0, le=1.0)
+    """Peak learning rate (AdamW)."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    """Share of the steps spent warming the learning rate up linearly from 0."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    """Clip the gradient norm to this (null: no clipping)."""
+    eval_every: int = Field(50, ge=1)
+    """Evaluate (and report) every this many optimizer steps, and at the end."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Checkpoint every this many optimizer steps, and at the end."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many checkpoints Ray keeps (the newest)."""
+    log_every: int = Field(10, ge=1)
+    """Write a train-loss line to metrics.jsonl every this many optimizer steps."""
+    seed: int = 0
+    """Seed for weights of new modules, data order and dropout."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about a third more compute."""
+
+
+class ScalingConfig(_Section):
+    workers: int = Field(1, ge=1)
+    """Ray Train workers (data parallel); one GPU each when GPUs are used."""
+    gpu: Literal["auto", "on", "off"] = "auto"
+    """Use GPUs: auto = when the machine has one; on = require one; off = train on CPU."""
+    cpus_per_worker: int | None = Field(None, ge=1)
+    """CPU cores reserved per worker (torch threads follow it); null = the machine's cores split among workers."""
+
+
+class JobConfig(_Section):
+    name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Run name: the run directory is <output>/<name>-<timestamp>."""
+    model: str
+    """Base model: a local Hugging Face directory (or a hub id where a hub is reachable)."""
+    data: DataConfig
+    """Where the rows are and which columns to read."""
+    method: Method = "qlora"
+    """full (every weight) | lora (adapters over a bf16/fp16/fp32 base) | qlora (adapters over a 4-bit base)."""
+    lora: LoraConfig = LoraConfig()
+    """Adapter shape (lora and qlora)."""
+    quantization: QuantizationConfig = QuantizationConfig()
+    """4-bit storage of the frozen base (qlora)."""
+    precision: Precision = "bf16"
+    """How the maths runs: bf16 | fp16 (with loss scaling) | fp32."""
+    train: TrainConfig = TrainConfig()
+    """Optimisation and cadence."""
+    scaling: ScalingConfig = ScalingConfig()
+    """Workers and devices."""
+    output: str = "./runs"
+    """Directory that receives run directories."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quantization_follows_method(cls, raw: Any) -> Any:
+        # The one default that depends on another field: a base is 4-bit only for qlora unless said otherwise.
+        if isinstance(raw, Mapping) and raw.get("method", "qlora") != "qlora":
+            quant = raw.get("quantization") or {}
+            if isinstance(quant, Mapping) and "type" not in quant:
+                raw = {**raw, "quantization": {**quant, "type": "none"}}
+        return raw
+
+    @property
+    def quantized(self) -> bool:
+        return self.method == "qlora" and self.quantization.type != "none"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Problems, overrides, loading
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" + (f" (fix: {self.fix})" if self.fix else "")
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value parsed as YAML, so numbers, booleans and lists keep their types)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([Problem(item, "an override must look like key.path=value", "e.g. --set train.lr=1e-4")])
+    return key.strip(), yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of `raw` with dotted keys set. The same function serves `--set` and Tune trials."""
+    out: dict[str, Any] = json.loads(json.dumps(raw))
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[leaf] = value
+    return out
+
+
+_PATH_KEYS = (("model",), ("data", "train"), ("data", "eval"), ("output",))
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative paths in a job file resolve against the file's directory, so a job runs from any cwd."""
+    out = json.loads(json.dumps(raw))
+    for keys in _PATH_KEYS:
+        node = out
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(keys[-1]), str):
+            continue
+        value = os.path.expanduser(node[keys[-1]])
+        candidate = base / value
+        is_hub_id = keys == ("model",) and not value.startswith((".", "/")) and not candidate.exists()
+        if not os.path.isabs(value) and not is_hub_id:
+            node[keys[-1]] = str(candidate.resolve())
+    return out
+
+
+def _pydantic_problems(err: ValidationError) -> list[Problem]:
+    problems = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        path = ".".join(loc) or "(job)"
+        fix = ""
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(loc[:-1])
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            fix = f"did you mean `{close[0]}`?" if close else f"remove it; known keys: {', '.join(known)}"
+            problems.append(Problem(path, "unknown key", fix))
+            continue
+        if e["type"] == "literal_error":
+            fix = "use " + e["ctx"]["expected"]
+        elif e["type"] == "missing":
+            fix = "add it to the job file"
+        problems.append(Problem(path, e["msg"], fix))
+    return problems
+
+
+def _without(raw: Mapping[str, Any], locs: Iterable[tuple[Any, ...]]) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json.dumps(raw))
+    for loc in locs:
+        node: Any = out
+        for part in loc[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(loc[-1], None)
+    return out
+
+
+def _known_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = JobConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def gpu_present() -> bool:
+    """Cheap, import-free: the controller never imports torch to answer this."""
+    return shutil.which("nvidia-smi") is not None
+
+
+def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = None) -> tuple[list[Problem], list[str]]:
+    """Cross-field, architecture and filesystem checks. Returns (problems, warnings)."""
+    from orchestrator import architectures
+
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    gpus = gpu_present() if gpus is None else gpus
+
+    if job.method == "qlora" and job.quantization.type == "none":
+        problems.append(
+            Problem("quantization.type", "qlora needs a 4-bit base", "set quantization.type: nf4 (or fp4), or use method: lora")
+        )
+    if job.method != "qlora" and job.quantization.type != "none":
+        problems.append(
+            Problem(
+                "quantization.type",
+                f"{job.quantization.type} quantization applies to qlora only, not method: {job.method}",
+                "set method: qlora, or quantization.type: none",
+            )
+        )
+    if isinstance(job.lora.targets, list) and not job.lora.targets:
+        problems.append(Problem("lora.targets", "empty list", "use targets: auto or name at least one module"))
+    if job.scaling.gpu == "on" and not gpus:
+        problems.append(Problem("scaling.gpu", "on, but no CUDA GPU is visible (nvidia-smi not found)", "use gpu: auto or off"))
+    use_gpu = job.scaling.gpu == "on" or (job.scaling.gpu == "auto" and gpus)
+    if job.precision == "fp16" and not use_gpu:
+        warnings.append(
+            "precision: fp16 on a CPU-only run works (with a GradScaler) but is tens of times slower than bf16 "
+            "there, which CPUs with avx512_bf16 run natively; prefer precision: bf16"
+        )
+
+    if local_files:
+        model_dir = Path(job.model)
+        if not model_dir.is_dir():
+            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+            if offline or job.model.startswith((".", "/")):
+                problems.append(
+                    Problem("model", f"not a local directory: {job.model}", "point model at a directory holding config.json")
+                )
+            else:
+                warnings.append(f"model: {job.model} is not a local directory; treating it as a hub id")
+        elif not (model_dir / "config.json").is_file():
+            problems.append(Problem("model", f"{job.model} has no config.json", "point model at a Hugging Face model directory"))
+        else:
+            try:
+                arch = architectures.for_model_dir(model_dir)
+            except architectures.UnknownArchitecture as e:
+                if job.method != "full" and job.lora.targets == "auto":
+                    problems.append(Problem("model", str(e), "name lora.targets explicitly, or use method: full"))
+                else:
+                    warnings.append(str(e))
+            else:
+                if job.method not in arch.methods:
+                    allowed = " or ".join(f"method: {m}" for m in arch.methods)
+                    problems.append(
+                        Problem("method", f"{arch.name} does not support {job.method} ({arch.note or 'not in its capability matrix'})", f"use {allowed}")
+                    )
+                if job.lora.train_vision and arch.kind == "text":
+                    problems.append(Problem("lora.train_vision", f"{arch.name} has no vision tower", "set train_vision: false"))
+
+        for key, value in (("data.train", job.data.train), ("data.eval", job.data.eval)):
+            if value is None:
+                continue
+            if not value.endswith(DATA_SUFFIXES):
+                problems.append(Problem(key, f"{value}: unsupported file type", "use a .parquet or .jsonl file"))
+            elif not Path(value).is_file():
+                problems.append(Problem(key, f"file not found: {value}", "check the path (relative paths resolve against the job file)"))
+    return problems, warnings
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([Problem(str(path), "job file not found", "check the path")])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([Problem(str(path), f"not valid YAML: {e}", "fix the YAML syntax")]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([Problem(str(path), "a job file must be a mapping of keys", "see `rayft validate --help`")])
+    return _resolve_paths(raw, path.parent.resolve())
+
+
+def build_job(raw: Mapping[str, Any], sets: Iterable[str] = (), *, local_files: bool = True) -> tuple[JobConfig, list[str]]:
+    """Raw mapping + `--set` items -> validated JobConfig and warnings; raises ConfigError with every problem."""
+    problems: list[Problem] = []
+    overrides: dict[str, Any] = {}
+    for item in sets:
+        try:
+            key, value = parse_set(item)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        overrides[key] = value
+    raw = apply_overrides(raw, overrides)
+    raw = _resolve_paths(raw, Path.cwd()) if overrides else raw
+    try:
+        job = JobConfig.model_validate(raw)
+    except ValidationError as e:
+        # Report the schema's problems and, so that every problem shows at once, the cross-field and
+        # filesystem problems of what remains once the bad keys fall back to their defaults.
+        problems.extend(_pydantic_problems(e))
+        reported = {p.path for p in problems}
+        try:
+            partial = JobConfig.model_validate(_without(raw, [err["loc"] for err in e.errors()]))
+        except ValidationError:
+            raise ConfigError(problems) from None
+        problems.extend(p for p in check_job(partial, local_files=local_files)[0] if p.path not in reported)
+        raise ConfigError(problems) from None
+    found, warnings = check_job(job, local_files=local_files)
+    problems.extend(found)
+    if problems:
+        raise ConfigError(problems)
+    return job, warnings
+
+
+def load_job(path: str | Path, sets: Iterable[str] = (), *, local_files: bool = True) -> tuple[JobConfig, list[str]]:
+    return build_job(load_raw(path), sets, local_files=local_files)
+
+
+def to_yaml(job: JobConfig) -> str:
+    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)

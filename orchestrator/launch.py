@@ -1,0 +1,320 @@
+"""Where a job runs: an embedded local Ray (the default). Owns the run directory, Ray's log file, the
+progress display, the export and the manifest. Heavy imports stay inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from orchestrator.config import JobConfig, gpu_present, load_raw, to_yaml
+
+MODEL_DIR = "model"
+MANIFEST = "manifest.json"
+LIBRARIES = ("rayft", "torch", "transformers", "peft", "bitsandbytes", "deepspeed", "ray", "pyarrow", "accelerate")
+
+
+class RunFailed(RuntimeError):
+    """Training or export failed; the message says why and where the run directory is."""
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_dir: Path
+    model_dir: Path
+    manifest: dict[str, Any]
+
+
+def new_run_dir(job: JobConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(job.output) / f"{job.name}-{stamp}"
+    n = 1
+    while run_dir.exists():
+        n += 1
+        run_dir = Path(job.output) / f"{job.name}-{stamp}-{n}"
+    run_dir.mkdir(parents=True)
+    return run_dir.resolve()
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def resources_for(job: JobConfig):
+    from jobs.driver import Resources
+
+    use_gpu = job.scaling.gpu == "on" or (job.scaling.gpu == "auto" and gpu_present())
+    cores = os.cpu_count() or 1
+    return Resources(use_gpu=use_gpu, cpus_per_worker=job.scaling.cpus_per_worker or max(1, cores // job.scaling.workers))
+
+
+def ensure_local_ray(num_cpus: int) -> bool:
+    """Start an embedded single-machine Ray unless one is already up in this process; True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # workers inherit this: no bars in ray.log
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        logging_level="WARNING",
+    )
+    return True
+
+
+@contextlib.contextmanager
+def output_to(log_path: Path) -> Iterator[IO[str]]:
+    """Send this process's stdout/stderr (Ray's own output, worker logs) to log_path; yield a stream that
+    still reaches the user's terminal for the progress display."""
+    try:
+        fd_out, fd_err = sys.stdout.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # already captured (CliRunner, notebooks): nothing to move
+        with log_path.open("a"):
+            yield sys.stdout
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(fd_out), os.dup(fd_err)
+    user = os.fdopen(os.dup(saved_out), "w", buffering=1)
+    with log_path.open("a") as log:
+        os.dup2(log.fileno(), fd_out)
+        os.dup2(log.fileno(), fd_err)
+        try:
+            yield user
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved_out, fd_out)
+            os.dup2(saved_err, fd_err)
+            os.close(saved_out)
+            os.close(saved_err)
+            user.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class ProgressView:
+    """Tails metrics.jsonl in a thread: a live bar on a terminal, a line per eval otherwise."""
+
+    def __init__(self, run_dir: Path, stream: IO[str], enabled: bool = True):
+        self.run_dir, self.stream, self.enabled = run_dir, stream, enabled
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ProgressView:
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(file=self.stream)
+        seen = len(read_metrics(self.run_dir))
+        progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            console=console, transient=False, disable=not console.is_terminal,
+        )
+        task = None
+        with progress:
+            while not self._stop.is_set():
+                records = read_metrics(self.run_dir)
+                for rec in records[seen:]:
+                    if rec.get("event") == "start":
+                        task = task if task is not None else progress.add_task("train", total=rec["total_steps"], info="")
+                        progress.update(task, completed=rec["step"])
+                        if not console.is_terminal:
+                            console.print(f"training: {rec['total_steps']} steps, {rec['trainable_params']:,} trainable parameters")
+                    elif task is not None and "train_loss" in rec:
+                        info = f"loss {rec['train_loss']:.4f}"
+                        if "eval_accuracy" in rec:
+                            info += f"  eval loss {rec['eval_loss']:.4f}  acc {rec['eval_accuracy']:.1%}"
+                        progress.update(task, completed=rec["step"], info=info)
+                    if rec.get("event") == "eval" and not console.is_terminal:
+                        console.print(f"step {rec['step']}: eval loss {rec['eval_loss']:.4f}, accuracy {rec['eval_accuracy']:.1%}")
+                seen = len(records)
+                self._stop.wait(0.5)
+
+
+def _root_message(error: BaseException) -> str:
+    """The innermost worker exception's message, without Ray's wrapping."""
+    seen = []
+    cur: BaseException | None = error
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or getattr(cur, "cause", None)
+    for exc in reversed(seen):
+        text = str(exc).strip()
+        if text:
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            return lines[-1] if len(lines) > 20 else text
+    return repr(error)
+
+
+def _median(values: list[float]) -> float | None:
+    import statistics
+
+    return statistics.median(values) if values else None
+
+
+def finished(run_dir: Path) -> bool:
+    """Did the latest attempt in run_dir reach its last step? (metrics.jsonl ends with an `end` event)"""
+    records = read_metrics(run_dir)
+    return bool(records) and records[-1].get("event") == "end"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    root = run_dir / "checkpoints"
+    found = sorted(root.rglob("weights.safetensors"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    return found[-1].parent if found else None
+
+
+def export_run(job: JobConfig, run_dir: Path, checkpoint: Path, extra: dict[str, Any] | None = None) -> RunOutcome:
+    """Merge/export a checkpoint into <run_dir>/model and write manifest.json."""
+    from jobs.merge import export
+
+    model_dir = run_dir / MODEL_DIR
+    parity = export(job, checkpoint, model_dir)
+    records = read_metrics(run_dir)
+    evals = [r for r in records if r.get("event") == "eval"]
+    start = next((r for r in records if r.get("event") == "start"), {})
+    manifest = {
+        "name": job.name,
+        "method": job.method,
+        "run_dir": str(run_dir),
+        "model_dir": str(model_dir),
+        "checkpoint": str(checkpoint),
+        "metrics": {
+            "step": evals[-1]["step"] if evals else None,
+            "eval_accuracy": evals[-1].get("eval_accuracy") if evals else None,
+            "eval_loss": evals[-1].get("eval_loss") if evals else None,
+            "initial_eval_accuracy": evals[0].get("eval_accuracy") if evals else None,
+            "train_loss": next((r["train_loss"] for r in reversed(records) if "train_loss" in r), None),
+            "tokens_per_s": _median([r["tokens_per_s"] for r in records if "tokens_per_s" in r]),
+            "steps_per_s": _median([r["steps_per_s"] for r in records if "steps_per_s" in r]),
+        },
+        "trainable_params": start.get("trainable_params"),
+        "total_params": start.get("total_params"),
+        "dropped_rows": start.get("dropped_rows"),
+        "parity": parity,
+        "versions": versions(),
+        "job": job.model_dump(mode="json"),
+        **(extra or {}),
+    }
+    (run_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return RunOutcome(run_dir, model_dir, manifest)
+
+
+def preflight(job: JobConfig) -> dict[str, int]:
+    """Every bad row of every data file, before Ray starts."""
+    from jobs.data import DataError, check_rows
+    from orchestrator import architectures
+
+    needs_image = architectures.for_model_dir(job.model).kind == "vlm"
+    counts, problems = {}, []
+    for key, path in (("train", job.data.train), ("eval", job.data.eval)):
+        if path:
+            try:
+                counts[key] = check_rows(path, job.data, needs_image)
+            except DataError as e:
+                problems.extend(e.problems)
+    if problems:
+        raise DataError(problems)
+    return counts
+
+
+def train(job: JobConfig, *, resume: Path | None = None, stream: IO[str] | None = None, progress: bool = True) -> RunOutcome:
+    """Run one job on an embedded local Ray (or the Ray this process is already connected to)."""
+    from jobs.driver import fit
+
+    stream = stream or sys.stdout
+    timings: dict[str, float] = {}
+    t0 = time.time()
+    preflight(job)
+    timings["preflight_s"] = time.time() - t0
+    if resume:
+        run_dir = resume.resolve()
+        if not (run_dir / "job.yaml").is_file():
+            raise RunFailed(f"--resume {resume}: not a run directory (no job.yaml)")
+        previous = load_raw(run_dir / "job.yaml")
+        if previous.get("method") != job.method or previous.get("model") != job.model:
+            raise RunFailed(f"--resume {resume}: that run trained {previous.get('method')} on {previous.get('model')}; the job says {job.method} on {job.model}")
+    else:
+        run_dir = new_run_dir(job)
+    (run_dir / "job.yaml").write_text(to_yaml(job))
+    resources = resources_for(job)
+    print(f"run directory: {run_dir}", file=stream, flush=True)
+
+    started_ray = False
+    with output_to(run_dir / "ray.log") as user_stream:
+        t1 = time.time()
+        try:
+            started_ray = ensure_local_ray(max(os.cpu_count() or 1, resources.cpus_per_worker * job.scaling.workers))
+            timings["ray_init_s"] = time.time() - t1
+            with ProgressView(run_dir, user_stream, enabled=progress):
+                try:
+                    result = fit(job, run_dir, resources)
+                except SystemExit:  # Ray Train's own SIGINT handler aborts the run and exits
+                    raise KeyboardInterrupt from None
+            timings["fit_s"] = time.time() - t1
+            if result.error is not None:
+                raise RunFailed(f"training failed: {_root_message(result.error)}\n(logs: {run_dir / 'ray.log'})")
+            if not finished(run_dir):  # aborted (Ctrl-C) without an error: never export a partial run
+                raise KeyboardInterrupt
+            checkpoint = Path(result.checkpoint.path) if result.checkpoint else latest_checkpoint(run_dir)
+            if checkpoint is None:
+                raise RunFailed(f"training produced no checkpoint (run directory: {run_dir})")
+            t2 = time.time()
+            try:
+                outcome = export_run(job, run_dir, checkpoint, {"timings": timings})
+            except Exception as e:
+                raise RunFailed(f"export failed: {e}\n(checkpoint kept: {checkpoint}; retry with: rayft merge {run_dir})") from e
+            timings["export_s"] = time.time() - t2
+        except KeyboardInterrupt:
+            started_ray = True
+            raise Interrupted(f"interrupted; continue with: rayft train JOB --resume {run_dir}") from None
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    timings["total_s"] = time.time() - t0
+    outcome.manifest["timings"] = timings
+    (run_dir / MANIFEST).write_text(json.dumps(outcome.manifest, indent=2))
+    return outcome

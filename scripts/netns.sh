@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run a command inside a private network + pid namespace: only loopback exists, so every Ray port is
+# loopback-only, and every process started inside dies with the namespace.
+# Falls back to running directly (with a warning) where unshare is not permitted (non-root).
+set -euo pipefail
+if [ "${RAYFT_IN_NETNS:-}" = 1 ]; then exec "$@"; fi
+if unshare --net --pid --fork --mount-proc true 2>/dev/null; then
+  exec unshare --net --pid --fork --mount-proc env RAYFT_IN_NETNS=1 bash -c 'ip link set lo up && exec "$@"' _ "$@"
+fi
+echo "netns.sh: cannot create a private network namespace (need root); running without isolation" >&2
+exec "$@"

@@ -1,0 +1,65 @@
+"""Fixtures: tiny models and data built from configs (no hub), and one local Ray for the session.
+
+Ray-using tests expect to run inside the private network namespace that `make test` sets up
+(scripts/netns.sh): only loopback exists, and every Ray process dies with the run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parent.parent
+RAYFT = str(Path(sys.executable).parent / "rayft")
+CHANCE = 1 / 8  # eight colours
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    """The quickstart's material (tiny LLaVA init, English and French colour data, job files), untrained."""
+    from orchestrator import quickstart
+
+    root = tmp_path_factory.mktemp("world")
+    quickstart.build(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the in-process training tests (launch.train reuses it and leaves it up)."""
+    import ray
+
+    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> dict:
+    """`rayft quickstart DIR` exactly as a user runs it; its trained base serves the adapter tests."""
+    import json
+    import time
+
+    root = tmp_path_factory.mktemp("quickstart")
+    t0 = time.time()
+    proc = subprocess.run([RAYFT, "quickstart", str(root), "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{\n") :])
+    summary["root"] = root
+    summary["cli_wall_s"] = time.time() - t0
+    return summary
+
+
+def run_clean_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter where peft and bitsandbytes cannot be imported."""
+    prelude = "import sys\nsys.modules['peft'] = None\nsys.modules['bitsandbytes'] = None\n"
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=timeout)

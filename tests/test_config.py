@@ -1,0 +1,130 @@
+"""The job schema and its checks: what a user sees from `rayft validate`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.config import ConfigError, JobConfig, apply_overrides, build_job, load_job
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_job(tmp_path: Path, world: Path, **changes) -> Path:
+    body = {
+        "name": "t",
+        "model": str(world / "init"),
+        "data": {"train": str(world / "data/english_train.parquet"), "eval": str(world / "data/english_eval.parquet")},
+        "method": "qlora",
+    }
+    body = apply_overrides(body, changes)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def problems(path: Path, *sets: str) -> dict[str, str]:
+    with pytest.raises(ConfigError) as e:
+        load_job(path, sets)
+    return {p.path: f"{p.message} | {p.fix}" for p in e.value.problems}
+
+
+def test_shipped_job_files_validate(world, tmp_path):
+    """Every job file in the repo: examples/ (pointed at a built quickstart tree) and the quickstart's own."""
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    (tmp_path / "quickstart").symlink_to(world)
+    (world / "base").exists() or shutil.copytree(world / "init", world / "base")
+    shipped = sorted((tmp_path / "examples").glob("*.yaml")) + sorted((world / "jobs").glob("*.yaml"))
+    assert len(shipped) >= 6
+    for path in shipped:
+        job, _ = load_job(path)
+        assert Path(job.model).is_dir() and Path(job.data.train).is_file(), path
+
+
+def test_defaults_live_in_the_schema(world, tmp_path):
+    job, _ = load_job(write_job(tmp_path, world))
+    assert (job.method, job.quantization.type, job.precision, job.lora.rank) == ("qlora", "nf4", "bf16", 16)
+    full, _ = load_job(write_job(tmp_path, world, method="full"))
+    assert full.quantization.type == "none"  # a base is 4-bit only for qlora
+    # workers rebuild the same object from a plain dict
+    assert JobConfig.model_validate(job.model_dump(mode="json")) == job
+
+
+def test_relative_paths_resolve_against_the_job_file(world, tmp_path):
+    (tmp_path / "sub").mkdir()
+    shutil.copytree(world / "data", tmp_path / "sub" / "data")
+    path = write_job(tmp_path / "sub", world, **{"data.train": "data/english_train.parquet", "data.eval": None})
+    job, _ = load_job(path)
+    assert job.data.train == str((tmp_path / "sub/data/english_train.parquet").resolve())
+
+
+def test_set_overrides_keep_types(world, tmp_path):
+    job, _ = load_job(write_job(tmp_path, world), ["train.lr=1e-4", "lora.rank=8", "data.blind=true", "lora.targets=[q_proj, v_proj]"])
+    assert job.train.lr == 1e-4 and job.lora.rank == 8 and job.data.blind is True
+    assert job.lora.targets == ["q_proj", "v_proj"]
+
+
+def test_every_problem_is_reported_at_once(world, tmp_path):
+    found = problems(
+        write_job(tmp_path, world, **{"train.lr": -1, "lora.rnak": 8, "precision": "fp8", "trian": {}}),
+    )
+    assert set(found) == {"train.lr", "lora.rnak", "precision", "trian"}
+    assert "did you mean `rank`" in found["lora.rnak"]
+    assert "did you mean `train`" in found["trian"]
+    assert "'bf16', 'fp16' or 'fp32'" in found["precision"]
+
+
+def test_qlora_without_4bit_and_quantized_full_are_refused(world, tmp_path):
+    found = problems(write_job(tmp_path, world, **{"quantization.type": "none"}))
+    assert "qlora needs a 4-bit base" in found["quantization.type"] and "nf4" in found["quantization.type"]
+    found = problems(write_job(tmp_path, world, method="full", **{"quantization.type": "fp4"}))
+    assert "applies to qlora only" in found["quantization.type"] and "method: qlora" in found["quantization.type"]
+
+
+def test_missing_model_and_data_files_are_named(world, tmp_path):
+    found = problems(write_job(tmp_path, world, model=str(tmp_path / "nope"), **{"data.eval": str(tmp_path / "e.parquet"), "data.train": str(tmp_path / "t.csv")}))
+    assert "not a local directory" in found["model"]
+    assert "file not found" in found["data.eval"]
+    assert "unsupported file type" in found["data.train"]
+
+
+def test_architecture_capabilities_are_enforced(world, tmp_path):
+    nvila = tmp_path / "nvila"
+    nvila.mkdir()
+    (nvila / "config.json").write_text('{"model_type": "nvila_lite"}')
+    for method in ("lora", "qlora"):
+        found = problems(write_job(tmp_path, world, model=str(nvila), method=method, **{"quantization.type": "nf4" if method == "qlora" else "none"}))
+        assert "NVILA-Lite supports full fine-tuning only" in found["method"] and "use method: full" in found["method"]
+    job, _ = load_job(write_job(tmp_path, world, model=str(nvila), method="full"))
+    assert job.method == "full"
+
+
+def test_fp16_on_cpu_warns(world, tmp_path, monkeypatch):
+    monkeypatch.setattr("orchestrator.config.gpu_present", lambda: False)
+    _, warnings = load_job(write_job(tmp_path, world, precision="fp16"))
+    assert any("tens of times slower than bf16" in w for w in warnings)
+
+
+def test_cli_validate_prints_config_or_problems(world, tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(main, ["validate", str(write_job(tmp_path, world)), "--set", "lora.rank=4"], catch_exceptions=False)
+    assert ok.exit_code == 0
+    assert yaml.safe_load(ok.output)["lora"]["rank"] == 4
+    bad = runner.invoke(main, ["validate", str(write_job(tmp_path, world, method="full", **{"quantization.type": "nf4", "train.epochs": 0}))], catch_exceptions=False)
+    assert bad.exit_code == 2
+    assert "2 problem(s)" in bad.output and "train.epochs" in bad.output and "quantization.type" in bad.output
+    assert "fix:" in bad.output
+    missing = runner.invoke(main, ["validate", str(tmp_path / "none.yaml")], catch_exceptions=False)
+    assert missing.exit_code == 2 and "job file not found" in missing.output
+    malformed = runner.invoke(main, ["validate", str(write_job(tmp_path, world)), "--set", "train.lr"], catch_exceptions=False)
+    assert malformed.exit_code == 2 and "key.path=value" in malformed.output
+
+
+def test_build_job_takes_a_mapping(world):
+    job, _ = build_job({"model": str(world / "init"), "data": {"train": str(world / "data/english_train.parquet")}})
+    assert job.name == "job"

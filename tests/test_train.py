@@ -1,0 +1,168 @@
+"""Training on the real stack (local Ray, peft, bitsandbytes) on the tiny colour task.
+
+The quickstart (run through the CLI, as a user would) trains the base with full fine-tuning from random
+init on English answers and QLoRA-NF4-adapts it to French answers; the other methods adapt that base.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CHANCE, RAYFT, run_clean_python
+
+pytestmark = pytest.mark.slow
+
+
+def french_job(quickstart_run, tmp_path: Path, **sets) -> JobConfig:  # noqa: F821
+    from orchestrator.config import apply_overrides, build_job, load_raw
+
+    raw = load_raw(Path(quickstart_run["root"]) / "jobs" / "qlora.yaml")
+    raw = apply_overrides(raw, {"output": str(tmp_path / "runs"), **sets})
+    job, _ = build_job(raw)
+    return job
+
+
+def clean_reload_accuracy(model_dir: Path, eval_file: str) -> float:
+    """Accuracy of an exported model loaded by plain transformers where peft/bitsandbytes cannot import."""
+    code = f"""
+import json, torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from jobs.data import encode_rows, collate
+from jobs.evaluate import answer_stats
+from orchestrator.config import DataConfig
+model = AutoModelForImageTextToText.from_pretrained({str(model_dir)!r}, dtype=torch.float32).eval()
+processor = AutoProcessor.from_pretrained({str(model_dir)!r})
+assert getattr(model.config, "quantization_config", None) is None
+cfg = DataConfig(train={eval_file!r}, max_length=64)
+rows, _ = encode_rows(cfg.train, cfg, processor, True)
+correct = count = 0
+with torch.no_grad():
+    for i in range(0, len(rows), 32):
+        batch = collate(rows[i:i+32], processor.tokenizer.pad_token_id)
+        labels = batch.pop("labels")
+        _, _, c, n = answer_stats(model(**batch).logits, labels)
+        correct, count = correct + c, count + n
+print(json.dumps({{"accuracy": correct / count}}))
+"""
+    proc = run_clean_python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["accuracy"]
+
+
+def test_quickstart_full_then_qlora(quickstart_run):
+    s = quickstart_run
+    # full fine-tuning from random init: chance or below -> far above
+    assert s["base_accuracy_english"] > 0.9
+    # QLoRA NF4 to a vocabulary the base never produced: 0 -> far above
+    assert s["before_accuracy_french"] <= CHANCE
+    assert s["after_accuracy_french"] > 0.9
+    assert s["sample"]["merged_model_answer"] == s["sample"]["expected"]
+    assert s["wall_s"] < 180, "quickstart should finish in under 3 minutes on 2 cores"
+
+
+def test_quickstart_merged_model_reloads_without_peft_or_bitsandbytes(quickstart_run):
+    model_dir = Path(quickstart_run["merged_model"])
+    manifest = json.loads((model_dir.parent / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_logit_diff"] <= manifest["parity"]["tolerance"]
+    assert manifest["job"]["quantization"] == {"type": "nf4", "double_quant": True}
+    assert {"torch", "transformers", "peft", "bitsandbytes", "ray"} <= set(manifest["versions"])
+    eval_file = manifest["job"]["data"]["eval"]
+    accuracy = clean_reload_accuracy(model_dir, eval_file)
+    assert accuracy > 0.9
+    assert abs(accuracy - manifest["metrics"]["eval_accuracy"]) <= 0.05
+
+
+def test_merged_logits_equal_adapter_on_4bit_base(quickstart_run):
+    """Independently of the export's own check: the adapter over the 4-bit base (as trained) and the merged
+    model give the same answers and logits within bf16 noise."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from jobs.data import collate, encode_rows
+    from jobs.model import build_model, load_processor, load_trainable_state
+    from jobs.train_loop import WEIGHTS_FILE
+    from orchestrator import architectures
+    from orchestrator.config import JobConfig
+
+    run_dir = Path(quickstart_run["merged_model"]).parent
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    job = JobConfig.model_validate(manifest["job"])
+    arch = architectures.for_model_dir(job.model)
+    adapter = build_model(job, arch, torch.device("cpu"))
+    load_trainable_state(adapter, load_file(Path(manifest["checkpoint"]) / WEIGHTS_FILE))
+    merged = AutoModelForImageTextToText.from_pretrained(run_dir / "model", dtype=torch.float32)
+    processor = load_processor(job.model, arch)
+    rows, _ = encode_rows(job.data.eval, job.data, processor, True, list(range(32)))
+    batch = collate(rows, processor.tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = adapter.eval()(**batch).logits.float()
+        m = merged.eval()(**batch).logits.float()
+    answer = labels[:, 1:] != -100
+    assert torch.equal(a[:, :-1].argmax(-1)[answer], m[:, :-1].argmax(-1)[answer])
+    assert float((a - m).abs().max()) <= 0.05 * float(a.abs().max())
+
+
+@pytest.mark.parametrize(("method", "quant"), [("lora", "none"), ("qlora", "fp4")])
+def test_adapters_learn_and_export(quickstart_run, ray_local, tmp_path, method, quant):
+    from orchestrator import launch
+
+    job = french_job(quickstart_run, tmp_path, method=method, **{"quantization.type": quant, "quantization.double_quant": False})
+    out = launch.train(job, progress=False)
+    m = out.manifest["metrics"]
+    assert m["initial_eval_accuracy"] <= CHANCE and m["eval_accuracy"] > 0.9
+    assert out.manifest["parity"]["passed"]
+    assert 0 < out.manifest["trainable_params"] < 0.25 * out.manifest["total_params"]
+    records = [json.loads(x) for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["tokens_per_s"] > 0 for r in records if "tokens_per_s" in r)
+    assert (out.run_dir / "job.yaml").is_file() and (out.run_dir / "ray.log").is_file()
+    assert clean_reload_accuracy(out.model_dir, job.data.eval) > 0.9
+
+
+def test_blind_control_stays_near_chance(quickstart_run, ray_local, tmp_path):
+    """Same QLoRA job with every image zeroed: the answer depends on the image, so accuracy stays near chance."""
+    from orchestrator import launch
+
+    out = launch.train(french_job(quickstart_run, tmp_path, **{"data.blind": True}), progress=False)
+    assert out.manifest["metrics"]["eval_accuracy"] <= 2.5 * CHANCE
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(quickstart_run, tmp_path):
+    """Ctrl-C a `rayft train` after its first checkpoint; `--resume` continues from that step, not from 0."""
+    job_file = Path(quickstart_run["root"]) / "jobs" / "qlora.yaml"
+    sets = ["--set", f"output={tmp_path / 'runs'}", "--set", "train.checkpoint_every=32", "--set", "train.eval_every=32", "--set", "train.epochs=20"]
+    proc = subprocess.Popen([RAYFT, "train", str(job_file), *sets, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    snapshot = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "runs").glob("*/checkpoints/checkpoint_manager_snapshot.json"))
+        if found and "checkpoint_" in found[0].read_text():
+            snapshot = found[0]
+            break
+        time.sleep(0.5)
+    assert snapshot is not None, "no checkpoint registered in time"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    run_dir = snapshot.parents[1]
+    assert f"--resume {run_dir}" in err
+    first = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    reached = max(r["step"] for r in first)
+    assert reached < 640, "the run finished before the interrupt"
+
+    resumed = subprocess.run([RAYFT, "train", str(job_file), *sets, "--no-progress", "--resume", str(run_dir)], capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    starts = [r for r in records if r.get("event") == "start"]
+    assert len(starts) == 2 and 32 <= starts[1]["step"] <= reached and starts[1]["step"] % 32 == 0
+    after = records[records.index(starts[1]) + 1 :]
+    assert min(r["step"] for r in after) > starts[1]["step"]
+    assert max(r["step"] for r in after) == 640
+    assert (run_dir / "model" / "config.json").is_file()
+    assert json.loads((run_dir / "manifest.json").read_text())["metrics"]["eval_accuracy"] > 0.9
