@@ -31,6 +31,7 @@ from orchestrator.config import JobConfig
 
 WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "train_state.pt"
+META_FILE = "metrics.json"  # the step and metrics at which the checkpoint was taken
 
 
 def lr_lambda(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -127,11 +128,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             with (run_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def save_checkpoint(step: int) -> Any:
+    def save_checkpoint(step: int, metrics: dict[str, Any]) -> Any:
         if rank != 0:
             return None
         ckpt_dir = tempfile.mkdtemp(prefix=f"rayft-ckpt-{step}-")
         save_file(trainable_state(core), os.path.join(ckpt_dir, WEIGHTS_FILE))
+        Path(ckpt_dir, META_FILE).write_text(json.dumps(metrics))
         torch.save(
             {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
             os.path.join(ckpt_dir, STATE_FILE),
@@ -208,6 +210,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 metrics.update(evaluate(model, eval_batches, device, autocast))
             log({"event": "eval" if do_eval else "train", **metrics})
             if do_eval or do_ckpt:
-                ray.train.report(metrics, checkpoint=save_checkpoint(done) if do_ckpt else None)
+                ray.train.report(metrics, checkpoint=save_checkpoint(done, metrics) if do_ckpt else None)
             window_t0 = time.time()
     log({"event": "end", "step": total_steps})

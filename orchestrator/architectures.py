@@ -46,6 +46,14 @@ def _lm(prefix: str) -> str:
     return rf"{prefix}\.layers\.\d+\.(?:self_attn|mlp)\.{ATTN_MLP}"
 
 
+def _vit(prefix: str) -> str:
+    """The encoder layers of a SigLIP/CLIP/Idefics3 vision tower. Not `prefix.*`: SigLIP's pooling `head`
+    (an nn.MultiheadAttention, which never calls its out_proj, and an MLP) is unread by LLaVA and PaliGemma,
+    so LoRA there would add parameters that never get a gradient."""
+    projections = r"(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.(?:fc1|fc2))"
+    return rf"{prefix}\.encoder\.layers\.\d+\.{projections}"
+
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         name="llava",
@@ -53,7 +61,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         kind="vlm",
         methods=ALL_METHODS,
         lora_targets=_lm(r"model\.language_model"),
-        vision_lora_targets=r"model\.vision_tower\..*\.(?:q_proj|k_proj|v_proj|out_proj|fc1|fc2)",
+        vision_lora_targets=_vit(r"model\.vision_tower"),
         keep_out_of_4bit=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
         vision_modules=("model.vision_tower", "model.multi_modal_projector"),
         processor_notes="LlavaProcessor expands <image> to (image_size/patch_size)^2 tokens (+1 with a CLS token).",
@@ -64,7 +72,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         kind="vlm",
         methods=ALL_METHODS,
         lora_targets=_lm(r"model\.text_model"),
-        vision_lora_targets=r"model\.vision_model\..*\.(?:q_proj|k_proj|v_proj|out_proj|fc1|fc2)",
+        vision_lora_targets=_vit(r"model\.vision_model"),
         keep_out_of_4bit=("model.vision_model", "model.connector", "lm_head"),
         vision_modules=("model.vision_model", "model.connector"),
         processor_notes="Tokenizer must hold <fake_token_around_image>, <image>, <end_of_utterance>, <global-img> and "
@@ -99,7 +107,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         kind="vlm",
         methods=ALL_METHODS,
         lora_targets=_lm(r"model\.language_model"),
-        vision_lora_targets=r"model\.vision_tower\..*\.(?:q_proj|k_proj|v_proj|out_proj|fc1|fc2)",
+        vision_lora_targets=_vit(r"model\.vision_tower"),
         keep_out_of_4bit=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
         vision_modules=("model.vision_tower", "model.multi_modal_projector"),
         processor_notes="The processor adds 1152 <loc>/<seg> tokens: size the vocabulary from len(tokenizer).",

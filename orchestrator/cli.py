@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
-from orchestrator.config import ConfigError, JobConfig, build_job, load_job, load_raw, to_yaml
+from orchestrator.config import ConfigError, JobConfig, build_job, gpu_present, load_job, load_raw, to_yaml
 
 SET_HELP = "Override a job key: --set train.lr=1e-4 (repeatable; values parse as YAML)."
 
@@ -46,6 +47,14 @@ def _print_json(obj: Any) -> None:
 @click.version_option(package_name="rayft")
 def main() -> None:
     """Fine-tune vision-language models (and text LLMs) on Ray: full (DeepSpeed ZeRO), LoRA, QLoRA."""
+    quiet_environment()
+
+
+def quiet_environment() -> None:
+    """Defaults that keep third-party noise out of the user's terminal (and out of --json output)."""
+    if not gpu_present():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on stdout that it fell back to CPU
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @main.command()

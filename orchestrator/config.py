@@ -40,6 +40,9 @@ class DataConfig(_Section):
     """Column holding the user's question."""
     answer: str = "answer"
     """Column holding the expected answer (loss is computed on these tokens only)."""
+    messages: str | None = None
+    """Column of chat messages ([{role, content}, ...]) used instead of prompt/answer; the last message
+    must be the assistant's and is the answer, the image attaches to the first user message."""
     max_length: int = Field(256, ge=8)
     """Longest tokenized example, image tokens included; longer rows are never truncated."""
     too_long: Literal["error", "drop"] = "error"

@@ -214,18 +214,20 @@ def export_run(job: JobConfig, run_dir: Path, checkpoint: Path, extra: dict[str,
     records = read_metrics(run_dir)
     evals = [r for r in records if r.get("event") == "eval"]
     start = next((r for r in records if r.get("event") == "start"), {})
+    meta = checkpoint / "metrics.json"
+    at_checkpoint = json.loads(meta.read_text()) if meta.is_file() else {"step": None}
     manifest = {
         "name": job.name,
         "method": job.method,
         "run_dir": str(run_dir),
         "model_dir": str(model_dir),
         "checkpoint": str(checkpoint),
-        "metrics": {
-            "step": evals[-1]["step"] if evals else None,
-            "eval_accuracy": evals[-1].get("eval_accuracy") if evals else None,
-            "eval_loss": evals[-1].get("eval_loss") if evals else None,
-            "initial_eval_accuracy": evals[0].get("eval_accuracy") if evals else None,
-            "train_loss": next((r["train_loss"] for r in reversed(records) if "train_loss" in r), None),
+        "metrics": {  # at the exported checkpoint
+            "step": at_checkpoint["step"],
+            "eval_accuracy": at_checkpoint.get("eval_accuracy"),
+            "eval_loss": at_checkpoint.get("eval_loss"),
+            "train_loss": at_checkpoint.get("train_loss"),
+            "initial_eval_accuracy": evals[0].get("eval_accuracy") if evals and evals[0]["step"] == 0 else None,
             "tokens_per_s": _median([r["tokens_per_s"] for r in records if "tokens_per_s" in r]),
             "steps_per_s": _median([r["steps_per_s"] for r in records if "steps_per_s" in r]),
         },

@@ -7,6 +7,7 @@ init on English answers and QLoRA-NF4-adapts it to French answers; the other met
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -166,3 +167,33 @@ def test_interrupted_run_resumes_from_its_checkpoint(quickstart_run, tmp_path):
     assert max(r["step"] for r in after) == 640
     assert (run_dir / "model" / "config.json").is_file()
     assert json.loads((run_dir / "manifest.json").read_text())["metrics"]["eval_accuracy"] > 0.9
+
+
+def test_merge_reexports_from_any_checkpoint(quickstart_run, tmp_path):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(quickstart_run["merged_model"]).parent, run_dir)
+    checkpoints = sorted((p.parent for p in (run_dir / "checkpoints").rglob("weights.safetensors")), key=lambda p: p.name)
+    assert len(checkpoints) == 2  # keep_checkpoints: 2
+    result = CliRunner().invoke(main, ["merge", str(run_dir), "--checkpoint", str(checkpoints[0]), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["checkpoint"] == str(checkpoints[0].resolve()) and manifest["metrics"]["step"] == 32
+    assert manifest["parity"]["passed"] and (run_dir / "model" / "model.safetensors").is_file()
+    assert not (run_dir / "model.partial").exists()
+    newest = CliRunner().invoke(main, ["merge", str(run_dir)], catch_exceptions=False)
+    assert newest.exit_code == 0 and "merged model:" in newest.output
+    assert json.loads((run_dir / "manifest.json").read_text())["metrics"]["step"] == 64
+
+
+def test_row_too_long_fails_before_training_naming_the_row(quickstart_run, ray_local, tmp_path):
+    from orchestrator import launch
+
+    job = french_job(quickstart_run, tmp_path, **{"data.max_length": 20})
+    with pytest.raises(launch.RunFailed) as e:
+        launch.train(job, progress=False)
+    assert "longer than data.max_length=20" in str(e.value) and "row 0" in str(e.value)
+    assert not list((tmp_path / "runs").glob("*/model"))
