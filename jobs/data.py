@@ -79,7 +79,8 @@ def check_rows(data_file: str | Path, cfg: DataConfig, needs_image: bool) -> int
         raise
     except Exception as e:  # pyarrow's parse errors name the problem; add the file
         raise DataError([f"{data_file}: cannot be read ({e})"]) from None
-    columns = [cfg.prompt, cfg.answer] + ([cfg.image] if needs_image else [])
+    text_columns = [cfg.messages] if cfg.messages else [cfg.prompt, cfg.answer]
+    columns = text_columns + ([cfg.image] if needs_image else [])
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise DataError(
@@ -88,14 +89,12 @@ def check_rows(data_file: str | Path, cfg: DataConfig, needs_image: bool) -> int
     if table.num_rows == 0:
         raise DataError([f"{data_file}: no rows"])
     problems = []
-    prompts = table.column(cfg.prompt).to_pylist()
-    answers = table.column(cfg.answer).to_pylist()
     images = table.column(cfg.image).to_pylist() if needs_image else [None] * table.num_rows
-    for i, (prompt, answer, image) in enumerate(zip(prompts, answers, images, strict=True)):
-        if not isinstance(prompt, str) or not prompt.strip():
-            problems.append(f"{data_file} row {i}: empty prompt (column `{cfg.prompt}`)")
-        if not isinstance(answer, str) or not answer.strip():
-            problems.append(f"{data_file} row {i}: empty answer (column `{cfg.answer}`)")
+    for i, image in enumerate(images):
+        try:
+            conversation(table, i, cfg)
+        except ValueError as e:
+            problems.append(f"{data_file} row {i}: {e}")
         if needs_image:
             try:
                 load_image(image, data_file)
@@ -109,7 +108,31 @@ def check_rows(data_file: str | Path, cfg: DataConfig, needs_image: bool) -> int
 
 
 def _key(cfg: DataConfig, column: str) -> str:
-    return next(k for k in ("image", "prompt", "answer") if getattr(cfg, k) == column)
+    return next(k for k in ("messages", "image", "prompt", "answer") if getattr(cfg, k) == column)
+
+
+def conversation(table: pa.Table, i: int, cfg: DataConfig) -> tuple[list[dict[str, str]], str]:
+    """Row i as (messages before the answer, answer). Raises ValueError saying what is wrong with the row."""
+    if cfg.messages:
+        messages = table.column(cfg.messages)[i].as_py()
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"no messages (column `{cfg.messages}`)")
+        if any(not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str) for m in messages):
+            raise ValueError(f"each message needs a string role and content (column `{cfg.messages}`)")
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(f"the last message must be the assistant's answer (column `{cfg.messages}`)")
+        if not any(m["role"] == "user" for m in messages[:-1]):
+            raise ValueError(f"no user message before the answer (column `{cfg.messages}`)")
+        history = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+        answer = messages[-1]["content"]
+    else:
+        prompt, answer = table.column(cfg.prompt)[i].as_py(), table.column(cfg.answer)[i].as_py()
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"empty prompt (column `{cfg.prompt}`)")
+        history = [{"role": "user", "content": prompt}]
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(f"empty answer (column `{cfg.messages or cfg.answer}`)")
+    return history, answer
 
 
 @dataclass
@@ -120,9 +143,27 @@ class Encoded:
     row: int
 
 
-def prompt_text(processor: Any, question: str, with_image: bool) -> str:
-    content: Any = [{"type": "image"}, {"type": "text", "text": question}] if with_image else question
-    messages = [{"role": "user", "content": content}]
+def prompt_text(processor: Any, history: list[dict[str, str]] | str, with_image: bool) -> str:
+    """The chat-templated prompt up to the assistant's turn; the image goes into the first user message."""
+    if isinstance(history, str):
+        history = [{"role": "user", "content": history}]
+    if with_image and getattr(processor, "chat_template", None) is None:
+        # No chat template, as in PaliGemma's released checkpoints: the processor lays the prompt out itself
+        # (PaliGemma: image tokens, bos, prompt, "\n"; the answer then follows as the suffix).
+        if len(history) != 1:
+            raise ValueError("the model has no chat template: a row can hold only one user message")
+        return getattr(processor, "image_token", "") + history[0]["content"]
+    messages: list[dict[str, Any]] = []
+    placed = not with_image
+    for m in history:
+        if with_image:  # VLM processors take structured content
+            content: Any = [{"type": "text", "text": m["content"]}]
+            if not placed and m["role"] == "user":
+                content.insert(0, {"type": "image"})
+                placed = True
+            messages.append({"role": m["role"], "content": content})
+        else:
+            messages.append(dict(m))
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -139,23 +180,26 @@ def encode_rows(
     when data.too_long is `drop`, so image tokens are never cut.
     """
     import torch
+    from PIL import Image
 
     data_file = Path(data_file)
     table = read_table(data_file)
     tokenizer = getattr(processor, "tokenizer", processor)
     indices = list(range(table.num_rows)) if rows is None else rows
-    prompts = table.column(cfg.prompt).to_pylist()
-    answers = table.column(cfg.answer).to_pylist()
     images = table.column(cfg.image).to_pylist() if with_image else None
     examples, dropped, too_long = [], [], []
     for i in indices:
-        text = prompt_text(processor, prompts[i], with_image)
+        history, answer = conversation(table, i, cfg)
+        text = prompt_text(processor, history, with_image)
         if with_image:
-            enc = processor(images=[load_image(images[i], data_file)], text=[text], return_tensors="pt")
+            image = load_image(images[i], data_file)
+            if cfg.blind:  # a uniform grey image of the same size: no information, same token layout
+                image = Image.new("RGB", image.size, (128, 128, 128))
+            enc = processor(images=[image], text=[text], return_tensors="pt")
         else:
             enc = tokenizer([text], return_tensors="pt", add_special_tokens=False)
         prompt_ids = enc["input_ids"][0]
-        answer_ids = tokenizer(answers[i], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         answer_ids = torch.tensor(answer_ids, dtype=torch.long)
         length = len(prompt_ids) + len(answer_ids)
         if length > cfg.max_length:
@@ -163,13 +207,12 @@ def encode_rows(
             continue
         extras = {}
         for key, value in enc.items():
-            if key in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
+            # labels: ours (answer tokens only); PaliGemma's processor returns its own prompt-length ones.
+            if key in ("input_ids", "attention_mask", "labels") or not isinstance(value, torch.Tensor):
                 continue
             if key in TOKEN_LEVEL_FILL:
                 fill = torch.full((len(answer_ids),), TOKEN_LEVEL_FILL[key], dtype=value.dtype)
                 value = torch.cat([value[0], fill])
-            elif key == "pixel_values" and cfg.blind:
-                value = torch.zeros_like(value)
             extras[key] = value
         examples.append(
             Encoded(
@@ -214,5 +257,21 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
                 batch[key][j, :length] = e.extras[key]
     for key in examples[0].extras:
         if key not in TOKEN_LEVEL_FILL:
-            batch[key] = torch.cat([e.extras[key] for e in examples])
+            batch[key] = cat_padded([e.extras[key] for e in examples])
     return batch
+
+
+def cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding the other dims to the largest. A no-op for fixed-size images
+    (LLaVA, PaliGemma) and Qwen2-VL's flat patches; Idefics3 with image splitting gives each row as many
+    crops as its aspect ratio needs, and its own image processor pads a batch the same way: all-zero crops
+    are skipped by the model and pixel_attention_mask is 0 on the padding."""
+    import torch
+
+    tail = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        out = t.new_zeros((t.shape[0], *tail))
+        out[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
+        padded.append(out)
+    return torch.cat(padded)

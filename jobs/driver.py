@@ -37,6 +37,7 @@ def build_trainer(job: JobConfig, run_dir: Path, resources: Resources) -> Any:
             num_workers=job.scaling.workers,
             use_gpu=resources.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker},
+            placement_strategy=job.scaling.placement.upper(),
         ),
         run_config=RunConfig(
             name=CHECKPOINTS,

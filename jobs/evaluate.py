@@ -26,17 +26,19 @@ def answer_stats(logits: Any, labels: Any) -> tuple[float, int, int, int]:
     return float(loss), int(mask.sum()), correct, int(labels.shape[0])
 
 
-def evaluate(model: Any, batches: list[dict[str, Any]], device: Any, autocast: Any) -> dict[str, float]:
+def evaluate(model: Any, batches: list[dict[str, Any]], device: Any, autocast: Any, float_dtype: Any = None) -> dict[str, float]:
     """Summed over this worker's batches and then over all workers (a collective when distributed)."""
     import torch
     import torch.distributed as dist
+
+    from jobs.train_loop import to_device
 
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)
     with torch.no_grad(), autocast():
         for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = to_device(batch, device, float_dtype)
             labels = batch.pop("labels")
             logits = model(**batch).logits
             totals += torch.tensor(answer_stats(logits, labels), dtype=torch.float64)

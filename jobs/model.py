@@ -116,6 +116,9 @@ def build_model(job: JobConfig, arch: Architecture, device: torch.device) -> Any
         model = attach_lora(model, job, arch)
         if not job.quantized:
             model.to(device)
+    for name, param in model.named_parameters():
+        if any(name == prefix or name.startswith(prefix + ".") for prefix in job.freeze):
+            param.requires_grad_(False)
     return model
 
 
@@ -123,7 +126,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as the parameters they stand for."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions hold a slice; ds_numel is the whole
         if hasattr(p, "quant_state"):  # bnb Params4bit: two 4-bit values per stored byte
             n *= 2
         total += n

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import tempfile
 import time
 from contextlib import nullcontext
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import data as data_mod
+from jobs import zero
 from jobs.evaluate import evaluate
 from jobs.model import (
     build_model,
@@ -43,24 +45,38 @@ def lr_lambda(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
 
 
-def plan_steps(job: JobConfig, shard_rows: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps) for one worker's shard."""
-    micro_batches = math.ceil(shard_rows / job.train.micro_batch_size)
+def plan_steps(job: JobConfig, n_rows: int, world: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps). A global micro batch is micro_batch_size rows
+    per worker; the remainder of an epoch that fills no global micro batch is skipped."""
+    micro_batches = n_rows // (job.train.micro_batch_size * world)
+    if micro_batches == 0:
+        raise data_mod.DataError(
+            [f"{job.data.train}: {n_rows} rows cannot fill one global micro batch ({job.train.micro_batch_size} x {world} workers)"]
+        )
     per_epoch = max(1, micro_batches // job.train.grad_accum)
     total = job.train.max_steps or per_epoch * job.train.epochs
     return per_epoch, total
 
 
-def micro_batches_for_step(step: int, n_rows: int, job: JobConfig, per_epoch: int) -> list[list[int]]:
-    """Row indices of each micro batch of optimizer step `step`: a fresh seeded permutation per epoch,
-    so a resumed run sees exactly the batches it would have seen."""
+def micro_batches_for_step(step: int, n_rows: int, job: JobConfig, per_epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This worker's row indices for each micro batch of optimizer step `step`.
+
+    One seeded permutation of all rows per epoch; global micro batch m is rows [m*G, (m+1)*G) of it
+    (G = micro_batch_size x workers) and worker r takes its r-th slice. So N workers see exactly the
+    batches one worker with an N-times larger micro batch would, and a resumed run sees the batches it
+    would have seen."""
     import torch
 
     epoch, within = divmod(step, per_epoch)
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(job.train.seed * 1000 + epoch)).tolist()
     mbs = job.train.micro_batch_size
     first = within * job.train.grad_accum
-    return [order[(first + k) * mbs : (first + k + 1) * mbs] for k in range(job.train.grad_accum) if (first + k) * mbs < n_rows]
+    return [order[(m * world + rank) * mbs : (m * world + rank + 1) * mbs] for m in range(first, first + job.train.grad_accum)]
+
+
+def to_device(batch: dict[str, Any], device: Any, float_dtype: Any = None) -> dict[str, Any]:
+    """Move a batch; under DeepSpeed bf16/fp16 the weights are in that dtype, so float inputs follow."""
+    return {k: v.to(device, float_dtype) if float_dtype is not None and v.is_floating_point() else v.to(device) for k, v in batch.items()}
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -83,45 +99,65 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     processor = load_processor(job.model, arch)
     pad_id = getattr(processor, "tokenizer", processor).pad_token_id or 0
-    n_train = data_mod.read_table(job.data.train).num_rows
-    shard = list(range(rank, n_train - n_train % world if n_train >= world else n_train, world))
-    train_rows, dropped = data_mod.encode_rows(job.data.train, job.data, processor, with_image, shard)
+    # Every worker encodes every training row (the batch schedule is global); eval rows are sharded.
+    train_rows, dropped = data_mod.encode_rows(job.data.train, job.data, processor, with_image)
     eval_batches = []
     if job.data.eval:
         n_eval = data_mod.read_table(job.data.eval).num_rows
         eval_rows, _ = data_mod.encode_rows(job.data.eval, job.data, processor, with_image, list(range(rank, n_eval, world)))
         mbs = job.train.micro_batch_size
         eval_batches = [data_mod.collate(eval_rows[i : i + mbs], pad_id) for i in range(0, len(eval_rows), mbs)]
+    per_epoch, total_steps = plan_steps(job, len(train_rows), world)
+    warmup = int(job.train.warmup_ratio * total_steps)
+    schedule = partial(lr_lambda, total=total_steps, warmup=warmup, schedule=job.train.schedule)
 
+    ds_config = None
+    if job.deepspeed:
+        zero.init_comm(device)
+        ds_config, changed = zero.ds_config(job, world)
+        if rank == 0:
+            zero.write_config(run_dir, ds_config, changed)
+    keep_alive = zero.hf_deepspeed_config(job, ds_config, arch) if ds_config else None  # noqa: F841 (ZeRO-3 load)
     model = build_model(job, arch, device)
     trainable, total = count_parameters(model)
-    core = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=job.train.lr, weight_decay=job.train.weight_decay)
-    per_epoch, total_steps = plan_steps(job, len(train_rows))
-    warmup = int(job.train.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_lambda, total=total_steps, warmup=warmup, schedule=job.train.schedule)
-    )
-    use_amp = job.precision != "fp32"
-    autocast = partial(torch.autocast, device.type, dtype=torch_dtype(job.precision), enabled=use_amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=job.precision == "fp16")
+    if ds_config:
+        # DeepSpeed holds the weights in the run's precision (fp32 master copies in the optimizer), scales
+        # fp16 losses, clips, accumulates and steps the scheduler at accumulation boundaries.
+        model, optimizer, scheduler = zero.initialize(
+            model, ds_config, params, job.train.lr, job.train.weight_decay, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        )
+        core = model.module
+        input_dtype = torch_dtype(job.precision)
+        autocast = nullcontext
+        scaler = None
+    else:
+        core = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        optimizer = torch.optim.AdamW(params, lr=job.train.lr, weight_decay=job.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        input_dtype = None
+        autocast = partial(torch.autocast, device.type, dtype=torch_dtype(job.precision), enabled=job.precision != "fp32")
+        scaler = torch.amp.GradScaler(device.type, enabled=job.precision == "fp16")
 
     # ---- restore ----------------------------------------------------------------------------------
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
-            load_trainable_state(core, load_file(os.path.join(ckpt_dir, WEIGHTS_FILE)))
-            state = torch.load(os.path.join(ckpt_dir, STATE_FILE), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_step = state["step"]
+            if ds_config:
+                _, client_state = model.load_checkpoint(ckpt_dir)  # every rank its own shard
+                start_step = client_state["step"]
+            else:
+                load_trainable_state(core, load_file(os.path.join(ckpt_dir, WEIGHTS_FILE)))
+                state = torch.load(os.path.join(ckpt_dir, STATE_FILE), weights_only=False)
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                scaler.load_state_dict(state["scaler"])
+                start_step = state["step"]
 
     def log(record: dict[str, Any]) -> None:
         if rank == 0:
@@ -129,60 +165,79 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 f.write(json.dumps(record) + "\n")
 
     def save_checkpoint(step: int, metrics: dict[str, Any]) -> Any:
-        if rank != 0:
-            return None
+        """Plain runs: rank 0 writes trainable weights + optimizer state. ZeRO: every rank writes its shard
+        and Ray merges the ranks' directories into one checkpoint. Adapters are also written whole by rank 0
+        (they are small and unpartitioned below ZeRO-3), so every adapter run merges the same way."""
         ckpt_dir = tempfile.mkdtemp(prefix=f"rayft-ckpt-{step}-")
-        save_file(trainable_state(core), os.path.join(ckpt_dir, WEIGHTS_FILE))
-        Path(ckpt_dir, META_FILE).write_text(json.dumps(metrics))
-        torch.save(
-            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
-            os.path.join(ckpt_dir, STATE_FILE),
-        )
-        return ray.train.Checkpoint.from_directory(ckpt_dir)
+        if ds_config:
+            model.save_checkpoint(ckpt_dir, tag=f"step_{step}", client_state={"step": step})
+        if rank == 0:
+            if not ds_config or job.method != "full":
+                save_file(trainable_state(core), os.path.join(ckpt_dir, WEIGHTS_FILE))
+            if not ds_config:
+                torch.save(
+                    {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
+                    os.path.join(ckpt_dir, STATE_FILE),
+                )
+            Path(ckpt_dir, META_FILE).write_text(json.dumps(metrics))
+        return ray.train.Checkpoint.from_directory(ckpt_dir) if rank == 0 or ds_config else None
 
+    node_ids = [ray.get_runtime_context().get_node_id()] * world
+    if world > 1:  # which Ray nodes the workers landed on (placement: pack | spread)
+        dist.all_gather_object(node_ids, node_ids[0])
     log(
         {
             "event": "start",
             "step": start_step,
             "total_steps": total_steps,
-            "rank_rows": len(train_rows),
+            "rows": len(train_rows),
+            "zero_stage": job.deepspeed.stage if job.deepspeed else None,
             "dropped_rows": len(dropped),
             "trainable_params": trainable,
             "total_params": total,
             "world_size": world,
+            "ray_nodes": len(set(node_ids)),
             "device": str(device),
             "setup_s": round(time.time() - t_setup, 2),
         }
     )
     if start_step == 0 and eval_batches:  # the "before" number
-        before = evaluate(model, eval_batches, device, autocast)
+        before = evaluate(model, eval_batches, device, autocast, input_dtype)
         log({"event": "eval", "step": 0, **before})
         ray.train.report({"step": 0, **before})
 
     # ---- optimizer steps --------------------------------------------------------------------------
     model.train()
+    memory_logged = False
     window_loss, window_steps, window_tokens, window_samples, window_t0 = 0.0, 0, 0, 0, time.time()
     for step in range(start_step, total_steps):
-        micro = micro_batches_for_step(step, len(train_rows), job, per_epoch)
+        micro = micro_batches_for_step(step, len(train_rows), job, per_epoch, rank, world)
         step_loss = 0.0
         for k, rows in enumerate(micro):
             batch = data_mod.collate([train_rows[i] for i in rows], pad_id)
             window_tokens += int(batch["attention_mask"].sum())
             window_samples += len(rows)
-            batch = {key: v.to(device) for key, v in batch.items()}
+            batch = to_device(batch, device, input_dtype)
+            if ds_config:
+                loss = model(**batch).loss
+                model.backward(loss)  # divides by grad_accum itself
+                model.step()  # optimizer + scheduler only at the accumulation boundary
+                step_loss += float(loss.detach()) / len(micro)
+                continue
             sync = nullcontext() if world == 1 or k == len(micro) - 1 else model.no_sync()
             with sync:
                 with autocast():
                     loss = model(**batch).loss / len(micro)
                 scaler.scale(loss).backward()
             step_loss += float(loss.detach())
-        if job.train.max_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, job.train.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        if not ds_config:
+            if job.train.max_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, job.train.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"train loss is {step_loss} at step {step + 1}; lower train.lr or use precision: bf16")
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
@@ -193,21 +248,26 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         do_ckpt = done % job.train.checkpoint_every == 0 or is_last
         if done % job.train.log_every == 0 or do_eval or do_ckpt:
             elapsed = time.time() - window_t0
-            counts = torch.tensor([window_tokens, window_samples], dtype=torch.float64)
+            # the loss of the global batch: the mean over workers of each worker's mean
+            sums = torch.tensor([window_tokens, window_samples, window_loss], dtype=torch.float64)
             if world > 1:
-                dist.all_reduce(counts)
+                dist.all_reduce(sums)
             metrics = {
                 "step": done,
                 "epoch": round(done / per_epoch, 3),
-                "train_loss": window_loss / window_steps,
+                "train_loss": float(sums[2]) / world / window_steps,
                 "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": float(counts[0]) / elapsed,
-                "samples_per_s": float(counts[1]) / elapsed,
+                "tokens_per_s": float(sums[0]) / elapsed,
+                "samples_per_s": float(sums[1]) / elapsed,
                 "steps_per_s": window_steps / elapsed,
             }
             window_loss, window_steps, window_tokens, window_samples = 0.0, 0, 0, 0
+            metrics["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's peak
+            if ds_config and not memory_logged:  # after the first step, when optimizer state exists
+                metrics.update(zero.memory_breakdown(model, world))
+                memory_logged = True
             if do_eval:
-                metrics.update(evaluate(model, eval_batches, device, autocast))
+                metrics.update(evaluate(model, eval_batches, device, autocast, input_dtype))
             log({"event": "eval" if do_eval else "train", **metrics})
             if do_eval or do_ckpt:
                 ray.train.report(metrics, checkpoint=save_checkpoint(done, metrics) if do_ckpt else None)

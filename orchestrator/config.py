@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -48,7 +48,7 @@ class DataConfig(_Section):
     too_long: Literal["error", "drop"] = "error"
     """What to do with a row longer than max_length: fail naming the row, or drop and count it."""
     blind: bool = False
-    """Zero every image (a control run: accuracy should stay at chance if the task needs the image)."""
+    """Replace every image by a uniform grey one (a control run: accuracy should stay at chance if the task needs the image)."""
 
 
 class LoraConfig(_Section):
@@ -105,6 +105,18 @@ class TrainConfig(_Section):
     """Recompute activations in backward: less memory, about a third more compute."""
 
 
+class DeepSpeedConfig(_Section):
+    stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 + gradients, 3 + parameters."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """Keep optimizer state (and its step) in host memory (DeepSpeedCPUAdam)."""
+    offload_params: Literal["none", "cpu"] = "none"
+    """Keep parameters in host memory between uses (stage 3 only)."""
+    overrides: dict[str, Any] = {}
+    """Raw DeepSpeed config keys merged over the generated config (dotted keys allowed: zero_optimization.reduce_bucket_size);
+    what they change is recorded in the run directory's deepspeed.json."""
+
+
 class ScalingConfig(_Section):
     workers: int = Field(1, ge=1)
     """Ray Train workers (data parallel); one GPU each when GPUs are used."""
@@ -112,6 +124,8 @@ class ScalingConfig(_Section):
     """Use GPUs: auto = when the machine has one; on = require one; off = train on CPU."""
     cpus_per_worker: int | None = Field(None, ge=1)
     """CPU cores reserved per worker (torch threads follow it); null = the machine's cores split among workers."""
+    placement: Literal["pack", "spread"] = "pack"
+    """Put workers on as few Ray nodes as possible (pack) or on different nodes (spread)."""
 
 
 class JobConfig(_Section):
@@ -133,6 +147,10 @@ class JobConfig(_Section):
     """Optimisation and cadence."""
     scaling: ScalingConfig = ScalingConfig()
     """Workers and devices."""
+    deepspeed: DeepSpeedConfig | None = None
+    """Shard training with DeepSpeed ZeRO (null: plain PyTorch data parallel)."""
+    freeze: list[str] = []
+    """Module-name prefixes kept frozen in full fine-tuning (e.g. model.vision_tower)."""
     output: str = "./runs"
     """Directory that receives run directories."""
 
@@ -249,9 +267,11 @@ def _known_keys(loc: list[str]) -> list[str]:
     model: type[BaseModel] = JobConfig
     for part in loc:
         field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        # a section may be optional (`DeepSpeedConfig | None`): look inside the union
+        sections = [t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)] if field else []
+        if not sections:
             return []
-        model = field.annotation
+        model = sections[0]
     return list(model.model_fields)
 
 
@@ -282,6 +302,10 @@ def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = N
         )
     if isinstance(job.lora.targets, list) and not job.lora.targets:
         problems.append(Problem("lora.targets", "empty list", "use targets: auto or name at least one module"))
+    if job.deepspeed is not None:
+        problems.extend(_deepspeed_problems(job))
+    if job.freeze and job.method != "full":
+        problems.append(Problem("freeze", f"applies to method: full (with {job.method} only adapters train)", "remove freeze"))
     if job.scaling.gpu == "on" and not gpus:
         problems.append(Problem("scaling.gpu", "on, but no CUDA GPU is visible (nvidia-smi not found)", "use gpu: auto or off"))
     use_gpu = job.scaling.gpu == "on" or (job.scaling.gpu == "auto" and gpus)
@@ -328,6 +352,53 @@ def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = N
             elif not Path(value).is_file():
                 problems.append(Problem(key, f"file not found: {value}", "check the path (relative paths resolve against the job file)"))
     return problems, warnings
+
+
+def _deepspeed_problems(job: JobConfig) -> list[Problem]:
+    ds = job.deepspeed
+    assert ds is not None
+    problems = []
+    if ds.offload_params != "none" and ds.stage != 3:
+        problems.append(Problem("deepspeed.offload_params", f"needs ZeRO stage 3 (stage is {ds.stage})", "set deepspeed.stage: 3 or offload_params: none"))
+    if job.method == "qlora" and ds.stage == 3:
+        problems.append(
+            Problem("deepspeed.stage", "qlora cannot run under ZeRO-3: 4-bit weights cannot be partitioned", "use method: full, or deepspeed.stage: 0-2, or drop deepspeed")
+        )
+    if job.method == "lora" and ds.stage == 3:
+        problems.append(Problem("deepspeed.stage", "lora under ZeRO-3 is not supported yet", "use deepspeed.stage: 0-2 (adapters are small), or method: full"))
+    if job.method == "qlora" and ds.offload_optimizer != "none":
+        problems.append(Problem("deepspeed.offload_optimizer", "not supported with qlora", "set offload_optimizer: none"))
+    flat = _flatten(ds.overrides)
+    global_batch = job.train.micro_batch_size * job.train.grad_accum * job.scaling.workers
+    for key, expected in (
+        ("train_batch_size", global_batch),
+        ("train_micro_batch_size_per_gpu", job.train.micro_batch_size),
+        ("gradient_accumulation_steps", job.train.grad_accum),
+    ):
+        if key in flat and flat[key] != expected:
+            problems.append(
+                Problem(
+                    f"deepspeed.overrides.{key}",
+                    f"{flat[key]} disagrees with train.micro_batch_size x train.grad_accum x scaling.workers = {global_batch}"
+                    if key == "train_batch_size"
+                    else f"{flat[key]} disagrees with the job ({expected})",
+                    "set batch sizes in train: (micro_batch_size, grad_accum) and drop this override",
+                )
+            )
+    for key in ("bf16.enabled", "fp16.enabled"):
+        if key in flat:
+            problems.append(Problem(f"deepspeed.overrides.{key}", "precision is set by the job's precision key", "set precision: bf16 | fp16 | fp32"))
+    return problems
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def load_raw(path: str | Path) -> dict[str, Any]:

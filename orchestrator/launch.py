@@ -294,6 +294,8 @@ def train(job: JobConfig, *, resume: Path | None = None, stream: IO[str] | None 
                     result = fit(job, run_dir, resources)
                 except SystemExit:  # Ray Train's own SIGINT handler aborts the run and exits
                     raise KeyboardInterrupt from None
+                except Exception as e:  # Ray Train V2 raises the workers' error from fit()
+                    raise RunFailed(f"training failed: {_root_message(e)}\n(logs: {run_dir / 'ray.log'})") from e
             timings["fit_s"] = time.time() - t1
             if result.error is not None:
                 raise RunFailed(f"training failed: {_root_message(result.error)}\n(logs: {run_dir / 'ray.log'})")

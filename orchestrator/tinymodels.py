@@ -7,10 +7,13 @@ base has never produced. Both are learnable in a few hundred steps by a ~200k-pa
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 COLOURS: dict[str, tuple[tuple[int, int, int], str]] = {
     "red": ((220, 30, 30), "rouge"),
@@ -49,23 +52,33 @@ def _vocabulary() -> list[str]:
     return SPECIALS + sorted(words)
 
 
-def build_tokenizer():
+def build_tokenizer(
+    extra_specials: Sequence[str] = (), image_token: str = "<image>", chat_template: str | None = CHAT_TEMPLATE
+):
+    """The WordLevel tokenizer of the colour task. extra_specials: an architecture's own markers (image
+    delimiters, ...), appended after SPECIALS and registered as special so they split out of unspaced text."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(_vocabulary())}
+    words = _vocabulary()
+    vocab = {w: i for i, w in enumerate(SPECIALS + list(extra_specials) + words[len(SPECIALS) :])}
+    if image_token not in vocab:
+        raise ValueError(f"image token {image_token} is not in the vocabulary; add it to extra_specials")
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
         unk_token="<unk>",
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
-        extra_special_tokens={"image_token": "<image>"},
-        chat_template=CHAT_TEMPLATE,
+        extra_special_tokens={"image_token": image_token},
+        chat_template=chat_template,
         padding_side="right",
     )
+    if extra_specials:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(extra_specials)})
+    return tokenizer
 
 
 def build_tiny_llava(out_dir: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
@@ -133,6 +146,197 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0, hidden: int = 64, layer
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+# The other architectures of the capability matrix, as small as they go (32-pixel images, 8-pixel patches),
+# each with its own processor class so that AutoProcessor / AutoModelForImageTextToText load the saved
+# directory exactly as they load a real checkpoint.
+SMALL_IMAGE = 32
+SMALL_PATCH = 8
+IDEFICS3_SPECIALS = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + [
+    f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
+]
+QWEN_VL_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def _small_text(tokenizer: Any, hidden: int, layers: int) -> dict[str, Any]:
+    """Decoder settings shared by the tiny VLMs; token ids from the tokenizer (config defaults lie outside it)."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        # 0.02 suits widths in the thousands; at width 32 it leaves every logit near 0, and a frozen head that
+        # small caps how far adapters can lower the loss (measured: 4.3 -> 3.8 in 25 LoRA steps; 4.4 -> 0.4 here).
+        "initializer_range": hidden**-0.5,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def _small_vit(hidden: int, layers: int) -> dict[str, Any]:
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "image_size": SMALL_IMAGE,
+        "patch_size": SMALL_PATCH,
+    }
+
+
+def _save(model: Any, processor: Any, out_dir: str | Path) -> Path:
+    tokenizer = processor.tokenizer
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_tiny_idefics3(
+    out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 1, image_splitting: bool = False
+) -> Path:
+    """Idefics3 (SigLIP-like vision + pixel-shuffle connector + Llama text). image_splitting: as the released
+    checkpoints do, resize the longest edge to 64 and cut 32x32 crops (up to 2x2) plus a global image."""
+    import torch
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
+
+    tokenizer = build_tokenizer(IDEFICS3_SPECIALS)
+    scale_factor = 2  # the connector's pixel shuffle: (32/8)^2 patches -> 4 image tokens
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=image_splitting,
+        size={"longest_edge": 2 * SMALL_IMAGE if image_splitting else SMALL_IMAGE},
+        max_image_size={"longest_edge": SMALL_IMAGE},
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=(SMALL_IMAGE // SMALL_PATCH) ** 2 // scale_factor**2,
+        chat_template=CHAT_TEMPLATE,
+    )
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(**_small_vit(hidden, layers)),
+        text_config=LlamaConfig(**_small_text(tokenizer, hidden, layers)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=scale_factor,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return _save(Idefics3ForConditionalGeneration(config), processor, out_dir)
+
+
+@functools.cache
+def qwen2_vl_image_processor_class() -> type:
+    """Qwen2VLProcessor without its video processor, which needs torchvision (not installable here).
+
+    Registered with AutoProcessor for Qwen2-VL configs: without it AutoProcessor.from_pretrained silently
+    returns only the tokenizer. The registration is per process: call this before loading such a directory.
+    """
+    from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any):
+            self.image_token = tokenizer.image_token
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token, self.video_token_id = "<|video_pad|>", tokenizer.convert_tokens_to_ids("<|video_pad|>")
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    AutoProcessor.register(Qwen2VLConfig, Qwen2VLImageOnlyProcessor, exist_ok=True)
+    return Qwen2VLImageOnlyProcessor
+
+
+def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
+    """Qwen2-VL (ViT with 2x2 patch merger + Qwen2 text with multimodal RoPE); images resized to 32x32."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    image_text = "<|vision_start|><|image_pad|><|vision_end|>"
+    tokenizer = build_tokenizer(
+        QWEN_VL_SPECIALS, image_token="<|image_pad|>", chat_template=CHAT_TEMPLATE.replace("<image>", image_text)
+    )
+    merge = 2
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=SMALL_PATCH, merge_size=merge, min_pixels=SMALL_IMAGE**2 // 4, max_pixels=SMALL_IMAGE**2
+    )
+    processor = qwen2_vl_image_processor_class()(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    head_dim = hidden // 4
+    text = _small_text(tokenizer, hidden, layers)
+    # mrope_section splits head_dim/2 rotary frequencies over (time, height, width).
+    text["rope_parameters"] = {"rope_type": "default", "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]}
+    vision = {
+        "depth": layers,
+        "embed_dim": hidden,
+        "hidden_size": hidden,  # the merger's output: the text model's width
+        "num_heads": 4,
+        "mlp_ratio": 2,
+        "patch_size": SMALL_PATCH,
+        "spatial_merge_size": merge,
+    }
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    return _save(Qwen2VLForConditionalGeneration(config), processor, out_dir)
+
+
+def build_tiny_paligemma(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
+    """PaliGemma (SigLIP + Gemma text). No chat template, like the released checkpoints: the processor
+    writes the prefix itself (image tokens, bos, prompt, newline)."""
+    import torch
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessorPil,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = build_tokenizer(chat_template=None)
+    image_processor = SiglipImageProcessorPil(
+        size={"height": SMALL_IMAGE, "width": SMALL_IMAGE}, image_seq_length=(SMALL_IMAGE // SMALL_PATCH) ** 2
+    )
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds 1152 <loc>/<seg> tokens
+    config = PaliGemmaConfig(
+        vision_config=SiglipVisionConfig(**_small_vit(hidden, layers), vision_use_head=False),
+        text_config=GemmaConfig(**_small_text(tokenizer, hidden, layers), head_dim=hidden // 4),
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        projection_dim=hidden,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    return _save(PaliGemmaForConditionalGeneration(config), processor, out_dir)
+
+
+TINY_VLMS: dict[str, Callable[..., Path]] = {
+    "llava": build_tiny_llava,
+    "idefics3": build_tiny_idefics3,
+    "qwen2_vl": build_tiny_qwen2_vl,
+    "paligemma": build_tiny_paligemma,
+}
+"""Tiny model builders by architecture name (orchestrator.architectures); each saves model + processor."""
 
 
 def draw_shape(colour: str, shape: str, rng: random.Random) -> bytes:

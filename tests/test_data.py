@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from jobs.data import DataError, check_rows, collate, encode_rows, read_table
 from orchestrator import tinymodels
@@ -88,7 +89,34 @@ def test_too_long_rows_error_or_drop_never_truncate(world, processor):
     assert examples == [] and dropped == [0, 1]
 
 
-def test_blind_zeroes_pixels(world, processor):
+def test_blind_images_carry_no_information(world, processor):
     path = str(world / "data/english_train.parquet")
-    (e,), _ = encode_rows(path, DataConfig(train=path, blind=True), processor, True, [0])
-    assert float(e.extras["pixel_values"].abs().sum()) == 0.0
+    blind, _ = encode_rows(path, DataConfig(train=path, blind=True), processor, True, [0, 1])
+    seen, _ = encode_rows(path, DataConfig(train=path), processor, True, [0, 1])
+    assert all(float(e.extras["pixel_values"].std()) == 0.0 for e in blind)  # uniform
+    assert torch.equal(blind[0].extras["pixel_values"], blind[1].extras["pixel_values"])  # identical across rows
+    assert blind[0].input_ids.tolist() == seen[0].input_ids.tolist()  # same token layout
+
+
+def as_messages(row: dict) -> dict:
+    return {"image": row["image"], "messages": [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]}
+
+
+def test_chat_messages_column_encodes_like_prompt_answer(world, processor, tmp_path):
+    plain = rows(4)
+    path = tinymodels.write_parquet([as_messages(r) for r in plain], tmp_path / "chat.parquet")
+    cfg = DataConfig(train=str(path), messages="messages")
+    assert check_rows(path, cfg, True) == 4
+    chat, _ = encode_rows(path, cfg, processor, True)
+    ref_path = tinymodels.write_parquet(plain, tmp_path / "plain.parquet")
+    ref, _ = encode_rows(ref_path, DataConfig(train=str(ref_path)), processor, True)
+    for a, b in zip(chat, ref, strict=True):
+        assert a.input_ids.tolist() == b.input_ids.tolist() and a.labels.tolist() == b.labels.tolist()
+
+
+def test_chat_messages_must_end_with_the_answer(tmp_path):
+    broken = [as_messages(r) for r in rows(3)]
+    broken[1]["messages"] = broken[1]["messages"][:1]  # no assistant turn
+    path = tinymodels.write_parquet(broken, tmp_path / "chat.parquet")
+    msg = bad(path, messages="messages")
+    assert f"{path} row 1: the last message must be the assistant's answer" in msg

@@ -1,0 +1,131 @@
+"""DeepSpeed ZeRO: the generated config, the engine, and consolidation of sharded checkpoints.
+
+The job's precision maps onto DeepSpeed's bf16 / fp16 (dynamic loss scaling) / fp32; micro batch and
+gradient accumulation come from `train`; `deepspeed.overrides` is merged last and recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from orchestrator.architectures import Architecture
+from orchestrator.config import JobConfig, _flatten
+
+CONFIG_FILE = "deepspeed.json"
+
+
+def ds_config(job: JobConfig, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the DeepSpeed config, the keys the user's overrides changed: {dotted key: [generated, override]})."""
+    ds = job.deepspeed
+    assert ds is not None
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if ds.offload_params == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": job.train.micro_batch_size,
+        "gradient_accumulation_steps": job.train.grad_accum,
+        "train_batch_size": job.train.micro_batch_size * job.train.grad_accum * world_size,
+        "gradient_clipping": job.train.max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": job.precision == "bf16"},
+        "fp16": {"enabled": job.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # The client optimizer (torch AdamW) is used unless offloading, which needs DeepSpeedCPUAdam;
+        # this also avoids building fused_adam on CPU.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.offload_optimizer == "cpu":
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": job.train.lr, "weight_decay": job.train.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8},
+        }
+    generated = _flatten(config)
+    for dotted, value in _flatten(ds.overrides).items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = copy.deepcopy(value)
+    changed = {k: [generated.get(k), v] for k, v in _flatten(ds.overrides).items() if generated.get(k) != v}
+    return config, changed
+
+
+def write_config(run_dir: Path, config: dict[str, Any], changed: dict[str, Any]) -> None:
+    (run_dir / CONFIG_FILE).write_text(json.dumps({"config": config, "overrides_changed": changed}, indent=2))
+
+
+def init_comm(device: Any) -> None:
+    """Point DeepSpeed's comm layer at the process group Ray Train already created (gloo on CPU, nccl on GPU)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+
+
+def hf_deepspeed_config(job: JobConfig, config: dict[str, Any], arch: Architecture) -> Any:
+    """Under ZeRO-3, transformers builds the model inside deepspeed.zero.Init and loads only each rank's
+    partition, so no worker ever holds the whole model. transformers holds this object weakly: the caller
+    keeps it referenced while the model loads."""
+    if job.deepspeed is None or job.deepspeed.stage != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from jobs.model import model_class
+
+    model_class(arch)  # import the model class before zero.Init patches tensor construction (PLATFORM.md)
+    return HfDeepSpeedConfig(config)
+
+
+def initialize(model: Any, config: dict[str, Any], params: list[Any], lr: float, weight_decay: float, scheduler_fn: Any) -> tuple[Any, Any, Any]:
+    """(engine, optimizer, scheduler). The scheduler steps at gradient-accumulation boundaries inside engine.step()."""
+    import deepspeed
+    import torch
+
+    optimizer = None if "optimizer" in config else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        optimizer=optimizer,
+        lr_scheduler=scheduler_fn,
+        config=config,
+        dist_init_required=False,  # Ray Train already set up the process group
+    )
+    return engine, optimizer, scheduler
+
+
+def consolidate(checkpoint_dir: str | Path, out_dir: Path, dtype: Any) -> None:
+    """Write the sharded ZeRO checkpoint as HF safetensors shards in `dtype`, tensor by tensor (DeepSpeed's
+    lazy consolidation), so the driver never holds more than one copy of the model."""
+    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
+
+    convert_zero_checkpoint_to_state_dict(str(checkpoint_dir), str(out_dir), dtype=dtype, max_shard_size="2GB", safe_serialization=True)
+
+
+def memory_breakdown(engine: Any, world_size: int) -> dict[str, int]:
+    """Bytes this worker holds for parameters and optimizer state (measured from the live tensors), and
+    for gradients (computed: DeepSpeed frees them after each step; stage >= 2 keeps 1/N of them)."""
+    stage = engine.zero_optimization_stage()
+    module_ptrs = set()
+    params = grads = 0
+    for p in engine.module.parameters():
+        local = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
+        params += local.numel() * local.element_size()
+        module_ptrs.add(local.data_ptr())
+        if p.requires_grad:
+            full = getattr(p, "ds_numel", p.numel()) * p.element_size()
+            grads += full // world_size if stage >= 2 else full
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    seen: set[int] = set()
+    optimizer = 0
+    tensors = [t for state in base.state.values() for t in state.values() if hasattr(t, "data_ptr")]
+    tensors += [p for group in base.param_groups for p in group["params"] if p.data_ptr() not in module_ptrs]
+    for t in tensors:  # moments + fp32 master partitions, each counted once
+        if t.data_ptr() not in seen and t.numel() > 1:
+            seen.add(t.data_ptr())
+            optimizer += t.numel() * t.element_size()
+    return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optimizer}

@@ -1,0 +1,162 @@
+"""The generic data path and model path on every VLM family of the matrix besides LLaVA (tested elsewhere).
+
+Each architecture is built tiny from its config with a locally built tokenizer and processor, saved with
+save_pretrained, and loaded back through `jobs.model.load_processor` / `build_model` exactly as a user's
+checkpoint directory is: AutoProcessor and AutoModelForImageTextToText pick the classes from the files.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from jobs.data import IGNORE_INDEX, Encoded, collate, encode_rows, read_table
+from jobs.model import build_model, load_processor
+from orchestrator import tinymodels
+from orchestrator.architectures import for_model_dir
+from orchestrator.config import DataConfig, JobConfig
+
+ARCHS = ["idefics3", "qwen2_vl", "paligemma"]
+# Image tokens per 64x64 image: Idefics3 (32/8)^2 patches pixel-shuffled by 2 -> 4; Qwen2-VL 32x32 with
+# 8-pixel patches merged 2x2 -> 4; PaliGemma one token per SigLIP patch -> 16.
+IMAGE_TOKENS = {"idefics3": 4, "qwen2_vl": 4, "paligemma": 16}
+ROWS = 4
+STEPS = 25
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Matrices this small gain nothing from a second thread, and lose several-fold when another process
+    holds the cores (measured: 30 s for this file with 2 threads against 12 s with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tinymodels.write_parquet(tinymodels.colour_rows(ROWS, seed=5), tmp_path_factory.mktemp("rows") / "rows.parquet")
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model directory per architecture, as save_pretrained writes a real one."""
+    return tinymodels.TINY_VLMS[request.param](tmp_path_factory.mktemp(request.param))
+
+
+def encode(path: Path, rows_file: Path) -> tuple[list[Encoded], Any]:
+    """The rows encoded with the directory's own processor, loaded as training loads it."""
+    tinymodels.qwen2_vl_image_processor_class()  # registers the image-only Qwen2-VL processor (no torchvision)
+    arch = for_model_dir(path)
+    processor = load_processor(str(path), arch)
+    examples, dropped = encode_rows(rows_file, DataConfig(train=str(rows_file)), processor, arch.kind == "vlm")
+    assert not dropped
+    return examples, processor
+
+
+def test_batch_has_image_tokens_and_loss_on_the_answer_only(tiny: Path, rows_file: Path) -> None:
+    name = for_model_dir(tiny).name
+    examples, processor = encode(tiny, rows_file)
+    tok = processor.tokenizer
+    for e, row in zip(examples, read_table(rows_file).to_pylist(), strict=True):
+        answer = tok(row["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        n = len(answer)
+        assert e.labels[-n:].tolist() == answer == e.input_ids[-n:].tolist()
+        assert bool((e.labels[:-n] == IGNORE_INDEX).all())
+        is_image = e.input_ids == processor.image_token_id
+        assert int(is_image.sum()) == IMAGE_TOKENS[name]
+        if "token_type_ids" in e.extras:  # PaliGemma: 0 on the bidirectional prefix, 1 on the causal answer
+            assert e.extras["token_type_ids"].tolist() == [0] * (len(e.input_ids) - n) + [1] * n
+        if "mm_token_type_ids" in e.extras:  # Qwen2-VL: 1 on image tokens, 0 on text (the answer included)
+            assert e.extras["mm_token_type_ids"].tolist() == is_image.long().tolist()
+
+    batch = collate(examples, tok.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert int((batch["labels"] != IGNORE_INDEX).sum()) == sum(int((e.labels != IGNORE_INDEX).sum()) for e in examples)
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) == ROWS * IMAGE_TOKENS[name]
+    assert "pixel_values" in batch
+
+
+def non_square(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Make the first image 64x32: Idefics3 then gets fewer crops, Qwen2-VL fewer patches and tokens."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(rows[0]["image"])).crop((0, 0, 64, 32)).save(buf, format="PNG")
+    return [{**rows[0], "image": buf.getvalue()}, *rows[1:]]
+
+
+MIXED_SIZES = {
+    "idefics3": lambda out: tinymodels.build_tiny_idefics3(out, image_splitting=True),
+    "qwen2_vl": tinymodels.build_tiny_qwen2_vl,
+    "paligemma": tinymodels.build_tiny_paligemma,
+}
+
+
+@pytest.mark.parametrize("name", list(MIXED_SIZES))
+def test_differently_shaped_images_batch_like_single_rows(name: str, tmp_path: Path) -> None:
+    """Padding (of tokens, and of Idefics3's crops) must not change what the model computes for a row."""
+    from transformers import AutoModelForImageTextToText
+
+    path = MIXED_SIZES[name](tmp_path / name)
+    data = tinymodels.write_parquet(non_square(tinymodels.colour_rows(2, seed=7)), tmp_path / "mixed.parquet")
+    examples, processor = encode(path, data)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        together = model(**collate(examples, pad)).logits
+        for j, e in enumerate(examples):
+            alone = model(**collate([e], pad)).logits[0]
+            assert torch.allclose(together[j, : len(e.input_ids)], alone, atol=1e-4), f"row {j}"
+
+
+def lora_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize(("method", "precision"), [("lora", "fp32"), ("qlora", "bf16")])
+def test_build_model_trains_adapters(tiny: Path, method: str, precision: str, rows_file: Path) -> None:
+    examples, processor = encode(tiny, rows_file)
+    batch = collate(examples, processor.tokenizer.pad_token_id)
+    job = JobConfig.model_validate(
+        {
+            "model": str(tiny),
+            "data": {"train": str(rows_file)},
+            "method": method,
+            "precision": precision,
+            "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+        }
+    )
+    arch = for_model_dir(tiny)
+    model = build_model(job, arch, torch.device("cpu"))
+    if method == "qlora":
+        import bitsandbytes as bnb
+
+        assert job.quantization.type == "nf4"
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()), "qlora loaded no 4-bit layer"
+    lora = lora_parameters(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and trainable == set(lora), f"trainable outside LoRA: {sorted(trainable - set(lora))[:5]}"
+
+    optimizer = torch.optim.AdamW(lora.values(), lr=1e-2)
+    model.train()
+    losses = []
+    for step in range(STEPS):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):  # as the train loop does
+            loss = model(**batch).loss
+        losses.append(float(loss.detach()))
+        assert math.isfinite(losses[-1]), f"step {step}: loss {losses[-1]}"
+        loss.backward()
+        if step < 2:  # B starts at zero: only the B matrices get a gradient at first, every matrix from step 2
+            silent = [n for n, p in lora.items() if (step or "lora_B" in n) and not (p.grad is not None and p.grad.abs().sum() > 0)]
+            assert not silent, f"step {step}: no gradient on {silent[:5]}"
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert losses[-1] < 0.5 * losses[0], f"{arch.name} {method}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"

@@ -1,0 +1,175 @@
+"""Full fine-tuning sharded with DeepSpeed ZeRO over 2 Ray Train workers (gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, build_job
+
+# fp32, same global batch (1 worker x 16 rows vs 2 workers x 8 rows: the same 16 rows each step), same
+# seed: only the order of floating-point reductions differs, which moves losses by ~1e-6. A batch drawn
+# differently, or a gradient not averaged, moves the first steps' losses by >1e-2.
+TRAJECTORY_ATOL = 1e-3
+
+
+def full_job(world: Path, tmp_path: Path, workers: int, micro: int, deepspeed: dict | None, **train) -> dict:
+    raw = {
+        "name": f"zero-{workers}w",
+        "model": str(world / "init"),
+        "method": "full",
+        "data": {"train": str(world / "data/english_train.parquet"), "eval": str(world / "data/english_eval.parquet"), "max_length": 64},
+        "precision": "fp32",
+        "train": {"max_steps": 12, "micro_batch_size": micro, "lr": 3e-3, "schedule": "constant", "warmup_ratio": 0.0,
+                  "eval_every": 1000, "checkpoint_every": 6, "log_every": 1, **train},
+        "scaling": {"workers": workers, "cpus_per_worker": 1},
+        "output": str(tmp_path / "runs"),
+    }
+    if deepspeed is not None:
+        raw["deepspeed"] = deepspeed
+    return raw
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+
+
+def test_deepspeed_config_problems(world, tmp_path):
+    raw = full_job(world, tmp_path, 2, 8, {"stage": 2, "offload_params": "cpu", "overrides": {"train_batch_size": 64, "bf16": {"enabled": True}}})
+    with pytest.raises(ConfigError) as e:
+        build_job(raw)
+    found = {p.path: p for p in e.value.problems}
+    assert "needs ZeRO stage 3" in found["deepspeed.offload_params"].message
+    assert "= 16" in found["deepspeed.overrides.train_batch_size"].message
+    assert "precision" in found["deepspeed.overrides.bf16.enabled"].fix
+    qlora = {**raw, "method": "qlora", "model": str(world / "init"), "deepspeed": {"stage": 3}}
+    with pytest.raises(ConfigError) as e:
+        build_job(qlora)
+    assert any("qlora cannot run under ZeRO-3" in p.message and "method: full" in p.fix for p in e.value.problems)
+
+
+def test_deepspeed_config_maps_precision_and_records_overrides(world, tmp_path):
+    from jobs.zero import ds_config
+
+    raw = full_job(world, tmp_path, 2, 8, {"stage": 3, "offload_optimizer": "cpu", "overrides": {"zero_optimization.reduce_bucket_size": 1000}})
+    raw["precision"] = "fp16"
+    job, _ = build_job(raw)
+    config, changed = ds_config(job, world_size=2)
+    assert config["fp16"]["enabled"] and config["fp16"]["loss_scale"] == 0 and not config["bf16"]["enabled"]
+    assert config["train_batch_size"] == 16 and config["gradient_accumulation_steps"] == 1
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and config["optimizer"]["type"] == "AdamW"
+    assert config["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert changed == {"zero_optimization.reduce_bucket_size": [None, 1000]}
+
+
+@pytest.fixture(scope="module")
+def trajectories(world, ray_local, tmp_path_factory):
+    from orchestrator import launch
+
+    tmp = tmp_path_factory.mktemp("zero")
+    runs = {}
+    for name, workers, micro, ds in (("single", 1, 16, None), ("zero2", 2, 8, {"stage": 2}), ("zero3", 2, 8, {"stage": 3})):
+        job, _ = build_job(full_job(world, tmp / name, workers, micro, ds))
+        runs[name] = launch.train(job, progress=False)
+    return runs
+
+
+@pytest.mark.slow
+def test_zero2_and_zero3_follow_the_single_worker_trajectory(trajectories):
+    single = losses(trajectories["single"].run_dir)
+    assert len(single) == 12 and single[12] < single[1] - 1.0  # it learns
+    for name in ("zero2", "zero3"):
+        sharded = losses(trajectories[name].run_dir)
+        assert sharded.keys() == single.keys()
+        worst = max(abs(sharded[s] - single[s]) for s in single)
+        assert worst <= TRAJECTORY_ATOL, (name, worst)
+    config = json.loads((trajectories["zero3"].run_dir / "deepspeed.json").read_text())["config"]
+    assert config["zero_optimization"]["stage"] == 3 and config["train_batch_size"] == 16
+
+
+@pytest.mark.slow
+def test_zero3_export_reloads_and_equals_the_gathered_parameters(trajectories):
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForImageTextToText
+
+    out = trajectories["zero3"]
+    gathered = get_fp32_state_dict_from_zero_checkpoint(out.manifest["checkpoint"])
+    reloaded = AutoModelForImageTextToText.from_pretrained(out.model_dir, dtype=torch.float32).state_dict()
+    assert set(gathered) <= set(reloaded)
+    assert all(torch.equal(gathered[k], reloaded[k]) for k in gathered)
+    assert list(out.model_dir.glob("*.safetensors")) and (out.model_dir / "processor_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_zero3_resume_restores_engine_state(world, ray_local, trajectories, tmp_path):
+    """Stop a ZeRO-3 run at its step-6 checkpoint, resume it to step 12: the resumed steps reproduce the
+    uninterrupted run's losses, so optimizer state and data position were restored, not restarted."""
+    from orchestrator import launch
+
+    first, _ = build_job(full_job(world, tmp_path, 2, 8, {"stage": 3}, max_steps=6))
+    stopped = launch.train(first, progress=False)
+    second, _ = build_job(full_job(world, tmp_path, 2, 8, {"stage": 3}))
+    resumed = launch.train(second, resume=stopped.run_dir, progress=False)
+    records = [json.loads(x) for x in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    starts = [r["step"] for r in records if r.get("event") == "start"]
+    assert starts == [0, 6]
+    uninterrupted = losses(trajectories["zero3"].run_dir)
+    after = {r["step"]: r["train_loss"] for r in records[records.index(next(r for r in records if r.get("event") == "start" and r["step"] == 6)) :] if "train_loss" in r}
+    assert sorted(after) == list(range(7, 13))
+    assert max(abs(after[s] - uninterrupted[s]) for s in after) <= TRAJECTORY_ATOL
+
+
+@pytest.mark.slow
+def test_zero3_bf16_with_optimizer_offload_learns_the_colour_task(world, ray_local, tmp_path):
+    from orchestrator import launch
+
+    raw = full_job(world, tmp_path, 2, 8, {"stage": 3, "offload_optimizer": "cpu"}, max_steps=None, epochs=2, eval_every=32, checkpoint_every=64)
+    raw["precision"] = "bf16"
+    raw["train"]["lr"] = 3e-3
+    job, _ = build_job(raw)
+    out = launch.train(job, progress=False)
+    assert out.manifest["metrics"]["initial_eval_accuracy"] <= 1 / 8
+    assert out.manifest["metrics"]["eval_accuracy"] > 0.9
+    assert out.manifest["parity"]["merged_accuracy"] > 0.9  # the consolidated bf16 export
+
+
+MULTINODE = r"""
+import json, os, sys
+import ray
+from ray.cluster_utils import Cluster
+from orchestrator import launch
+from orchestrator.config import build_job
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
+job, _ = build_job(json.loads(sys.argv[1]))
+out = launch.train(job, progress=False)
+print(json.dumps({"run_dir": str(out.run_dir), "nodes": len(ray.nodes())}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_workers_spread_over_two_nodes(world, tmp_path):
+    raw = full_job(world, tmp_path, 2, 8, {"stage": 2}, max_steps=4)
+    raw["scaling"]["placement"] = "spread"
+    proc = subprocess.run([sys.executable, "-c", MULTINODE, json.dumps(raw)], capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["nodes"] == 2
+    start = json.loads((Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["world_size"] == 2 and start["ray_nodes"] == 2  # one worker on each node
+    assert len(losses(Path(result["run_dir"]))) == 4
+
+
+def test_deepspeed_typo_gets_a_suggestion(world, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        build_job(full_job(world, tmp_path, 2, 8, {"stgae": 3}))
+    assert any(p.path == "deepspeed.stgae" and "did you mean `stage`" in p.fix for p in e.value.problems)
