@@ -173,3 +173,23 @@ def test_deepspeed_typo_gets_a_suggestion(world, tmp_path):
     with pytest.raises(ConfigError) as e:
         build_job(full_job(world, tmp_path, 2, 8, {"stgae": 3}))
     assert any(p.path == "deepspeed.stgae" and "did you mean `stage`" in p.fix for p in e.value.problems)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "quant", "deepspeed"), [("qlora", "nf4", {"stage": 2}), ("lora", "none", None)])
+def test_adapters_data_parallel_over_two_workers(quickstart_run, ray_local, tmp_path, method, quant, deepspeed):
+    """qlora under ZeRO-2 (allowed because this passes) and lora under plain DDP, 2 workers x 8 rows."""
+    from orchestrator import launch
+    from orchestrator.config import apply_overrides, load_raw
+
+    raw = load_raw(Path(quickstart_run["root"]) / "jobs" / "qlora.yaml")
+    raw = apply_overrides(
+        raw,
+        {"method": method, "quantization.type": quant, "scaling": {"workers": 2, "cpus_per_worker": 1},
+         "deepspeed": deepspeed, "train.micro_batch_size": 8, "output": str(tmp_path / "runs")},
+    )
+    job, _ = build_job(raw)
+    out = launch.train(job, progress=False)
+    assert out.manifest["metrics"]["initial_eval_accuracy"] <= 1 / 8
+    assert out.manifest["metrics"]["eval_accuracy"] > 0.9
+    assert out.manifest["parity"]["passed"] and out.manifest["parity"]["merged_accuracy"] > 0.9
