@@ -29,8 +29,11 @@ quickstart: setup
 test: setup
 	scripts/netns.sh $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Benchmarks (not tests): each prints a markdown table and writes bench/results/<name>.json.
 bench: setup
-	scripts/netns.sh $(PY) -m bench.run_all
+	test -d quickstart/base || $(VENV)/bin/rayft quickstart ./quickstart
+	scripts/netns.sh $(PY) bench/methods.py ./quickstart
+	scripts/netns.sh $(PY) bench/zero_memory.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

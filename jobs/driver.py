@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ class Resources:
     cpus_per_worker: int
 
 
-def build_trainer(job: JobConfig, run_dir: Path, resources: Resources) -> Any:
+def build_trainer(job: JobConfig, run_dir: Path, resources: Resources, callbacks: list[Any] | None = None, keep_best: str | None = None) -> Any:
     """A TorchTrainer whose storage is <run_dir>/checkpoints. Building it again with the same run_dir
-    resumes from the newest checkpoint there (Ray reuses the run name)."""
+    resumes from the newest checkpoint there (Ray reuses the run name). keep_best ("metric:max|min")
+    keeps the best checkpoints rather than the newest (a Tune trial's best is what a search exports)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -42,11 +44,39 @@ def build_trainer(job: JobConfig, run_dir: Path, resources: Resources) -> Any:
         run_config=RunConfig(
             name=CHECKPOINTS,
             storage_path=str(run_dir),
-            checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=job.train.keep_checkpoints,
+                checkpoint_score_attribute=keep_best.split(":")[0] if keep_best else None,
+                checkpoint_score_order=keep_best.split(":")[1] if keep_best else "max",
+            ),
             failure_config=FailureConfig(max_failures=0),
+            callbacks=callbacks or [],
         ),
     )
 
 
 def fit(job: JobConfig, run_dir: Path, resources: Resources) -> Any:
     return build_trainer(job, run_dir, resources).fit()
+
+
+def tune_trial(overrides: dict[str, Any], base: dict[str, Any], search_dir: str, resources: Resources, keep_best: str) -> None:
+    """One Ray Tune trial: the job with the trial's dotted overrides applied by the same function as --set,
+    trained by the same TorchTrainer as `rayft train`, its reports forwarded to Tune (ASHA decides on them)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.config import apply_overrides, build_job, to_yaml
+
+    job, _ = build_job(apply_overrides(base, overrides))
+    trial_dir = Path(search_dir) / "trials" / ray.tune.get_context().get_trial_name()
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / "job.yaml").write_text(to_yaml(job))
+    (trial_dir / "overrides.json").write_text(json.dumps(overrides))
+    trainer = build_trainer(job, trial_dir, resources, callbacks=[TuneReportCallback()], keep_best=keep_best)
+    try:
+        trainer.fit()
+    except Exception as e:  # recorded for the results table; Tune marks the trial errored and goes on
+        from orchestrator.launch import _root_message
+
+        (trial_dir / "error.txt").write_text(_root_message(e))
+        raise

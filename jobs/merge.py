@@ -186,7 +186,8 @@ def export_zero(job: JobConfig, checkpoint_dir: Path, out_dir: Path, tmp_dir: Pa
         raise ParityError(f"{checkpoint_dir}: neither {WEIGHTS_FILE} nor a DeepSpeed checkpoint (no `latest` file)")
     arch = architectures.for_model_dir(job.model)
     export_dtype = torch_dtype(job.precision)
-    consolidate(checkpoint_dir, tmp_dir, export_dtype)
+    assert job.deepspeed is not None
+    consolidate(checkpoint_dir, tmp_dir, export_dtype, job.deepspeed.stage)
     config = AutoConfig.from_pretrained(job.model)
     config.dtype = export_dtype
     config.save_pretrained(tmp_dir)

@@ -98,9 +98,20 @@ def initialize(model: Any, config: dict[str, Any], params: list[Any], lr: float,
     return engine, optimizer, scheduler
 
 
-def consolidate(checkpoint_dir: str | Path, out_dir: Path, dtype: Any) -> None:
-    """Write the sharded ZeRO checkpoint as HF safetensors shards in `dtype`, tensor by tensor (DeepSpeed's
-    lazy consolidation), so the driver never holds more than one copy of the model."""
+def consolidate(checkpoint_dir: str | Path, out_dir: Path, dtype: Any, stage: int) -> None:
+    """Write the ZeRO checkpoint as HF safetensors shards in `dtype`. Stages 1-3: DeepSpeed's lazy
+    consolidation, tensor by tensor, so the driver never holds more than one copy of the model. Stage 0
+    has no partitions: the module's weights are whole in the model-states file."""
+    if stage == 0:
+        import torch
+        from huggingface_hub import save_torch_state_dict
+
+        tag = (Path(checkpoint_dir) / "latest").read_text().strip()
+        states = torch.load(Path(checkpoint_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in states["module"].items()}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_torch_state_dict(weights, str(out_dir), max_shard_size="2GB")
+        return
     from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
 
     convert_zero_checkpoint_to_state_dict(str(checkpoint_dir), str(out_dir), dtype=dtype, max_shard_size="2GB", safe_serialization=True)
@@ -124,6 +135,10 @@ def memory_breakdown(engine: Any, world_size: int) -> dict[str, int]:
     optimizer = 0
     tensors = [t for state in base.state.values() for t in state.values() if hasattr(t, "data_ptr")]
     tensors += [p for group in base.param_groups for p in group["params"] if p.data_ptr() not in module_ptrs]
+    # fp32 master partitions: ZeRO-1/2 and ZeRO-3 keep them in their own attributes (ZeRO-3 swaps them into
+    # the torch optimizer only during step)
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        tensors += [t for t in getattr(engine.optimizer, attr, None) or [] if hasattr(t, "data_ptr")]
     for t in tensors:  # moments + fp32 master partitions, each counted once
         if t.data_ptr() not in seen and t.numel() > 1:
             seen.add(t.data_ptr())

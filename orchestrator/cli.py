@@ -101,6 +101,51 @@ def train(job_file: str, sets: tuple[str, ...], resume: Path | None, no_progress
 
 
 @main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--resume", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Continue an interrupted search.")
+@click.option("--json", "as_json", is_flag=True)
+def tune(job_file: str, sets: tuple[str, ...], resume: Path | None, as_json: bool) -> None:
+    """Ray Tune search over the job's tune: space; exports the best trial's merged model."""
+    from orchestrator import launch, search
+    from orchestrator.config import load_search
+
+    try:
+        job, base, warnings = load_search(job_file, sets)
+    except ConfigError as e:
+        _config_problems(e)
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    try:
+        summary = search.run(job, base, resume=resume, stream=sys.stdout)
+    except KeyboardInterrupt:
+        _fail("interrupted; continue with: rayft tune JOB --resume SEARCH_DIR", 130)
+    except launch.RunFailed as e:
+        _fail(str(e), 1)
+    if as_json:
+        _print_json({k: v for k, v in summary.items() if k != "best_manifest"})
+        return
+    search_dir = Path(summary["best_model"]).parent.parent
+    click.echo((search_dir / "results.md").read_text())
+    best = summary["best"]
+    click.echo(f"best trial: {best['trial']} {summary['metric']}={best['best_metric']:.4f} at step {best['best_step']} {best['overrides']}")
+    click.echo(f"best model: {summary['best_model']}")
+    click.echo(f"wall time: {summary['wall_s']}s")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
+def report(directory: Path) -> None:
+    """Regenerate results.csv, results.md and metrics.png for a search directory."""
+    from orchestrator import search
+
+    if not (directory / "tune.yaml").is_file():
+        _fail(f"{directory}: not a search directory (no tune.yaml)", 2)
+    click.echo(search.report(directory))
+    click.echo(f"plot: {directory / 'metrics.png'}")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--checkpoint", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Default: the newest.")
 @click.option("--json", "as_json", is_flag=True)

@@ -128,6 +128,56 @@ class ScalingConfig(_Section):
     """Put workers on as few Ray nodes as possible (pack) or on different nodes (spread)."""
 
 
+class Dimension(_Section):
+    """One searched key: exactly one of choice, uniform, loguniform, grid."""
+
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    grid: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Dimension:
+        given = [k for k in ("choice", "uniform", "loguniform", "grid") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of choice, uniform, loguniform, grid (got {given or 'none'})")
+        bounds = self.uniform or self.loguniform
+        if bounds and not bounds[0] < bounds[1]:
+            raise ValueError("bounds must be [low, high] with low < high")
+        if self.loguniform and self.loguniform[0] <= 0:
+            raise ValueError("loguniform bounds must be positive")
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        """Values that must each make a valid job (every choice/grid value, both bounds)."""
+        return list(self.choice or self.grid or self.uniform or self.loguniform or [])
+
+
+class TuneConfig(_Section):
+    metric: Literal["eval_accuracy", "eval_loss"] = "eval_accuracy"
+    """What picks the best trial (reported at every eval)."""
+    mode: Literal["max", "min"] | None = None
+    """max or min; null = max for eval_accuracy, min for eval_loss."""
+    num_samples: int = Field(8, ge=1)
+    """Trials drawn from the space (each grid point is repeated num_samples times)."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """asha stops trials whose metric trails at an eval milestone; fifo runs every trial to completion."""
+    grace_evals: int = Field(2, ge=1)
+    """ASHA: evals every trial gets before it may be stopped."""
+    reduction_factor: int = Field(2, ge=2)
+    """ASHA: keep the best 1/reduction_factor at each milestone."""
+    max_concurrent: int | None = Field(None, ge=1)
+    """Trials at once; null = as many as the machine's CPUs (or GPUs) fit, given each trial's workers."""
+    seed: int = 0
+    """Seed of the random search."""
+    space: dict[str, Dimension] = {}
+    """Dotted job keys to search, e.g. lora.rank: {choice: [8, 16]}, train.lr: {loguniform: [1e-5, 1e-3]}."""
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or ("max" if self.metric == "eval_accuracy" else "min")
+
+
 class JobConfig(_Section):
     name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name: the run directory is <output>/<name>-<timestamp>."""
@@ -151,6 +201,8 @@ class JobConfig(_Section):
     """Shard training with DeepSpeed ZeRO (null: plain PyTorch data parallel)."""
     freeze: list[str] = []
     """Module-name prefixes kept frozen in full fine-tuning (e.g. model.vision_tower)."""
+    tune: TuneConfig | None = None
+    """The search `rayft tune` runs over this job (ignored by `rayft train`)."""
     output: str = "./runs"
     """Directory that receives run directories."""
 
@@ -449,6 +501,53 @@ def build_job(raw: Mapping[str, Any], sets: Iterable[str] = (), *, local_files: 
 
 def load_job(path: str | Path, sets: Iterable[str] = (), *, local_files: bool = True) -> tuple[JobConfig, list[str]]:
     return build_job(load_raw(path), sets, local_files=local_files)
+
+
+def load_search(path: str | Path, sets: Iterable[str] = ()) -> tuple[JobConfig, dict[str, Any], list[str]]:
+    """A job with a `tune:` section: (job, the raw job trials start from, warnings). Every value the space
+    can take is applied with the same function as --set and validated, so a key or value the job schema
+    would refuse fails here, naming the key, before anything starts. Every problem is reported at once."""
+    raw = load_raw(path)
+    raw = _resolve_paths(apply_overrides(raw, dict(parse_set(item) for item in sets)), Path.cwd())
+    # Trials start from what the user wrote (not the resolved dump), so schema defaults that follow other
+    # keys (quantization follows method) still follow a searched key.
+    base = {k: v for k, v in raw.items() if k != "tune"}
+    problems: list[Problem] = []
+    tune_raw = raw.get("tune")
+    if not isinstance(tune_raw, Mapping):
+        problems.append(Problem("tune", "the job has no tune: section", "add tune: {space: {...}} (see README)"))
+        tune_raw = {}
+    space_raw = tune_raw.get("space") or {}
+    if not space_raw:
+        problems.append(Problem("tune.space", "empty search space", "add at least one dotted key, e.g. lora.rank: {choice: [8, 16]}"))
+    try:
+        TuneConfig.model_validate({**tune_raw, "space": {}})
+    except ValidationError as e:
+        problems.extend(Problem(f"tune.{p.path}", p.message, p.fix) for p in _pydantic_problems(e))
+    try:
+        build_job(base)
+    except ConfigError as e:
+        problems.extend(e.problems)
+    for key, dim_raw in space_raw.items():
+        try:
+            dim = Dimension.model_validate(dim_raw)
+        except ValidationError as e:
+            problems.extend(Problem(f"tune.space.{key}", p.message.removeprefix("Value error, "), p.fix) for p in _pydantic_problems(e))
+            continue
+        if key.split(".")[0] in ("tune", "name", "output"):
+            problems.append(Problem(f"tune.space.{key}", "cannot be searched", "search model, data, method, lora, quantization, precision, train or scaling keys"))
+            continue
+        for value in dim.values_to_check():
+            try:
+                build_job(apply_overrides(base, {key: value}))
+            except ConfigError as e:
+                for p in e.problems:
+                    prefix = f"value {value!r}: " if p.path == key else f"value {value!r}: {p.path}: "
+                    problems.append(Problem(f"tune.space.{key}", prefix + p.message, p.fix))
+    if problems:
+        raise ConfigError(problems)
+    job, warnings = build_job(raw)
+    return job, base, warnings
 
 
 def to_yaml(job: JobConfig) -> str:

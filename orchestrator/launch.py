@@ -69,8 +69,12 @@ def resources_for(job: JobConfig):
     return Resources(use_gpu=use_gpu, cpus_per_worker=job.scaling.cpus_per_worker or max(1, cores // job.scaling.workers))
 
 
-def ensure_local_ray(num_cpus: int) -> bool:
-    """Start an embedded single-machine Ray unless one is already up in this process; True if started here."""
+def ensure_local_ray(num_cpus: int, dashboard: bool = False) -> bool:
+    """Start an embedded single-machine Ray unless one is already up in this process; True if started here.
+
+    dashboard: also start the dashboard (on 127.0.0.1). Ray Train's PlacementGroupCleaner asks the State API,
+    which the dashboard serves, whether a controller has died; without it, the workers of a Tune trial that
+    ASHA stopped are never released."""
     import ray
 
     if ray.is_initialized():
@@ -80,7 +84,8 @@ def ensure_local_ray(num_cpus: int) -> bool:
     ray.init(
         address="local",
         num_cpus=num_cpus,
-        include_dashboard=False,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
         log_to_driver=True,
         logging_level="WARNING",
     )
@@ -205,11 +210,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1].parent if found else None
 
 
-def export_run(job: JobConfig, run_dir: Path, checkpoint: Path, extra: dict[str, Any] | None = None) -> RunOutcome:
-    """Merge/export a checkpoint into <run_dir>/model and write manifest.json."""
+def export_run(job: JobConfig, run_dir: Path, checkpoint: Path, extra: dict[str, Any] | None = None, out_dir: Path | None = None) -> RunOutcome:
+    """Merge/export a checkpoint into <out_dir or run_dir>/model and write manifest.json beside it."""
     from jobs.merge import export
 
-    model_dir = run_dir / MODEL_DIR
+    out_dir = out_dir or run_dir
+    model_dir = out_dir / MODEL_DIR
     parity = export(job, checkpoint, model_dir)
     records = read_metrics(run_dir)
     evals = [r for r in records if r.get("event") == "eval"]
@@ -239,7 +245,7 @@ def export_run(job: JobConfig, run_dir: Path, checkpoint: Path, extra: dict[str,
         "job": job.model_dump(mode="json"),
         **(extra or {}),
     }
-    (run_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return RunOutcome(run_dir, model_dir, manifest)
 
 

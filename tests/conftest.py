@@ -6,6 +6,7 @@ Ray-using tests expect to run inside the private network namespace that `make te
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,30 @@ def run_clean_python(code: str, timeout: int = 300) -> subprocess.CompletedProce
     """Run code in a fresh interpreter where peft and bitsandbytes cannot be imported."""
     prelude = "import sys\nsys.modules['peft'] = None\nsys.modules['bitsandbytes'] = None\n"
     return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=timeout)
+
+
+def clean_reload_accuracy(model_dir: Path, eval_file: str) -> float:
+    """Accuracy of an exported model loaded by plain transformers where peft/bitsandbytes cannot import."""
+    code = f"""
+import json, torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from jobs.data import encode_rows, collate
+from jobs.evaluate import answer_stats
+from orchestrator.config import DataConfig
+model = AutoModelForImageTextToText.from_pretrained({str(model_dir)!r}, dtype=torch.float32).eval()
+processor = AutoProcessor.from_pretrained({str(model_dir)!r})
+assert getattr(model.config, "quantization_config", None) is None
+cfg = DataConfig(train={eval_file!r}, max_length=64)
+rows, _ = encode_rows(cfg.train, cfg, processor, True)
+correct = count = 0
+with torch.no_grad():
+    for i in range(0, len(rows), 32):
+        batch = collate(rows[i:i+32], processor.tokenizer.pad_token_id)
+        labels = batch.pop("labels")
+        _, _, c, n = answer_stats(model(**batch).logits, labels)
+        correct, count = correct + c, count + n
+print(json.dumps({{"accuracy": correct / count}}))
+"""
+    proc = run_clean_python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["accuracy"]

@@ -73,7 +73,7 @@ def trajectories(world, ray_local, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("zero")
     runs = {}
-    for name, workers, micro, ds in (("single", 1, 16, None), ("zero2", 2, 8, {"stage": 2}), ("zero3", 2, 8, {"stage": 3})):
+    for name, workers, micro, ds in (("single", 1, 16, None), ("zero0", 2, 8, {"stage": 0}), ("zero2", 2, 8, {"stage": 2}), ("zero3", 2, 8, {"stage": 3})):
         job, _ = build_job(full_job(world, tmp / name, workers, micro, ds))
         runs[name] = launch.train(job, progress=False)
     return runs
@@ -83,7 +83,8 @@ def trajectories(world, ray_local, tmp_path_factory):
 def test_zero2_and_zero3_follow_the_single_worker_trajectory(trajectories):
     single = losses(trajectories["single"].run_dir)
     assert len(single) == 12 and single[12] < single[1] - 1.0  # it learns
-    for name in ("zero2", "zero3"):
+    for name in ("zero0", "zero2", "zero3"):
+        assert trajectories[name].manifest["parity"]["passed"]  # each stage's checkpoint exports
         sharded = losses(trajectories[name].run_dir)
         assert sharded.keys() == single.keys()
         worst = max(abs(sharded[s] - single[s]) for s in single)

@@ -1,0 +1,301 @@
+"""`rayft tune`: the job's `tune:` space -> Ray Tune (ASHA or FIFO) over Ray Train trials -> the best
+trial's best checkpoint merged and exported to SEARCH_DIR/best, with a table and a plot of every trial.
+
+A search directory:
+    tune.yaml            the resolved job (with its tune: section)
+    tuner/               Ray Tune's experiment state (what --resume restores)
+    trials/<trial>/      one run directory per trial (job.yaml, overrides.json, metrics.jsonl, checkpoints/)
+    results.csv / .md    one row per trial: overrides, status, best metric, steps, wall time
+    metrics.png          every trial's eval metric over steps; early-stopped trials dashed, the winner thick
+    best/                model/ (merged standalone) + manifest.json listing every trial
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from orchestrator.config import JobConfig, TuneConfig, build_job, to_yaml
+from orchestrator.launch import (
+    RunFailed,
+    ensure_local_ray,
+    export_run,
+    output_to,
+    read_metrics,
+    resources_for,
+)
+
+TUNER_DIR = "tuner"
+
+
+def param_space(tune: TuneConfig) -> dict[str, Any]:
+    from ray import tune as rt
+
+    space = {}
+    for key, dim in tune.space.items():
+        if dim.choice is not None:
+            space[key] = rt.choice(dim.choice)
+        elif dim.grid is not None:
+            space[key] = rt.grid_search(dim.grid)
+        elif dim.uniform is not None:
+            space[key] = rt.uniform(*dim.uniform)
+        else:
+            assert dim.loguniform is not None
+            space[key] = rt.loguniform(*dim.loguniform)
+    return space
+
+
+def concurrency(job: JobConfig, total_cpus: int, total_gpus: int) -> int:
+    """Trials that fit at once: each needs `workers` x (cpus_per_worker CPUs [+ 1 GPU])."""
+    tune = job.tune
+    assert tune is not None
+    if tune.max_concurrent:
+        return tune.max_concurrent
+    res = resources_for(job)
+    fit = total_cpus // (res.cpus_per_worker * job.scaling.workers)
+    if res.use_gpu:
+        fit = min(fit, total_gpus // job.scaling.workers)
+    return max(1, fit)
+
+
+def trial_job(job: JobConfig, cpus: int) -> JobConfig:
+    """Trials checkpoint at every eval so the best report always has a checkpoint to export."""
+    cpus_per_worker = job.scaling.cpus_per_worker or max(1, cpus // job.scaling.workers)
+    return job.model_copy(
+        update={
+            "train": job.train.model_copy(update={"checkpoint_every": job.train.eval_every}),
+            "scaling": job.scaling.model_copy(update={"cpus_per_worker": cpus_per_worker}),
+        }
+    )
+
+
+def run(job: JobConfig, base: dict[str, Any], *, search_dir: Path | None = None, resume: Path | None = None, stream: IO[str]) -> dict[str, Any]:
+    import ray
+    from ray import tune as rt
+
+    from jobs.driver import tune_trial
+
+    tune = job.tune
+    assert tune is not None
+    if resume:
+        search_dir = resume.resolve()
+    else:
+        from datetime import datetime
+
+        search_dir = (search_dir or Path(job.output) / f"{job.name}-search-{datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
+        search_dir.mkdir(parents=True, exist_ok=False)
+        (search_dir / "tune.yaml").write_text(to_yaml(job))
+        (search_dir / "base.json").write_text(json.dumps(base))
+    mode = tune.resolved_mode
+    cores = os.cpu_count() or 1
+    per_trial = trial_job(job, cores)
+    base = {**base, "train": {**base.get("train", {}), "checkpoint_every": per_trial.train.eval_every},
+            "scaling": {**base.get("scaling", {}), "cpus_per_worker": per_trial.scaling.cpus_per_worker}}
+    resources = resources_for(per_trial)
+    print(f"search directory: {search_dir}", file=stream, flush=True)
+    t0 = time.time()
+    started = False
+    with output_to(search_dir / "ray.log"):
+        try:
+            started = ensure_local_ray(cores, dashboard=True)
+            trainable = rt.with_resources(
+                rt.with_parameters(tune_trial, base=base, search_dir=str(search_dir), resources=resources, keep_best=f"{tune.metric}:{mode}"),
+                {"cpu": 0, "memory": 1},  # the trial only drives its TorchTrainer; the Train workers carry the CPUs
+            )
+            if resume:
+                tuner = rt.Tuner.restore(str(search_dir / TUNER_DIR), trainable=trainable, resume_unfinished=True, resume_errored=False)
+            else:
+                scheduler = None
+                if tune.scheduler == "asha":
+                    from ray.tune.schedulers import ASHAScheduler
+
+                    scheduler = ASHAScheduler(
+                        time_attr="training_iteration",  # one iteration = one eval report (the first is step 0)
+                        max_t=10**6,
+                        grace_period=tune.grace_evals + 1,
+                        reduction_factor=tune.reduction_factor,
+                    )
+                from ray.tune.search import BasicVariantGenerator
+
+                total_cpus = int(ray.cluster_resources().get("CPU", cores))
+                total_gpus = int(ray.cluster_resources().get("GPU", 0))
+                tuner = rt.Tuner(
+                    trainable,
+                    param_space=param_space(tune),
+                    tune_config=rt.TuneConfig(
+                        metric=tune.metric,
+                        mode=mode,
+                        num_samples=tune.num_samples,
+                        scheduler=scheduler,
+                        search_alg=BasicVariantGenerator(random_state=tune.seed),
+                        max_concurrent_trials=concurrency(per_trial, total_cpus, total_gpus),
+                    ),
+                    run_config=rt.RunConfig(name=TUNER_DIR, storage_path=str(search_dir), verbose=0),
+                )
+            tuner.fit()
+        except KeyboardInterrupt:
+            started = True
+            raise
+        finally:
+            if started:
+                ray.shutdown()
+    summary = summarize(search_dir)
+    summary["wall_s"] = round(time.time() - t0, 1)
+    best = summary["best"]
+    if best is None:
+        raise RunFailed(f"no trial reported {tune.metric} with a checkpoint; see {search_dir / 'results.md'}")
+    trial_dir = search_dir / "trials" / best["trial"]
+    trial, _ = build_job(_yaml(trial_dir / "job.yaml"))
+    with output_to(search_dir / "export.log"):
+        outcome = export_run(trial, trial_dir, Path(best["checkpoint"]), {"search": summary}, out_dir=search_dir / "best")
+    summary["best_model"] = str(outcome.model_dir)
+    summary["best_manifest"] = outcome.manifest
+    write_report(search_dir, summary)
+    return summary
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def summarize(search_dir: Path) -> dict[str, Any]:
+    """Every trial from its own run directory: overrides, status, best eval, steps, wall time."""
+    tune = JobConfig.model_validate(_yaml(search_dir / "tune.yaml")).tune
+    assert tune is not None
+    mode = tune.resolved_mode
+    better = max if mode == "max" else min
+    trials = []
+    for trial_dir in sorted((search_dir / "trials").glob("*")):
+        records = read_metrics(trial_dir)
+        start = next((r for r in records if r.get("event") == "start"), None)
+        evals = [r for r in records if r.get("event") == "eval" and tune.metric in r]
+        reached = max((r["step"] for r in records if "step" in r), default=0)
+        total = start["total_steps"] if start else None
+        error = (trial_dir / "error.txt").read_text().strip() if (trial_dir / "error.txt").is_file() else None
+        if error:
+            status = "failed"
+        elif any(r.get("event") == "end" for r in records):
+            status = "finished"
+        elif start and reached < total:
+            status = "stopped early"
+        else:
+            status = "failed" if not start else "stopped early"
+        checkpoints = {}
+        for meta in (trial_dir / "checkpoints").glob("checkpoint_*/metrics.json"):
+            checkpoints[json.loads(meta.read_text())["step"]] = str(meta.parent)
+        scored = [r for r in evals if r["step"] in checkpoints]
+        best_eval = better(scored, key=lambda r: r[tune.metric]) if scored else None
+        trials.append(
+            {
+                "trial": trial_dir.name,
+                "overrides": json.loads((trial_dir / "overrides.json").read_text()) if (trial_dir / "overrides.json").is_file() else {},
+                "status": status,
+                "reason": error,
+                "steps": reached,
+                "total_steps": total,
+                "best_metric": best_eval[tune.metric] if best_eval else None,
+                "best_step": best_eval["step"] if best_eval else None,
+                "checkpoint": checkpoints.get(best_eval["step"]) if best_eval else None,
+                "curve": [(r["step"], r[tune.metric]) for r in evals],
+                "wall_s": _wall(trial_dir),
+            }
+        )
+    candidates = [t for t in trials if t["best_metric"] is not None and t["status"] != "failed"]
+    best = better(candidates, key=lambda t: t["best_metric"]) if candidates else None
+    return {"metric": tune.metric, "mode": mode, "scheduler": tune.scheduler, "trials": trials, "best": best,
+            "trial_steps": sum(t["steps"] for t in trials)}
+
+
+def _wall(trial_dir: Path) -> float | None:
+    files = [p for p in (trial_dir / "metrics.jsonl", trial_dir / "job.yaml") if p.is_file()]
+    if len(files) < 2:
+        return None
+    return round(files[0].stat().st_mtime - files[1].stat().st_mtime, 1)
+
+
+def write_report(search_dir: Path, summary: dict[str, Any]) -> str:
+    """results.csv, results.md and metrics.png; returns the markdown table."""
+    keys = sorted({k for t in summary["trials"] for k in t["overrides"]})
+    header = ["trial", *keys, "status", summary["metric"], "best step", "steps", "wall s"]
+    rows = []
+    for t in summary["trials"]:
+        mark = " (best)" if summary["best"] and t["trial"] == summary["best"]["trial"] else ""
+        metric = "" if t["best_metric"] is None else f"{t['best_metric']:.4f}"
+        rows.append([t["trial"] + mark, *[_fmt(t["overrides"].get(k)) for k in keys], t["status"] + (f": {t['reason']}" if t["reason"] else ""),
+                     metric, t["best_step"] or "", f"{t['steps']}/{t['total_steps']}", t["wall_s"] or ""])
+    with (search_dir / "results.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+    md += "".join("| " + " | ".join(str(c) for c in r) + " |\n" for r in rows)
+    md += f"\ntrial-steps in all: {summary['trial_steps']}\n"
+    (search_dir / "results.md").write_text(md)
+    plot(summary, search_dir / "metrics.png")
+    return md
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def plot(summary: dict[str, Any], path: Path, size: tuple[int, int] = (800, 480)) -> None:
+    """Every trial's eval metric over steps (PIL, no plotting dependency): early-stopped trials dashed,
+    failed trials red, the winner thick and black."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    left, top, right, bottom = 60, 30, size[0] - 160, size[1] - 40
+    curves = [t for t in summary["trials"] if t["curve"]]
+    steps = [s for t in curves for s, _ in t["curve"]] or [0, 1]
+    values = [v for t in curves for _, v in t["curve"]] or [0, 1]
+    x0, x1 = min(steps), max(steps) or 1
+    y0, y1 = min(values), max(values)
+    y0, y1 = (y0 - 0.05, y1 + 0.05) if y1 - y0 < 1e-9 else (y0, y1)
+    sx = lambda s: left + (s - x0) / max(x1 - x0, 1e-9) * (right - left)  # noqa: E731
+    sy = lambda v: bottom - (v - y0) / (y1 - y0) * (bottom - top)  # noqa: E731
+    d.rectangle((left, top, right, bottom), outline="black")
+    d.text((left, 8), f"{summary['metric']} by step ({summary['scheduler']}; dashed = stopped early)", fill="black")
+    for frac in (0.0, 0.5, 1.0):
+        v = y0 + frac * (y1 - y0)
+        d.text((5, sy(v) - 6), f"{v:.3f}", fill="black")
+    d.text((left, bottom + 8), f"step {x0}", fill="black")
+    d.text((right - 60, bottom + 8), f"step {x1}", fill="black")
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+    best = summary["best"]["trial"] if summary["best"] else None
+    for i, t in enumerate(curves):
+        colour = "black" if t["trial"] == best else ("red" if t["status"] == "failed" else palette[i % len(palette)])
+        width = 4 if t["trial"] == best else 2
+        pts = [(sx(s), sy(v)) for s, v in t["curve"]]
+        for a, b in zip(pts, pts[1:], strict=False):
+            if t["status"] == "stopped early":
+                _dashed(d, a, b, colour, width)
+            else:
+                d.line([a, b], fill=colour, width=width)
+        y = top + 16 * i
+        d.line([(right + 10, y + 6), (right + 30, y + 6)], fill=colour, width=width)
+        d.text((right + 35, y), t["trial"][-12:] + (" *best" if t["trial"] == best else ""), fill="black")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+
+
+def _dashed(d: Any, a: tuple[float, float], b: tuple[float, float], colour: str, width: int, dash: float = 6.0) -> None:
+    (xa, ya), (xb, yb) = a, b
+    length = max(((xb - xa) ** 2 + (yb - ya) ** 2) ** 0.5, 1e-9)
+    n = int(length // dash)
+    for k in range(0, n, 2):
+        f0, f1 = k * dash / length, min((k + 1) * dash / length, 1.0)
+        d.line([(xa + (xb - xa) * f0, ya + (yb - ya) * f0), (xa + (xb - xa) * f1, ya + (yb - ya) * f1)], fill=colour, width=width)
+
+
+def report(search_dir: Path) -> str:
+    summary = summarize(search_dir)
+    return write_report(search_dir, summary)
+

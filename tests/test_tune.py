@@ -1,0 +1,122 @@
+"""`rayft tune`: a Ray Tune search (ASHA) over Ray Train trials on the quickstart task, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import RAYFT, REPO, clean_reload_accuracy
+
+from orchestrator.config import ConfigError, load_search
+
+
+def search_file(quickstart_run, tmp_path: Path, **tune) -> Path:
+    """examples/tune.yaml pointed at the session's quickstart tree."""
+    body = yaml.safe_load((REPO / "examples" / "tune.yaml").read_text())
+    root = Path(quickstart_run["root"])
+    body["model"] = str(root / "base")
+    body["data"].update(train=str(root / "data/french_train.parquet"), eval=str(root / "data/french_eval.parquet"))
+    body["output"] = str(tmp_path / "runs")
+    body["tune"].update(tune)
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_space_keys_and_values_are_checked_before_anything_starts(quickstart_run, tmp_path):
+    path = search_file(quickstart_run, tmp_path, space={"lora.rnak": {"choice": [4]}, "precision": {"choice": ["bf16", "fp8"]}, "train.lr": {"uniform": [0.1, 0.01]}})
+    with pytest.raises(ConfigError) as e:
+        load_search(path)
+    text = "\n".join(str(p) for p in e.value.problems)
+    assert "tune.space.lora.rnak" in text and "did you mean `rank`" in text
+    assert "tune.space.precision: value 'fp8'" in text
+    assert "low < high" in text
+
+
+@pytest.fixture(scope="module")
+def search(quickstart_run, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("search")
+    t0 = time.time()
+    proc = subprocess.run([RAYFT, "tune", str(search_file(quickstart_run, tmp)), "--json"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{\n") :])
+    summary["cli_wall_s"] = time.time() - t0
+    return summary
+
+
+@pytest.mark.slow
+def test_asha_stops_early_and_the_best_trial_is_the_argmax(search):
+    trials = search["trials"]
+    assert len(trials) == 4
+    assert any(t["status"] == "stopped early" for t in trials)
+    assert all(t["status"] in ("finished", "stopped early") for t in trials)
+    # recompute from each trial's own metrics.jsonl: the winner holds the highest eval accuracy reported
+    search_dir = Path(search["best_model"]).parents[1]
+    best_seen = {}
+    for t in trials:
+        records = [json.loads(x) for x in (search_dir / "trials" / t["trial"] / "metrics.jsonl").read_text().splitlines()]
+        best_seen[t["trial"]] = max(r["eval_accuracy"] for r in records if r.get("event") == "eval")
+    assert search["best"]["trial"] == max(best_seen, key=best_seen.get)
+    assert search["best"]["best_metric"] == max(best_seen.values())
+    stopped = [t for t in trials if t["status"] == "stopped early"]
+    assert all(t["steps"] < t["total_steps"] for t in stopped)
+    for name in ("results.csv", "results.md", "metrics.png"):
+        assert (search_dir / name).stat().st_size > 0
+    assert list((search_dir / "tuner").glob("*/events.out.tfevents.*"))  # TensorBoard logs per trial
+
+
+@pytest.mark.slow
+def test_best_model_reloads_without_peft_and_reproduces_the_best_accuracy(search):
+    model_dir = Path(search["best_model"])
+    manifest = json.loads((model_dir.parent / "manifest.json").read_text())
+    assert len(manifest["search"]["trials"]) == 4 and manifest["parity"]["passed"]
+    eval_file = manifest["job"]["data"]["eval"]
+    assert abs(clean_reload_accuracy(model_dir, eval_file) - search["best"]["best_metric"]) <= 0.05
+
+
+@pytest.mark.slow
+def test_report_regenerates_the_table_and_plot(search, tmp_path):
+    search_dir = tmp_path / "copy"
+    shutil.copytree(Path(search["best_model"]).parents[1], search_dir)
+    for name in ("results.csv", "results.md", "metrics.png"):
+        (search_dir / name).unlink()
+    out = subprocess.run([RAYFT, "report", str(search_dir)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "(best)" in out.stdout and (search_dir / "metrics.png").is_file()
+
+
+@pytest.mark.slow
+def test_interrupted_search_resumes_without_redoing_finished_trials(quickstart_run, tmp_path):
+    path = search_file(quickstart_run, tmp_path, num_samples=4, scheduler="fifo")
+    proc = subprocess.Popen([RAYFT, "tune", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 400
+    finished: list[Path] = []
+    while time.time() < deadline and proc.poll() is None:
+        ends = [p for p in (tmp_path / "runs").glob("*/trials/*/metrics.jsonl") if '"event": "end"' in p.read_text()]
+        if ends:
+            finished = [p.parent for p in ends]
+            break
+        time.sleep(0.5)
+    assert finished, "no trial finished in time"
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=180)
+    search_dir = finished[0].parents[1]
+    trials_before = {p.name for p in (search_dir / "trials").glob("*")}
+    resumed = subprocess.run([RAYFT, "tune", str(path), "--resume", str(search_dir), "--json"], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout[resumed.stdout.index("{\n") :])
+    assert len(summary["trials"]) == 4 and all(t["status"] == "finished" for t in summary["trials"])
+    for trial_dir in finished:  # finished before the interrupt: no step trained again
+        records = [json.loads(x) for x in (trial_dir / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in records if "train_loss" in r]
+        assert len(steps) == len(set(steps)), trial_dir.name
+        # Tune may not have registered the trial's end before the interrupt; then it is restored, and
+        # resumes from its final checkpoint with nothing left to do
+        assert all(r["step"] == r["total_steps"] for r in records[1:] if r.get("event") == "start"), trial_dir.name
+    assert trials_before <= {t["trial"] for t in summary["trials"]}
