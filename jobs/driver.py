@@ -72,6 +72,7 @@ def tune_trial(overrides: dict[str, Any], base: dict[str, Any], search_dir: str,
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "job.yaml").write_text(to_yaml(job))
     (trial_dir / "overrides.json").write_text(json.dumps(overrides))
+    (trial_dir / "error.txt").unlink(missing_ok=True)  # a restored trial starts clean (an interrupt may have left one)
     trainer = build_trainer(job, trial_dir, resources, callbacks=[TuneReportCallback()], keep_best=keep_best)
     try:
         trainer.fit()

@@ -31,6 +31,7 @@ from orchestrator.launch import (
 )
 
 TUNER_DIR = "tuner"
+TUNE_STATUS = "tune_status.json"  # trial directory name under tuner/ -> "ok" | "error", as Tune saw it
 
 
 def param_space(tune: TuneConfig) -> dict[str, Any]:
@@ -137,7 +138,11 @@ def run(job: JobConfig, base: dict[str, Any], *, search_dir: Path | None = None,
                     ),
                     run_config=rt.RunConfig(name=TUNER_DIR, storage_path=str(search_dir), verbose=0),
                 )
-            tuner.fit()
+            grid = tuner.fit()
+            # Tune's own verdict: an ASHA-stopped trial's fit() may also raise (its workers are torn down),
+            # so error.txt alone cannot tell a failure from an early stop.
+            verdicts = {Path(r.path).name: ("error" if r.error else "ok") for r in grid}
+            (search_dir / TUNE_STATUS).write_text(json.dumps(verdicts, indent=2))
         except KeyboardInterrupt:
             started = True
             raise
@@ -171,6 +176,7 @@ def summarize(search_dir: Path) -> dict[str, Any]:
     assert tune is not None
     mode = tune.resolved_mode
     better = max if mode == "max" else min
+    verdicts = json.loads((search_dir / TUNE_STATUS).read_text()) if (search_dir / TUNE_STATUS).is_file() else None
     trials = []
     for trial_dir in sorted((search_dir / "trials").glob("*")):
         records = read_metrics(trial_dir)
@@ -179,10 +185,13 @@ def summarize(search_dir: Path) -> dict[str, Any]:
         reached = max((r["step"] for r in records if "step" in r), default=0)
         total = start["total_steps"] if start else None
         error = (trial_dir / "error.txt").read_text().strip() if (trial_dir / "error.txt").is_file() else None
-        if error:
-            status = "failed"
-        elif any(r.get("event") == "end" for r in records):
+        if verdicts is not None:
+            errored = any(v == "error" for k, v in verdicts.items() if k.startswith(trial_dir.name + "_"))
+            error = error if errored else None
+        if any(r.get("event") == "end" for r in records):
             status = "finished"
+        elif error:
+            status = "failed"
         elif start and reached < total:
             status = "stopped early"
         else:
