@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from orchestrator.config import JobConfig, TuneConfig, build_job, to_yaml
+from orchestrator.config import JobConfig, TuneConfig, apply_overrides, build_job, load_raw, to_yaml
 from orchestrator.launch import (
     RunFailed,
     ensure_local_ray,
@@ -64,15 +64,10 @@ def concurrency(job: JobConfig, total_cpus: int, total_gpus: int) -> int:
     return max(1, fit)
 
 
-def trial_job(job: JobConfig, cpus: int) -> JobConfig:
-    """Trials checkpoint at every eval so the best report always has a checkpoint to export."""
-    cpus_per_worker = job.scaling.cpus_per_worker or max(1, cpus // job.scaling.workers)
-    return job.model_copy(
-        update={
-            "train": job.train.model_copy(update={"checkpoint_every": job.train.eval_every}),
-            "scaling": job.scaling.model_copy(update={"cpus_per_worker": cpus_per_worker}),
-        }
-    )
+def trial_settings(job: JobConfig) -> dict[str, Any]:
+    """What every trial adds to the base job (applied by the same function as --set): a checkpoint at every
+    eval, so the best report always has a checkpoint to export, and the CPUs per worker resolved here, once."""
+    return {"train.checkpoint_every": job.train.eval_every, "scaling.cpus_per_worker": resources_for(job).cpus_per_worker}
 
 
 def run(job: JobConfig, base: dict[str, Any], *, search_dir: Path | None = None, resume: Path | None = None, stream: IO[str]) -> dict[str, Any]:
@@ -94,10 +89,8 @@ def run(job: JobConfig, base: dict[str, Any], *, search_dir: Path | None = None,
         (search_dir / "base.json").write_text(json.dumps(base))
     mode = tune.resolved_mode
     cores = os.cpu_count() or 1
-    per_trial = trial_job(job, cores)
-    base = {**base, "train": {**base.get("train", {}), "checkpoint_every": per_trial.train.eval_every},
-            "scaling": {**base.get("scaling", {}), "cpus_per_worker": per_trial.scaling.cpus_per_worker}}
-    resources = resources_for(per_trial)
+    base = apply_overrides(base, trial_settings(job))
+    resources = resources_for(job)
     print(f"search directory: {search_dir}", file=stream, flush=True)
     t0 = time.time()
     started = False
@@ -133,8 +126,9 @@ def run(job: JobConfig, base: dict[str, Any], *, search_dir: Path | None = None,
                         mode=mode,
                         num_samples=tune.num_samples,
                         scheduler=scheduler,
-                        search_alg=BasicVariantGenerator(random_state=tune.seed),
-                        max_concurrent_trials=concurrency(per_trial, total_cpus, total_gpus),
+                        # the limit goes to the generator: Tune ignores max_concurrent_trials when given a
+                        # search-algorithm instance, and would start every trial at once
+                        search_alg=BasicVariantGenerator(random_state=tune.seed, max_concurrent=concurrency(job, total_cpus, total_gpus)),
                     ),
                     run_config=rt.RunConfig(name=TUNER_DIR, storage_path=str(search_dir), verbose=0),
                 )
@@ -155,7 +149,7 @@ def run(job: JobConfig, base: dict[str, Any], *, search_dir: Path | None = None,
     if best is None:
         raise RunFailed(f"no trial reported {tune.metric} with a checkpoint; see {search_dir / 'results.md'}")
     trial_dir = search_dir / "trials" / best["trial"]
-    trial, _ = build_job(_yaml(trial_dir / "job.yaml"))
+    trial, _ = build_job(load_raw(trial_dir / "job.yaml"))
     with output_to(search_dir / "export.log"):
         outcome = export_run(trial, trial_dir, Path(best["checkpoint"]), {"search": summary}, out_dir=search_dir / "best")
     summary["best_model"] = str(outcome.model_dir)
@@ -164,15 +158,9 @@ def run(job: JobConfig, base: dict[str, Any], *, search_dir: Path | None = None,
     return summary
 
 
-def _yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
-
-
 def summarize(search_dir: Path) -> dict[str, Any]:
     """Every trial from its own run directory: overrides, status, best eval, steps, wall time."""
-    tune = JobConfig.model_validate(_yaml(search_dir / "tune.yaml")).tune
+    tune = JobConfig.model_validate(load_raw(search_dir / "tune.yaml")).tune
     assert tune is not None
     mode = tune.resolved_mode
     better = max if mode == "max" else min
