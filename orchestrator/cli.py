@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -194,3 +195,197 @@ def quickstart(directory: Path, as_json: bool) -> None:
     click.echo(f"merged model: {summary['merged_model']}")
     click.echo(f"sample: {s['question']!r} -> {s['merged_model_answer']!r} (expected {s['expected']!r})")
     click.echo(f"wall time: {summary['wall_s']}s")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ray clusters: a local one for development, and any cluster's Jobs API
+
+CLUSTER_DIR_HELP = "Cluster directory (token, state, logs); default ~/.rayft/cluster."
+
+
+@main.group()
+def cluster() -> None:
+    """A Ray cluster on this machine (loopback, token auth) for trying `rayft submit`."""
+
+
+@cluster.command("up")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), help=CLUSTER_DIR_HELP)
+@click.option("--nodes", default=1, show_default=True, help="Ray nodes: a head plus nodes-1 workers, all on 127.0.0.1.")
+@click.option("--cpus-per-node", type=int, help="Default: this machine's cores split among the nodes.")
+@click.option("--port", default=6379, show_default=True, help="GCS port.")
+@click.option("--dashboard-port", default=8265, show_default=True, help="Dashboard / Jobs API port.")
+def cluster_up(directory: Path | None, nodes: int, cpus_per_node: int | None, port: int, dashboard_port: int) -> None:
+    """Start the cluster; prints the address to submit to and where the token is (never the token)."""
+    from orchestrator import cluster as local
+
+    directory = directory or local.default_dir()
+    try:
+        state = local.up(directory, nodes=nodes, cpus_per_node=cpus_per_node, port=port, dashboard_port=dashboard_port)
+    except (local.ClusterError, OSError) as e:
+        _fail(str(e), 1)
+    click.echo(f"Ray cluster up in {state['up_s']}s: {nodes} node(s) on 127.0.0.1")
+    click.echo(f"address: {state['dashboard']}   (export RAY_ADDRESS={state['dashboard']})")
+    click.echo(f"token:   {state['token_path']} (mode 0600; export RAY_AUTH_TOKEN_PATH={state['token_path']})")
+    click.echo(f"stop it: rayft cluster down --dir {directory}")
+
+
+@cluster.command("status")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), help=CLUSTER_DIR_HELP)
+@click.option("--json", "as_json", is_flag=True)
+def cluster_status(directory: Path | None, as_json: bool) -> None:
+    """Nodes and resources of the local cluster."""
+    from orchestrator import cluster as local
+    from orchestrator import remote
+
+    try:
+        state = local.status(directory or local.default_dir())
+    except (local.ClusterError, remote.RemoteError) as e:
+        _fail(str(e), 1)
+    if as_json:
+        _print_json(state)
+        return
+    click.echo(f"address: {state['dashboard']}  nodes: {len(state['nodes'])}")
+    for n in state["nodes"]:
+        res = n.get("resources_total", {})
+        role = "head" if n.get("is_head_node") else "worker"
+        click.echo(f"  {n['node_id'][:12]} {role:6} {n['state']:5} {n['node_ip']}  CPU {res.get('CPU', 0):g}  GPU {res.get('GPU', 0):g}  memory {res.get('memory', 0) / 2**30:.1f} GiB")
+
+
+@cluster.command("down")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), help=CLUSTER_DIR_HELP)
+def cluster_down(directory: Path | None) -> None:
+    """Stop exactly the processes `cluster up` started."""
+    from orchestrator import cluster as local
+
+    try:
+        groups = local.down(directory or local.default_dir())
+    except local.ClusterError as e:
+        _fail(str(e), 1)
+    click.echo(f"stopped {len(groups)} Ray node(s) (process groups {', '.join(map(str, groups))})")
+
+
+def _connection(address: str | None, insecure: bool):  # -> (address, token)
+    from orchestrator import remote
+
+    try:
+        address = remote.resolve_address(address)
+        token = remote.resolve_token(address)
+        for w in remote.check_transport(address, token, insecure):
+            click.echo(f"warning: {w}", err=True)
+    except remote.RemoteError as e:
+        _fail(str(e), 2)
+    return address, token
+
+
+def _address_options(f: Any) -> Any:
+    f = click.option("--insecure", is_flag=True, help="Allow plain http to a non-loopback address without a token.")(f)
+    return click.option("--address", help="The cluster's Jobs API, e.g. http://HOST:8265 (default: $RAY_ADDRESS).")(f)
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@_address_options
+@click.option("--runtime-env", "runtime_env_file", type=click.Path(dir_okay=False, exists=True), help="A runtime_env YAML merged into the job's (e.g. cluster/runtime_env.yaml).")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the job has checked its inputs on the cluster.")
+@click.option("--json", "as_json", is_flag=True)
+def submit(job_file: str, sets: tuple[str, ...], address: str | None, insecure: bool, runtime_env_file: str | None, wait: bool, as_json: bool) -> None:
+    """Validate JOB_FILE here, submit it to a Ray cluster's Jobs API, print the job id."""
+    import yaml
+
+    from orchestrator import remote
+
+    address, token = _connection(address, insecure)
+    try:
+        job, warnings = load_job(job_file, sets, local_files=remote.is_loopback(address))
+    except ConfigError as e:
+        _config_problems(e)
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    runtime_env = yaml.safe_load(Path(runtime_env_file).read_text()) if runtime_env_file else None
+    try:
+        t0 = time.time()
+        out = remote.submit(job, address, token, runtime_env)
+        out["submit_s"] = round(time.time() - t0, 2)
+        if not as_json:
+            click.echo(f"submitted: {out['job_id']}  (results: {out['results']})")
+        if wait:
+            out["submit_to_running_s"] = round(out["submit_s"] + remote.wait_until_running(address, token, out["job_id"], timeout_s=300), 2)
+    except remote.RemoteError as e:
+        _fail(str(e), 1)
+    if as_json:
+        _print_json(out)
+        return
+    if wait:
+        click.echo(f"running: inputs checked on the cluster {out['submit_to_running_s']}s after submit")
+    click.echo(f"follow it: rayft logs {out['job_id']} --follow   stop it: rayft stop {out['job_id']}")
+
+
+@main.command()
+@click.argument("job_id")
+@_address_options
+@click.option("--json", "as_json", is_flag=True)
+def status(job_id: str, address: str | None, insecure: bool, as_json: bool) -> None:
+    """A submitted job's status and where its results are."""
+    from orchestrator import remote
+
+    address, token = _connection(address, insecure)
+    try:
+        row = remote.info(address, token, job_id)
+    except remote.RemoteError as e:
+        _fail(str(e), 1)
+    if as_json:
+        _print_json(row)
+        return
+    click.echo(f"{row['job_id']}: {row['status']}" + (f" ({row['message']})" if row["message"] else ""))
+    if row["results"]:
+        click.echo(f"results: {row['results']}" + (f"  (merged model: {row['results']}/model)" if row["status"] == "SUCCEEDED" else ""))
+
+
+@main.command()
+@click.argument("job_id")
+@_address_options
+@click.option("--follow", "-f", is_flag=True, help="Stream until the job ends.")
+def logs(job_id: str, address: str | None, insecure: bool, follow: bool) -> None:
+    """A submitted job's output (progress, eval lines, errors)."""
+    from orchestrator import remote
+
+    address, token = _connection(address, insecure)
+    try:
+        remote.logs(address, token, job_id, follow, sys.stdout)
+    except remote.RemoteError as e:
+        _fail(str(e), 1)
+
+
+@main.command()
+@click.argument("job_id")
+@_address_options
+def stop(job_id: str, address: str | None, insecure: bool) -> None:
+    """Stop a submitted job and wait until it has stopped."""
+    from orchestrator import remote
+
+    address, token = _connection(address, insecure)
+    try:
+        final = remote.stop(address, token, job_id)
+    except remote.RemoteError as e:
+        _fail(str(e), 1)
+    click.echo(f"{job_id}: {final}")
+
+
+@main.command("list")
+@_address_options
+@click.option("--json", "as_json", is_flag=True)
+def list_(address: str | None, insecure: bool, as_json: bool) -> None:
+    """Jobs on the cluster, newest first."""
+    from orchestrator import remote
+
+    address, token = _connection(address, insecure)
+    try:
+        rows = sorted(remote.list_jobs(address, token), key=lambda r: r["start"] or 0, reverse=True)
+    except remote.RemoteError as e:
+        _fail(str(e), 1)
+    if as_json:
+        _print_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['job_id']:48} {r['status']:10} {r['name'] or '-':20} {r['results'] or ''}")

@@ -178,6 +178,20 @@ class TuneConfig(_Section):
         return self.mode or ("max" if self.metric == "eval_accuracy" else "min")
 
 
+class SubmitConfig(_Section):
+    """Read by `rayft submit` only: where a job on a Ray cluster finds its inputs and leaves its results."""
+
+    storage_path: str | None = None
+    """Where the run directory (checkpoints, merged model, manifest) is written, so results outlive the
+    cluster: a path every node can write (local for one node, NFS for several) or a pyarrow filesystem URI
+    (s3://bucket/prefix, gs://..., hdfs://..., file:///...). null = `output`, resolved on the cluster."""
+    ship: list[Literal["model", "data"]] = ["data"]
+    """Inputs packed into the submission (their directories, at most max_ship_mib in all); inputs not
+    shipped must be readable at the same path on the cluster, which the job checks before training."""
+    max_ship_mib: int = Field(100, ge=1)
+    """Largest submission package; bigger inputs belong on storage the cluster reads."""
+
+
 class JobConfig(_Section):
     name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name: the run directory is <output>/<name>-<timestamp>."""
@@ -205,6 +219,8 @@ class JobConfig(_Section):
     """The search `rayft tune` runs over this job (ignored by `rayft train`)."""
     output: str = "./runs"
     """Directory that receives run directories."""
+    submit: SubmitConfig = SubmitConfig()
+    """Running on a Ray cluster with `rayft submit` (ignored by `rayft train`)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -264,7 +280,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
     return out
 
 
-_PATH_KEYS = (("model",), ("data", "train"), ("data", "eval"), ("output",))
+_PATH_KEYS = (("model",), ("data", "train"), ("data", "eval"), ("output",), ("submit", "storage_path"))
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -279,7 +295,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         value = os.path.expanduser(node[keys[-1]])
         candidate = base / value
         is_hub_id = keys == ("model",) and not value.startswith((".", "/")) and not candidate.exists()
-        if not os.path.isabs(value) and not is_hub_id:
+        if not os.path.isabs(value) and not is_hub_id and "://" not in value:
             node[keys[-1]] = str(candidate.resolve())
     return out
 

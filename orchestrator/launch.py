@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -69,8 +71,9 @@ def resources_for(job: JobConfig):
     return Resources(use_gpu=use_gpu, cpus_per_worker=job.scaling.cpus_per_worker or max(1, cores // job.scaling.workers))
 
 
-def ensure_local_ray(num_cpus: int, dashboard: bool = False) -> bool:
+def ensure_local_ray(num_cpus: int, dashboard: bool = False, connect: bool = False) -> bool:
     """Start an embedded single-machine Ray unless one is already up in this process; True if started here.
+    connect: join the cluster this process runs on instead (a job submitted with `rayft submit`).
 
     dashboard: also start the dashboard (on 127.0.0.1). Ray Train's PlacementGroupCleaner asks the State API,
     which the dashboard serves, whether a controller has died; without it, the workers of a Tune trial that
@@ -81,6 +84,9 @@ def ensure_local_ray(num_cpus: int, dashboard: bool = False) -> bool:
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # workers inherit this: no bars in ray.log
+    if connect:
+        ray.init(address="auto", log_to_driver=True, logging_level="WARNING")
+        return True
     ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -216,7 +222,12 @@ def export_run(job: JobConfig, run_dir: Path, checkpoint: Path, extra: dict[str,
 
     out_dir = out_dir or run_dir
     model_dir = out_dir / MODEL_DIR
-    parity = export(job, checkpoint, model_dir)
+    # Written beside, then renamed: a run killed mid-export leaves model.partial, never a half-written model/.
+    partial = out_dir / f"{MODEL_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    parity = export(job, checkpoint, partial)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    partial.rename(model_dir)
     records = read_metrics(run_dir)
     evals = [r for r in records if r.get("event") == "eval"]
     start = next((r for r in records if r.get("event") == "start"), {})
@@ -267,8 +278,17 @@ def preflight(job: JobConfig) -> dict[str, int]:
     return counts
 
 
-def train(job: JobConfig, *, resume: Path | None = None, stream: IO[str] | None = None, progress: bool = True) -> RunOutcome:
-    """Run one job on an embedded local Ray (or the Ray this process is already connected to)."""
+def train(
+    job: JobConfig,
+    *,
+    resume: Path | None = None,
+    stream: IO[str] | None = None,
+    progress: bool = True,
+    run_dir: Path | None = None,
+    connect: bool = False,
+) -> RunOutcome:
+    """Run one job on an embedded local Ray, or (connect) on the cluster this process was submitted to.
+    run_dir: where the run directory goes (default <output>/<name>-<timestamp>)."""
     from jobs.driver import fit
 
     stream = stream or sys.stdout
@@ -283,6 +303,11 @@ def train(job: JobConfig, *, resume: Path | None = None, stream: IO[str] | None 
         previous = load_raw(run_dir / "job.yaml")
         if previous.get("method") != job.method or previous.get("model") != job.model:
             raise RunFailed(f"--resume {resume}: that run trained {previous.get('method')} on {previous.get('model')}; the job says {job.method} on {job.model}")
+    elif run_dir is not None:
+        if (run_dir / "job.yaml").exists():
+            raise RunFailed(f"{run_dir} already holds a run; continue it with --resume, or choose another directory")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = run_dir.resolve()
     else:
         run_dir = new_run_dir(job)
     (run_dir / "job.yaml").write_text(to_yaml(job))
@@ -293,7 +318,7 @@ def train(job: JobConfig, *, resume: Path | None = None, stream: IO[str] | None 
     with output_to(run_dir / "ray.log") as user_stream:
         t1 = time.time()
         try:
-            started_ray = ensure_local_ray(max(os.cpu_count() or 1, resources.cpus_per_worker * job.scaling.workers))
+            started_ray = ensure_local_ray(max(os.cpu_count() or 1, resources.cpus_per_worker * job.scaling.workers), connect=connect)
             timings["ray_init_s"] = time.time() - t1
             with ProgressView(run_dir, user_stream, enabled=progress):
                 try:
@@ -314,6 +339,7 @@ def train(job: JobConfig, *, resume: Path | None = None, stream: IO[str] | None 
             try:
                 outcome = export_run(job, run_dir, checkpoint, {"timings": timings})
             except Exception as e:
+                traceback.print_exc()  # into ray.log
                 raise RunFailed(f"export failed: {e}\n(checkpoint kept: {checkpoint}; retry with: rayft merge {run_dir})") from e
             timings["export_s"] = time.time() - t2
         except KeyboardInterrupt:

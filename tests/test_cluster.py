@@ -1,0 +1,174 @@
+"""`rayft cluster` and `rayft submit/status/logs/stop/list` against a real two-node Ray cluster on loopback
+(`ray start --head` + a joined node, token auth on), inside the test run's private network namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import RAYFT, REPO, clean_reload_accuracy
+
+ADDRESS = "http://127.0.0.1:8275"  # not Ray's default ports: other tests' embedded Rays may hold those
+
+
+def rayft(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([RAYFT, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cluster")
+    up = rayft("cluster", "up", "--dir", str(directory), "--nodes", "2", "--cpus-per-node", "1", "--port", "6391", "--dashboard-port", "8275", timeout=180)
+    assert up.returncode == 0, up.stderr + up.stdout
+    token_path = directory / "auth_token"
+    env = {"RAY_AUTH_TOKEN_PATH": str(token_path)}
+    yield {"dir": directory, "env": env, "token": token_path.read_text().strip(), "up": up.stdout}
+    state = json.loads((directory / "cluster.json").read_text())
+    down = rayft("cluster", "down", "--dir", str(directory), timeout=120)
+    assert down.returncode == 0, down.stderr
+    groups = {p["pgid"] for p in state["processes"]}
+    left = [pid for pid, fields in running().items() if int(fields[2]) in groups]
+    assert not left, f"processes of the cluster's groups still running: {left}"
+
+
+def running() -> dict[int, list[str]]:
+    """pid -> /proc stat fields (state, ppid, pgrp, ...) of every process that is not a zombie."""
+    out = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            out[int(proc.name)] = fields
+    return out
+
+
+def job_file(quickstart_run, tmp_path: Path, epochs: int = 1) -> Path:
+    root = Path(quickstart_run["root"])
+    body = yaml.safe_load((REPO / "examples" / "qlora-nf4.yaml").read_text())
+    body["model"] = str(root / "base")
+    body["data"].update(train=str(root / "data/french_train.parquet"), eval=str(root / "data/french_eval.parquet"))
+    body["train"].update(epochs=epochs, eval_every=8, checkpoint_every=8)
+    body["scaling"] = {"workers": 1, "cpus_per_worker": 1}
+    body["submit"] = {"storage_path": str(tmp_path / "storage"), "ship": ["model", "data"]}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_cluster_is_two_loopback_nodes_with_a_private_token(cluster):
+    assert stat.S_IMODE((cluster["dir"] / "auth_token").stat().st_mode) == 0o600
+    assert cluster["token"] not in cluster["up"]
+    out = rayft("cluster", "status", "--dir", str(cluster["dir"]), "--json")
+    assert out.returncode == 0, out.stderr
+    nodes = json.loads(out.stdout)["nodes"]
+    assert len(nodes) == 2 and all(n["state"] == "ALIVE" and n["node_ip"] == "127.0.0.1" for n in nodes)
+    assert cluster["token"] not in out.stdout
+
+
+@pytest.mark.slow
+def test_submitted_job_succeeds_and_its_model_lands_in_storage(cluster, quickstart_run, tmp_path):
+    path = job_file(quickstart_run, tmp_path)
+    sub = rayft("submit", str(path), "--address", ADDRESS, "--json", env=cluster["env"])
+    assert sub.returncode == 0, sub.stderr + sub.stdout
+    submitted = json.loads(sub.stdout)
+    assert submitted["results"].startswith(str(tmp_path / "storage"))
+    # logs --follow streams while the job runs and returns when it ends
+    follow = rayft("logs", submitted["job_id"], "--follow", "--address", ADDRESS, env=cluster["env"], timeout=600)
+    assert follow.returncode == 0, follow.stderr
+    assert "rayft: inputs ok" in follow.stdout and "step 0: eval" in follow.stdout and "rayft: merged model" in follow.stdout
+    status = rayft("status", submitted["job_id"], "--address", ADDRESS, "--json", env=cluster["env"])
+    row = json.loads(status.stdout)
+    assert row["status"] == "SUCCEEDED" and row["results"] == submitted["results"]
+    run_dir = Path(submitted["results"])
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] and not (run_dir / "model.partial").exists()
+    accuracy = clean_reload_accuracy(run_dir / "model", str(Path(quickstart_run["root"]) / "data/french_eval.parquet"))
+    assert abs(accuracy - manifest["metrics"]["eval_accuracy"]) <= 0.05
+    listed = json.loads(rayft("list", "--address", ADDRESS, "--json", env=cluster["env"]).stdout)
+    assert submitted["job_id"] in [r["job_id"] for r in listed]
+    # the token appears in no output and in no file the job wrote
+    token = cluster["token"]
+    for text in (sub.stdout, sub.stderr, follow.stdout, follow.stderr, status.stdout):
+        assert token not in text
+    for f in run_dir.rglob("*"):
+        if f.is_file() and f.stat().st_size < 50_000_000:
+            assert token.encode() not in f.read_bytes(), f
+
+
+@pytest.mark.slow
+def test_stop_mid_run_leaves_no_half_written_model(cluster, quickstart_run, tmp_path):
+    path = job_file(quickstart_run, tmp_path, epochs=6)
+    sub = rayft("submit", str(path), "--address", ADDRESS, "--json", env=cluster["env"])
+    assert sub.returncode == 0, sub.stderr + sub.stdout
+    job = json.loads(sub.stdout)
+    deadline = time.time() + 300
+    while "step 8: eval" not in rayft("logs", job["job_id"], "--address", ADDRESS, env=cluster["env"]).stdout:
+        assert time.time() < deadline, "the job never reached step 8"
+        time.sleep(2)
+    stop = rayft("stop", job["job_id"], "--address", ADDRESS, env=cluster["env"])
+    assert stop.returncode == 0 and stop.stdout.strip().endswith("STOPPED"), stop.stdout + stop.stderr
+    run_dir = Path(job["results"])
+    assert (run_dir / "checkpoints").is_dir()  # what it had trained is kept
+    assert not (run_dir / "model").exists() and not (run_dir / "manifest.json").exists()
+
+
+def test_a_wrong_or_missing_token_is_refused_naming_the_fix(cluster, tmp_path):
+    wrong = rayft("list", "--address", ADDRESS, env={"RAY_AUTH_TOKEN": "0" * 64})
+    assert wrong.returncode == 1
+    assert "rejected the token from RAY_AUTH_TOKEN (HTTP 403)" in wrong.stderr and "RAY_AUTH_TOKEN_PATH" in wrong.stderr
+    missing = rayft("list", "--address", ADDRESS, env={"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": ""})
+    assert missing.returncode == 1 and "requires a token (HTTP 401)" in missing.stderr
+
+
+def test_plain_http_to_another_host_without_a_token_is_refused(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("model: /nonexistent\ndata: {train: /nonexistent.parquet}\n")
+    out = rayft("submit", str(job), "--address", "http://10.1.2.3:8265", env={"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": ""})
+    assert out.returncode == 2 and "--insecure" in out.stderr and "without a token" in out.stderr
+
+
+def test_an_input_that_is_not_there_fails_at_submit_naming_it(cluster, quickstart_run, tmp_path):
+    path = job_file(quickstart_run, tmp_path)
+    out = rayft("submit", str(path), "--address", ADDRESS, "--set", "data.train=missing.parquet", env=cluster["env"])
+    assert out.returncode == 2 and "data.train" in out.stderr and "missing.parquet" in out.stderr
+
+
+def test_cluster_files_agree():
+    files = {p.name: list(yaml.safe_load_all(p.read_text())) for p in (REPO / "cluster").glob("*.yaml")}
+    runtime_env = files["runtime_env.yaml"][0]
+    launcher = files["rayft-ray-cluster.yaml"][0]
+    raycluster = files["raycluster.yaml"][0]
+    rayjob = files["rayjob.yaml"][0]
+    from orchestrator.remote import entrypoint
+
+    # the same entrypoint as `rayft submit`, the same runtime_env as the shared file
+    assert rayjob["spec"]["entrypoint"].split(" /config/job.yaml ")[0] == entrypoint("X").split(" job.yaml ")[0]
+    assert yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"]) == runtime_env
+    # one image everywhere, and the one Dockerfile builds it
+    k8s = [raycluster["spec"], rayjob["spec"]["rayClusterSpec"]]
+    containers = [c for spec in k8s for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]] for c in group["template"]["spec"]["containers"]]
+    images = {c["image"] for c in containers} | {launcher["docker"]["image"]}
+    assert len(images) == 1 and "FROM rayproject/ray:2.60.0" in (REPO / "cluster" / "Dockerfile").read_text()
+    # token auth on every node, never a literal token
+    for c in containers:
+        env = {e["name"]: e for e in c["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+    assert all("RAY_AUTH_MODE=token" in cmd for cmd in launcher["head_start_ray_commands"][1:] + launcher["worker_start_ray_commands"][1:])
+    # ports: GCS 6379 and the Jobs API 8265; one GPU per worker, none on the head
+    for spec in k8s:
+        ports = {p["containerPort"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+        assert ports == {6379, 8265}
+        worker = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert "--port=6379" in launcher["head_start_ray_commands"][1] and "--dashboard-port=8265" in launcher["head_start_ray_commands"][1]
+    assert launcher["available_node_types"]["gpu_workers"]["resources"]["GPU"] == 1
+    assert launcher["available_node_types"]["head"]["resources"]["CPU"] == 0
