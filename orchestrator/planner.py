@@ -16,11 +16,12 @@ The model, per worker:
   activations  what autograd saves, per token and layer, from the layer's widths (SDPA attention, no
                attention matrix): decoder 6h + 3q + 2kv + 4i elements (RMSNorms keep an fp32 input, SwiGLU
                four i-wide tensors), ViT 11h + 2i; logits 10 B per vocabulary entry; LoRA dropout adds a
-               copy + mask of each adapted input. Gradient checkpointing keeps each layer's input and one
+               copy + mask of each adapted input (a 1-byte mask on CUDA, fp32 on CPU). Gradient checkpointing keeps each layer's input and one
                layer's activations. A frozen vision tower saves nothing. Full fine-tuning under autocast also
                keeps a 16-bit copy of every weight until backward.
   overhead     GPU: CUDA context and workspaces, plus allocator slack; CPU worker: the Python/torch/Ray
-               runtime (measured). DeepSpeed adds its gradient reduce bucket.
+               runtime (measured). DeepSpeed adds its gradient reduce bucket, ZeRO-3 the gathered weights
+               of the block running and the one prefetched.
 
 Parameter counts are generated from config.json as transformers names the modules, so the LoRA target
 regex of orchestrator/architectures.py selects exactly the Linears peft would adapt.
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from orchestrator import architectures
-from orchestrator.config import JobConfig, apply_overrides, gpu_present
+from orchestrator.config import JobConfig, _flatten, apply_overrides, gpu_present
 
 GiB = 2**30
 Device = Literal["gpu", "cpu"]
@@ -234,6 +235,15 @@ class Stack:
     intermediate: int
     layers: int
     gated_mlp: bool
+
+    def layer_params(self) -> int:
+        """Weights of one block's projections (what ZeRO-3 gathers to run it)."""
+        mlp = 3 if self.gated_mlp else 2
+        return (
+            2 * self.hidden * self.q_dim
+            + 2 * self.hidden * self.kv_dim
+            + mlp * self.hidden * self.intermediate
+        )
 
     def layer_elements(self) -> int:
         """Activation elements (16-bit) one layer saves for backward, per token."""
@@ -606,15 +616,20 @@ def plan(
 
     activations = _activations(job, shape, precision_bytes)
     if adapters and job.lora.dropout > 0:
-        activations += _lora_dropout_bytes(job, shape, precision_bytes)
+        # CUDA's fused dropout keeps a 1-byte mask; the CPU kernel a mask in the input's (the adapter's) dtype
+        mask = 1 if device == "gpu" else trainable_bytes
+        activations += _lora_dropout_bytes(job, shape, precision_bytes + mask)
     if job.method == "full" and ds is None and job.precision != "fp32":
         activations += 2 * sum(t.numel for t in shape.tensors if t.linear)  # autocast's 16-bit weight copies
 
     tensors = weights + gradients + optimizer + activations
     overhead = CUDA_CONTEXT + int(ALLOCATOR_SLACK * tensors) if device == "gpu" else CPU_RUNTIME
     if ds is not None:
-        bucket = ds.overrides.get("zero_optimization", {}).get("reduce_bucket_size", DS_REDUCE_BUCKET)
+        bucket = _flatten(ds.overrides).get("zero_optimization.reduce_bucket_size", DS_REDUCE_BUCKET)
         overhead += min(int(bucket), trainable) * precision_bytes
+    if stage == 3:  # the gathered parameters of the block running and the one prefetched
+        largest = max(shape.text.layer_params(), shape.vocab * shape.text.hidden)
+        overhead += 2 * largest * precision_bytes
     return Plan(
         label,
         device,
@@ -657,10 +672,11 @@ def _vision_trains(job: JobConfig, shape: ModelShape) -> bool:
     return job.lora.train_vision
 
 
-def _lora_dropout_bytes(job: JobConfig, shape: ModelShape, element: int) -> int:
-    """peft's dropout on each adapted input: a copy of the input plus a 1-byte mask, per token."""
+def _lora_dropout_bytes(job: JobConfig, shape: ModelShape, per_element: int) -> int:
+    """peft's dropout on each adapted input: a copy of the input (what the adapter's matmul saves) plus the
+    dropout mask; per_element is the two together."""
     targets = lora_targets(job, shape)
-    per_token = sum(t.linear[0] * (element + 1) for t in targets if t.linear)
+    per_token = sum(t.linear[0] * per_element for t in targets if t.linear)
     layers = shape.text.layers + (shape.vision.layers if shape.vision and job.lora.train_vision else 0)
     if job.train.gradient_checkpointing:
         per_token //= max(1, layers)
@@ -780,6 +796,8 @@ class Budget:
     source: str
     per_worker: bool = False
     """memory is already per worker (an explicit limit); otherwise CPU host memory is split among workers."""
+    host: int | None = None
+    """GPU runs: host memory available on the node, for what CPU offload moves there (None: not checked)."""
 
     def for_workers(self, workers: int) -> int | None:
         if self.memory is None or self.device == "gpu" or self.per_worker:
@@ -789,6 +807,8 @@ class Budget:
 
 def fits(p: Plan, budget: Budget) -> bool:
     available = budget.for_workers(p.workers)
+    if budget.device == "gpu" and budget.host is not None and p.offloaded * p.workers > budget.host:
+        return False  # CPU offload needs the host memory too
     return available is None or p.total <= available
 
 
@@ -880,6 +900,7 @@ def budget_for(job: JobConfig, limit: int | None = None, concurrent: int = 1) ->
             "gpu",
             found[1] if found else None,
             "nvidia-smi memory.total" if found else "unknown (nvidia-smi gave no memory)",
+            host=host_available(),
         )
     host = host_available()
     if host is None:
@@ -914,13 +935,15 @@ def check(job: JobConfig, budget: Budget) -> Verdict:
     if available is None:
         return Verdict(True, f"memory planner: memory available is {budget.source}; fit check skipped")
     p = plan(job, shape, budget.device)
-    if p.total <= available:
+    if fits(p, budget):
         return Verdict(True, "", p)
     where = "per GPU" if budget.device == "gpu" else "per CPU worker"
     message = (
         f"predicted {p.total / GiB:.2f} GiB {where} ({describe(job)}), {available / GiB:.2f} GiB available "
         f"({budget.source}{_split(budget, job.scaling.workers)})"
     )
+    if p.total <= available:  # the device fits; the host memory CPU offload needs does not
+        message += f"; CPU offload needs {p.offloaded * p.workers / GiB:.2f} GiB of host memory, {(budget.host or 0) / GiB:.2f} GiB available"
     fix = recommend(job, shape, budget)
     if fix is None:
         message += "; no configuration rayft knows fits: use a larger device or more workers"

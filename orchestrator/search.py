@@ -295,7 +295,7 @@ def write_report(search_dir: Path, summary: dict[str, Any]) -> str:
         mark = " (best)" if summary["best"] and t["trial"] == summary["best"]["trial"] else ""
         metric = "" if t["best_metric"] is None else f"{t['best_metric']:.4f}"
         rows.append([t["trial"] + mark, *[_fmt(t["overrides"].get(k)) for k in keys], t["status"] + (f": {t['reason']}" if t["reason"] else ""),
-                     metric, t["best_step"] or "", f"{t['steps']}/{t['total_steps']}", t["wall_s"] or ""])
+                     metric, t["best_step"] or "", f"{t['steps']}/{t['total_steps']}" if t["total_steps"] else "", t["wall_s"] or ""])
     with (search_dir / "results.csv").open("w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"

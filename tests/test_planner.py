@@ -3,6 +3,7 @@ that `rayft train` / `rayft tune` run before anything launches."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from conftest import RAYFT
 
 from orchestrator import planner, tinymodels
 from orchestrator.cli import main
-from orchestrator.config import build_job
+from orchestrator.config import apply_overrides, build_job
 
 GB = 10**9
 
@@ -263,6 +264,45 @@ def test_tune_refuses_a_search_no_trial_of_which_fits(world, tmp_path):
         and "GiB available (--memory-limit)" in result.output
     )
     assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_a_trial_predicted_not_to_fit_is_recorded_as_skipped(world, tmp_path):
+    """The seam between Ray Tune and the planner (orchestrator.search.trial_fits, called by every trial
+    before it launches workers) and the results table it feeds."""
+    from orchestrator import search
+    from orchestrator.config import to_yaml
+
+    path = fit_job(world, tmp_path)
+    body = yaml.safe_load(path.read_text())
+    body["tune"] = {"space": {"lora.rank": {"grid": [4, 1024]}}}
+    job, _ = build_job(body, local_files=False)
+    search_dir = tmp_path / "search"
+    trials = {"small": {"lora.rank": 4}, "big": {"lora.rank": 1024}}
+    jobs = {
+        name: build_job(apply_overrides(body, {"method": "lora", **overrides}), local_files=False)[0]
+        for name, overrides in trials.items()
+    }
+    totals = {
+        name: planner.plan(trial, planner.load_shape(trial.model), "cpu").total
+        for name, trial in jobs.items()
+    }
+    budget = planner.Budget("cpu", (totals["small"] + totals["big"]) // 2, "test", per_worker=True)
+    for name, overrides in trials.items():
+        trial_dir = search_dir / "trials" / name
+        trial_dir.mkdir(parents=True)
+        (trial_dir / "overrides.json").write_text(json.dumps(overrides))
+        assert search.trial_fits(jobs[name], trial_dir, budget) == (name == "small")
+    (search_dir / "tune.yaml").write_text(to_yaml(job))
+    summary = search.summarize(search_dir)
+    status = {t["trial"]: (t["status"], t["reason"]) for t in summary["trials"]}
+    assert (
+        status["big"][0] == "skipped"
+        and "predicted" in status["big"][1]
+        and "GiB available" in status["big"][1]
+    )
+    assert status["small"][0] != "skipped"
+    table = search.write_report(search_dir, summary)
+    assert "| skipped: predicted" in table
 
 
 def test_sizes_parse():
