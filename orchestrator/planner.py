@@ -15,7 +15,7 @@ The model, per worker:
                CPU offload moves optimizer state (and at stage 3 the weights) to host memory.
   activations  what autograd saves, per token and layer, from the layer's widths (SDPA attention, no
                attention matrix): decoder 6h + 3q + 2kv + 4i elements (RMSNorms keep an fp32 input, SwiGLU
-               four i-wide tensors), ViT 11h + 2i; logits 10 B per vocabulary entry; LoRA dropout adds a
+               four i-wide tensors), ViT 11h + 2i; logits 10 B per vocabulary entry (16-bit); LoRA dropout adds a
                copy + mask of each adapted input (a 1-byte mask on CUDA, fp32 on CPU). Gradient checkpointing keeps each layer's input and one
                layer's activations. A frozen vision tower saves nothing. Full fine-tuning under autocast also
                keeps a 16-bit copy of every weight until backward.
@@ -49,163 +49,60 @@ QUANT_BLOCK = 64  # bitsandbytes 4-bit block size
 NESTED_BLOCK = 256  # double quantization: absmax blocks per fp32 scale
 CUDA_CONTEXT = int(0.5 * GiB)  # CUDA context, cuBLAS/NCCL workspaces (not seen by the caching allocator)
 ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, as a share of the tensors
-CPU_RUNTIME = int(
-    1.0 * GiB
-)  # Python + torch + transformers + Ray in one worker (bench/planner_calibration.py)
+# Python + torch + transformers + Ray in one CPU worker (bench/planner_calibration.py)
+CPU_RUNTIME = int(1.0 * GiB)
 DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
-LOGIT_BYTES = 10  # per vocabulary entry and token: 16-bit logits, their fp32 upcast and log-softmax
 
 # `--model 7B`: Llama-shaped configs for nominal sizes (the published configs of these checkpoints).
+# fmt: off
+_LLAMA = {"model_type": "llama"}
 SIZES: dict[str, dict[str, Any]] = {
-    "1B": {
-        "model_type": "llama",
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-        "tie_word_embeddings": True,
-    },
-    "3B": {
-        "model_type": "llama",
-        "hidden_size": 3072,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 24,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-        "tie_word_embeddings": True,
-    },
-    "7B": {
-        "model_type": "llama",
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "vocab_size": 32000,
-    },
-    "8B": {
-        "model_type": "llama",
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-    },
-    "13B": {
-        "model_type": "llama",
-        "hidden_size": 5120,
-        "intermediate_size": 13824,
-        "num_hidden_layers": 40,
-        "num_attention_heads": 40,
-        "num_key_value_heads": 40,
-        "vocab_size": 32000,
-    },
-    "70B": {
-        "model_type": "llama",
-        "hidden_size": 8192,
-        "intermediate_size": 28672,
-        "num_hidden_layers": 80,
-        "num_attention_heads": 64,
-        "num_key_value_heads": 8,
-        "vocab_size": 32000,
-    },
+    "1B": {**_LLAMA, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True},
+    "3B": {**_LLAMA, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
+           "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True},
+    "7B": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 32, "vocab_size": 32000},
+    "8B": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 128256},
+    "13B": {**_LLAMA, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
+            "num_key_value_heads": 40, "vocab_size": 32000},
+    "70B": {**_LLAMA, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+            "num_key_value_heads": 8, "vocab_size": 32000},
 }
-SIZE_NAMES = {
-    "1B": "Llama-3.2-1B",
-    "3B": "Llama-3.2-3B",
-    "7B": "Llama-2-7B",
-    "8B": "Llama-3-8B",
-    "13B": "Llama-2-13B",
-    "70B": "Llama-2-70B",
-}
+SIZE_NAMES = {"1B": "Llama-3.2-1B", "3B": "Llama-3.2-3B", "7B": "Llama-2-7B", "8B": "Llama-3-8B", "13B": "Llama-2-13B", "70B": "Llama-2-70B"}
 
 # transformers' defaults for the keys a config.json may leave out, by (sub-)config model_type.
 _TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": {
-        "vocab_size": 32000,
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "tie_word_embeddings": False,
-    },
-    "mistral": {
-        "vocab_size": 32000,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "tie_word_embeddings": False,
-    },
-    "qwen2": {
-        "vocab_size": 151936,
-        "hidden_size": 4096,
-        "intermediate_size": 22016,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "tie_word_embeddings": False,
-    },
-    "gemma": {
-        "vocab_size": 256000,
-        "hidden_size": 3072,
-        "intermediate_size": 24576,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 16,
-        "head_dim": 256,
-        "tie_word_embeddings": True,
-    },
-    "qwen2_vl_text": {
-        "vocab_size": 152064,
-        "hidden_size": 8192,
-        "intermediate_size": 29568,
-        "num_hidden_layers": 80,
-        "num_attention_heads": 64,
-        "num_key_value_heads": 8,
-        "tie_word_embeddings": False,
-    },
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "tie_word_embeddings": False},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "tie_word_embeddings": False},
+    "gemma": {"vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
+              "num_attention_heads": 16, "head_dim": 256, "tie_word_embeddings": True},
+    "qwen2_vl_text": {"vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
+                      "num_attention_heads": 64, "num_key_value_heads": 8, "tie_word_embeddings": False},
 }
 _TEXT_DEFAULTS["qwen2_5_vl_text"] = _TEXT_DEFAULTS["qwen2_vl_text"]
 _QKV_BIAS = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")  # Qwen: biases on q, k, v (not o)
 _VISION_DEFAULTS: dict[str, dict[str, Any]] = {
-    "clip_vision_model": {
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "image_size": 224,
-        "patch_size": 32,
-    },
-    "siglip_vision_model": {
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "image_size": 224,
-        "patch_size": 16,
-    },
-    "idefics3_vision": {
-        "hidden_size": 1152,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "image_size": 224,
-        "patch_size": 32,
-    },
+    "clip_vision_model": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "image_size": 224, "patch_size": 32},
+    "siglip_vision_model": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "image_size": 224, "patch_size": 16},
+    "idefics3_vision": {"hidden_size": 1152, "intermediate_size": 3072, "num_hidden_layers": 12, "image_size": 224, "patch_size": 32},
     "qwen2_vl": {"depth": 32, "embed_dim": 1280, "hidden_size": 3584, "mlp_ratio": 4, "patch_size": 14},
-    "qwen2_5_vl": {
-        "depth": 32,
-        "hidden_size": 3584,
-        "intermediate_size": 3420,
-        "out_hidden_size": 3584,
-        "patch_size": 14,
-    },
+    "qwen2_5_vl": {"depth": 32, "hidden_size": 3584, "intermediate_size": 3420, "out_hidden_size": 3584, "patch_size": 14},
 }
+# fmt: on
 
 
 class PlanError(ValueError):
     """The planner cannot model this model (unknown architecture, no config.json, unknown size)."""
+
+
+class DoesNotFit(RuntimeError):
+    """A search none of whose trials is predicted to fit (the message says why and what would)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -589,9 +486,8 @@ def plan(
                 if quantized
                 else t.numel * precision_bytes
             )
-        trainable_bytes = (
-            4 if ds is None else precision_bytes
-        )  # peft keeps adapters fp32; DeepSpeed casts them
+        # peft keeps adapters in fp32; DeepSpeed casts them to the run's precision
+        trainable_bytes = 4 if ds is None else precision_bytes
         weights += trainable * trainable_bytes
 
     gradients = trainable * trainable_bytes
@@ -648,7 +544,7 @@ def plan(
 
 def _activations(job: JobConfig, shape: ModelShape, element: int) -> int:
     tokens = job.train.micro_batch_size * job.data.max_length
-    logits = tokens * shape.vocab * (LOGIT_BYTES if element == 2 else 12)
+    logits = tokens * shape.vocab * (element + 8)  # the logits, their fp32 upcast for the loss, log-softmax
     total = logits + _stack_bytes(shape.text, tokens, element, job.train.gradient_checkpointing)
     if shape.vision is not None and _vision_trains(job, shape):
         per_image = shape.image_tokens or shape.patches_per_token * job.data.max_length
@@ -735,8 +631,9 @@ _FULL = {"method": "full", "quantization.type": "none"}
 _ADAPTERS = {"deepspeed": None, "freeze": []}
 
 
-def alternatives(job: JobConfig, gpus: int) -> list[tuple[str, dict[str, Any]]]:
-    """The configurations `rayft plan` compares: (label, overrides of the job)."""
+def alternatives(gpus: int) -> list[dict[str, Any]]:
+    """What `rayft plan` compares the job with, as overrides of the job: full fine-tuning, full + ZeRO-3
+    over `gpus` workers (also with CPU offload), LoRA, QLoRA NF4."""
     zero3 = {
         **_FULL,
         "deepspeed.stage": 3,
@@ -745,14 +642,11 @@ def alternatives(job: JobConfig, gpus: int) -> list[tuple[str, dict[str, Any]]]:
         "scaling.workers": gpus,
     }
     return [
-        ("full", {**_FULL, "deepspeed": None}),
-        (f"full + ZeRO-3 over {gpus}", zero3),
-        (
-            f"full + ZeRO-3 over {gpus} + CPU offload",
-            {**zero3, "deepspeed.offload_optimizer": "cpu", "deepspeed.offload_params": "cpu"},
-        ),
-        ("lora", {"method": "lora", "quantization.type": "none", **_ADAPTERS}),
-        ("qlora nf4", {"method": "qlora", "quantization.type": "nf4", **_ADAPTERS}),
+        {**_FULL, "deepspeed": None},
+        zero3,
+        {**zero3, "deepspeed.offload_optimizer": "cpu", "deepspeed.offload_params": "cpu"},
+        {"method": "lora", "quantization.type": "none", **_ADAPTERS},
+        {"method": "qlora", "quantization.type": "nf4", **_ADAPTERS},
     ]
 
 
@@ -972,7 +866,7 @@ class Comparison:
 def compare(job: JobConfig, shape: ModelShape, budget: Budget, gpus: int | None = None) -> Comparison:
     gpus = gpus or job.scaling.workers
     rows = [plan(job, shape, budget.device, f"job: {describe(job)}")]
-    for _, overrides in alternatives(job, gpus):
+    for overrides in alternatives(gpus):
         changes = _changes(job, overrides)
         if changes:
             variant = _variant(job, changes)
@@ -1087,7 +981,3 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}" if unit == "B" else f"{n / size:.1f}{unit}"
     return str(n)
-
-
-class DoesNotFit(RuntimeError):
-    """A search none of whose trials is predicted to fit (the message says why and what would)."""

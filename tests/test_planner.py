@@ -311,3 +311,33 @@ def test_sizes_parse():
     assert planner.parse_size("1.5mib") == int(1.5 * 2**20)
     with pytest.raises(ValueError):
         planner.parse_size("24")
+
+
+# Published config.json files as they are on the hub: sparse (keys left at transformers' defaults) and, for
+# Qwen2-VL, the flat legacy layout (text keys at the top level).
+LLAVA_15_7B = {
+    "model_type": "llava", "image_token_index": 32000, "pad_token_id": 32001, "projector_hidden_act": "gelu",
+    "text_config": {"max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05, "vocab_size": 32064},
+    "tie_word_embeddings": False, "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "model_type": "clip_vision_model",
+                      "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768},
+}  # fmt: skip
+QWEN2_VL_2B = {
+    "model_type": "qwen2_vl", "hidden_size": 1536, "intermediate_size": 8960, "num_attention_heads": 12,
+    "num_hidden_layers": 28, "num_key_value_heads": 2, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+    "vocab_size": 151936, "image_token_id": 151655, "video_token_id": 151656,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3, "hidden_size": 1536,
+                      "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("config", [LLAVA_15_7B, QWEN2_VL_2B], ids=["llava-1.5-7b", "qwen2-vl-2b"])
+def test_counts_of_published_configs_equal_transformers(config):
+    """Billions of parameters, counted on the meta device (no memory) against the planner's config.json count."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**config))
+    assert planner.shape_from_config(config).total_params == sum(p.numel() for p in model.parameters())
