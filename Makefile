@@ -34,6 +34,7 @@ bench: setup
 	test -d quickstart/base || $(VENV)/bin/rayft quickstart ./quickstart
 	scripts/netns.sh $(PY) bench/methods.py ./quickstart
 	scripts/netns.sh $(PY) bench/zero_memory.py
+	scripts/netns.sh $(PY) bench/planner_calibration.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

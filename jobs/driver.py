@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import JobConfig
+
+if TYPE_CHECKING:
+    from orchestrator.planner import Budget
 
 CHECKPOINTS = "checkpoints"
 
@@ -59,13 +62,17 @@ def fit(job: JobConfig, run_dir: Path, resources: Resources) -> Any:
     return build_trainer(job, run_dir, resources).fit()
 
 
-def tune_trial(overrides: dict[str, Any], base: dict[str, Any], search_dir: str, resources: Resources, keep_best: str) -> None:
+def tune_trial(
+    overrides: dict[str, Any], base: dict[str, Any], search_dir: str, resources: Resources, keep_best: str, budget: Budget | None = None
+) -> None:
     """One Ray Tune trial: the job with the trial's dotted overrides applied by the same function as --set,
-    trained by the same TorchTrainer as `rayft train`, its reports forwarded to Tune (ASHA decides on them)."""
+    trained by the same TorchTrainer as `rayft train`, its reports forwarded to Tune (ASHA decides on them).
+    budget (planner.Budget): a trial predicted not to fit in it is recorded as skipped and never launched."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.config import apply_overrides, build_job, to_yaml
+    from orchestrator.search import trial_fits
 
     job, _ = build_job(apply_overrides(base, overrides))
     trial_dir = Path(search_dir) / "trials" / ray.tune.get_context().get_trial_name()
@@ -73,6 +80,8 @@ def tune_trial(overrides: dict[str, Any], base: dict[str, Any], search_dir: str,
     (trial_dir / "job.yaml").write_text(to_yaml(job))
     (trial_dir / "overrides.json").write_text(json.dumps(overrides))
     (trial_dir / "error.txt").unlink(missing_ok=True)  # a restored trial starts clean (an interrupt may have left one)
+    if not trial_fits(job, trial_dir, budget):
+        return
     trainer = build_trainer(job, trial_dir, resources, callbacks=[TuneReportCallback()], keep_best=keep_best)
     try:
         trainer.fit()

@@ -134,6 +134,25 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
+def parameter_bytes(model: Any) -> int:
+    """Bytes the parameters occupy as stored: 4-bit weights packed, plus their quantization state (absmax,
+    code tables, and the nested state of double quantization), each tensor counted once."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        tensors = [p]
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            tensors += [state.absmax, state.code]
+            if state.nested:
+                tensors += [state.offset, state.state2.absmax, state.state2.code]
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
     """The weights a checkpoint must hold: adapters for lora/qlora, every weight for full."""
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}

@@ -40,6 +40,32 @@ def _load(job_file: str, sets: tuple[str, ...]) -> JobConfig:
     return job
 
 
+def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from orchestrator.planner import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _fit_check(job: JobConfig, memory_limit: int | None) -> None:
+    """Refuse (exit 2) a job the memory planner predicts will not fit, naming the cheapest change that would."""
+    from orchestrator import planner
+
+    verdict = planner.check(job, planner.budget_for(job, memory_limit))
+    if not verdict.fits:
+        _fail(f"the job is predicted not to fit: {verdict.message}\n(--no-fit-check launches it anyway)", 2)
+    if verdict.message:
+        click.echo(f"warning: {verdict.message}", err=True)
+
+
+FIT_HELP = "Launch even when the memory planner predicts the job will not fit."
+LIMIT_HELP = "Memory per worker for the fit check (e.g. 24GiB); default: the GPU's memory, or host MemAvailable / workers."
+
+
 def _print_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
@@ -76,13 +102,19 @@ def validate(job_file: str, sets: tuple[str, ...], as_json: bool) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue RUN_DIR from its last checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
+@click.option("--no-fit-check", is_flag=True, help=FIT_HELP)
+@click.option("--memory-limit", metavar="SIZE", callback=_size_option, help=LIMIT_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
-def train(job_file: str, sets: tuple[str, ...], resume: Path | None, no_progress: bool, as_json: bool) -> None:
+def train(
+    job_file: str, sets: tuple[str, ...], resume: Path | None, no_progress: bool, no_fit_check: bool, memory_limit: int | None, as_json: bool
+) -> None:
     """Run one fine-tuning job; prints the run directory and the merged model's path."""
     from jobs.data import DataError
     from orchestrator import launch
 
     job = _load(job_file, sets)
+    if not no_fit_check:
+        _fit_check(job, memory_limit)
     try:
         outcome = launch.train(job, resume=resume, progress=not no_progress)
     except DataError as e:
@@ -105,10 +137,12 @@ def train(job_file: str, sets: tuple[str, ...], resume: Path | None, no_progress
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--resume", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Continue an interrupted search.")
+@click.option("--no-fit-check", is_flag=True, help=FIT_HELP + " (Otherwise trials predicted not to fit are skipped.)")
+@click.option("--memory-limit", metavar="SIZE", callback=_size_option, help=LIMIT_HELP)
 @click.option("--json", "as_json", is_flag=True)
-def tune(job_file: str, sets: tuple[str, ...], resume: Path | None, as_json: bool) -> None:
+def tune(job_file: str, sets: tuple[str, ...], resume: Path | None, no_fit_check: bool, memory_limit: int | None, as_json: bool) -> None:
     """Ray Tune search over the job's tune: space; exports the best trial's merged model."""
-    from orchestrator import launch, search
+    from orchestrator import launch, planner, search
     from orchestrator.config import load_search
 
     try:
@@ -118,7 +152,9 @@ def tune(job_file: str, sets: tuple[str, ...], resume: Path | None, as_json: boo
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
     try:
-        summary = search.run(job, base, resume=resume, stream=sys.stdout)
+        summary = search.run(job, base, resume=resume, stream=sys.stdout, fit_check=not no_fit_check, memory_limit=memory_limit)
+    except planner.DoesNotFit as e:
+        _fail(f"{e}\n(--no-fit-check launches it anyway)", 2)
     except KeyboardInterrupt:
         _fail("interrupted; continue with: rayft tune JOB --resume SEARCH_DIR", 130)
     except launch.RunFailed as e:
@@ -132,6 +168,46 @@ def tune(job_file: str, sets: tuple[str, ...], resume: Path | None, as_json: boo
     click.echo(f"best trial: {best['trial']} {summary['metric']}={best['best_metric']:.4f} at step {best['best_step']} {best['overrides']}")
     click.echo(f"best model: {summary['best_model']}")
     click.echo(f"wall time: {summary['wall_s']}s")
+
+
+@main.command()
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--model", metavar="DIR_OR_SIZE", help="Plan a model directory or a nominal size (7B) with the schema's defaults, instead of a job.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--gpu-mem", metavar="SIZE", callback=_size_option, help="Plan for GPUs of this memory (e.g. 24GiB); default: nvidia-smi's, or host memory per CPU worker.")
+@click.option("--gpus", type=click.IntRange(min=1), help="Workers for the ZeRO-3 alternatives (default: the job's scaling.workers).")
+@click.option("--units", type=click.Choice(["GiB", "GB", "MiB"]), default="GiB", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def plan(
+    job_file: str | None, model: str | None, sets: tuple[str, ...], gpu_mem: int | None, gpus: int | None, units: str, as_json: bool
+) -> None:
+    """Predicted memory per GPU (or CPU worker) for a job and its alternatives; recommends what fits."""
+    from orchestrator import planner
+
+    if (job_file is None) == (model is None):
+        _fail("give a job file or --model DIR_OR_SIZE (not both)", 2)
+    try:
+        if job_file:
+            job, _ = load_job(job_file, sets, local_files=False)
+        else:
+            job, _ = build_job({"model": model, "data": {"train": "(none).jsonl"}}, sets, local_files=False)
+    except ConfigError as e:
+        _config_problems(e)
+    try:
+        shape = planner.load_shape(job.model)
+    except planner.PlanError as e:
+        _fail(f"cannot plan: {e}", 2)
+    budget = planner.Budget("gpu", gpu_mem, "--gpu-mem", per_worker=True) if gpu_mem else planner.budget_for(job)
+    if budget.device == "cpu" and not gpu_mem:
+        click.echo("no GPU found: planning per CPU worker (--gpu-mem 24GiB plans for a GPU)", err=True)
+    comparison = planner.compare(job, shape, budget, gpus)
+    if as_json:
+        rec = comparison.recommended
+        _print_json({"model": shape.name, "total_params": shape.total_params, "device": budget.device,
+                     "available": budget.for_workers(job.scaling.workers), "rows": [p.as_dict() for p in comparison.rows],
+                     "recommended": rec.as_dict() if rec else None})
+        return
+    click.echo(planner.render(comparison, units))
 
 
 @main.command()

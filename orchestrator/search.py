@@ -5,7 +5,8 @@ A search directory:
     tune.yaml            the resolved job (with its tune: section)
     tuner/               Ray Tune's experiment state (what --resume restores)
     trials/<trial>/      one run directory per trial (job.yaml, overrides.json, metrics.jsonl, checkpoints/)
-    results.csv / .md    one row per trial: overrides, status, best metric, steps, wall time
+    results.csv / .md    one row per trial: overrides, status (finished / stopped early / failed / skipped, with the
+                         reason), best metric, steps, wall time
     metrics.png          every trial's eval metric over steps; early-stopped trials dashed, the winner thick
     best/                model/ (merged standalone) + manifest.json listing every trial
 """
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import time
 from pathlib import Path
 from typing import IO, Any
 
+from orchestrator import planner
 from orchestrator.config import JobConfig, TuneConfig, apply_overrides, build_job, load_raw, to_yaml
 from orchestrator.launch import (
     RunFailed,
@@ -32,6 +35,7 @@ from orchestrator.launch import (
 
 TUNER_DIR = "tuner"
 TUNE_STATUS = "tune_status.json"  # trial directory name under tuner/ -> "ok" | "error", as Tune saw it
+SKIPPED = "skipped.txt"  # in a trial directory: the trial was predicted not to fit, and why
 
 
 def param_space(tune: TuneConfig) -> dict[str, Any]:
@@ -70,7 +74,53 @@ def trial_settings(job: JobConfig) -> dict[str, Any]:
     return {"train.checkpoint_every": job.train.eval_every, "scaling.cpus_per_worker": resources_for(job).cpus_per_worker}
 
 
-def run(job: JobConfig, base: dict[str, Any], *, search_dir: Path | None = None, resume: Path | None = None, stream: IO[str]) -> dict[str, Any]:
+def space_corners(tune: TuneConfig) -> list[dict[str, Any]]:
+    """Every combination of the values each dimension can take (choice and grid values, both bounds of a
+    range): what the fit check looks at before a search starts."""
+    keys = list(tune.space)
+    values = [tune.space[k].values_to_check() for k in keys]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
+
+
+def fit_budget(job: JobConfig, base: dict[str, Any], memory_limit: int | None, *, check_space: bool) -> planner.Budget:
+    """The memory each trial's workers may use (host memory is shared by the trials that run at once).
+    check_space: refuse the search (DoesNotFit) when no combination of the space is predicted to fit;
+    the trials that do not fit are skipped one by one when they come up (`trial_fits`)."""
+    tune = job.tune
+    assert tune is not None
+    gpus = planner.gpu_memory()
+    budget = planner.budget_for(job, memory_limit, concurrent=concurrency(job, os.cpu_count() or 1, gpus[0] if gpus else 0))
+    if check_space:
+        verdicts = [planner.check(build_job(apply_overrides(base, corner))[0], budget) for corner in space_corners(tune)]
+        if verdicts and not any(v.fits for v in verdicts):
+            raise planner.DoesNotFit(f"no trial of the search is predicted to fit; e.g. {verdicts[0].message}")
+    return budget
+
+
+def trial_fits(job: JobConfig, trial_dir: Path, budget: planner.Budget | None) -> bool:
+    """The seam between Tune and the planner: a trial predicted not to fit is recorded as skipped (why, in
+    trial_dir/skipped.txt) instead of launching its workers."""
+    (trial_dir / SKIPPED).unlink(missing_ok=True)
+    if budget is None:
+        return True
+    verdict = planner.check(job, budget)
+    if not verdict.fits:
+        (trial_dir / SKIPPED).write_text(verdict.message)
+    return verdict.fits
+
+
+def run(
+    job: JobConfig,
+    base: dict[str, Any],
+    *,
+    search_dir: Path | None = None,
+    resume: Path | None = None,
+    stream: IO[str],
+    fit_check: bool = True,
+    memory_limit: int | None = None,
+) -> dict[str, Any]:
+    """fit_check: refuse a search none of whose trials is predicted to fit (planner.DoesNotFit), and skip
+    the trials predicted not to fit; memory_limit: bytes per worker to check against (default: detected)."""
     import ray
     from ray import tune as rt
 
@@ -78,6 +128,7 @@ def run(job: JobConfig, base: dict[str, Any], *, search_dir: Path | None = None,
 
     tune = job.tune
     assert tune is not None
+    budget = fit_budget(job, base, memory_limit, check_space=not resume) if fit_check else None
     if resume:
         search_dir = resume.resolve()
     else:
@@ -98,7 +149,9 @@ def run(job: JobConfig, base: dict[str, Any], *, search_dir: Path | None = None,
         try:
             started = ensure_local_ray(cores, dashboard=True)
             trainable = rt.with_resources(
-                rt.with_parameters(tune_trial, base=base, search_dir=str(search_dir), resources=resources, keep_best=f"{tune.metric}:{mode}"),
+                rt.with_parameters(
+                    tune_trial, base=base, search_dir=str(search_dir), resources=resources, keep_best=f"{tune.metric}:{mode}", budget=budget
+                ),
                 {"cpu": 0, "memory": 1},  # the trial only drives its TorchTrainer; the Train workers carry the CPUs
             )
             if resume:
@@ -176,7 +229,10 @@ def summarize(search_dir: Path) -> dict[str, Any]:
         if verdicts is not None:
             errored = any(v == "error" for k, v in verdicts.items() if k.startswith(trial_dir.name + "_"))
             error = error if errored else None
-        if any(r.get("event") == "end" for r in records):
+        skipped = (trial_dir / SKIPPED).read_text().strip() if (trial_dir / SKIPPED).is_file() else None
+        if skipped:
+            status, error = "skipped", "; ".join(line.strip() for line in skipped.splitlines())
+        elif any(r.get("event") == "end" for r in records):
             status = "finished"
         elif error:
             status = "failed"
@@ -226,7 +282,7 @@ def write_report(search_dir: Path, summary: dict[str, Any]) -> str:
         mark = " (best)" if summary["best"] and t["trial"] == summary["best"]["trial"] else ""
         metric = "" if t["best_metric"] is None else f"{t['best_metric']:.4f}"
         rows.append([t["trial"] + mark, *[_fmt(t["overrides"].get(k)) for k in keys], t["status"] + (f": {t['reason']}" if t["reason"] else ""),
-                     metric, t["best_step"] or "", f"{t['steps']}/{t['total_steps']}", t["wall_s"] or ""])
+                     metric, t["best_step"] or "", f"{t['steps']}/{t['total_steps']}" if t["total_steps"] else "", t["wall_s"] or ""])
     with (search_dir / "results.csv").open("w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
