@@ -263,6 +263,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             }
             window_loss, window_steps, window_tokens, window_samples = 0.0, 0, 0, 0
             metrics["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's peak
+            if device.type == "cuda":
+                metrics["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             if ds_config and not memory_logged:  # after the first step, when optimizer state exists
                 metrics.update(zero.memory_breakdown(model, world))
                 memory_logged = True
