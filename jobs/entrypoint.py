@@ -26,20 +26,20 @@ from orchestrator.remote import INPUTS_OK
 
 
 def upload(local: Path, uri: str) -> None:
+    """Copy the run directory to a pyarrow filesystem URI: everything but the model first, then model/,
+    then manifest.json (last: its presence means the model above it is complete). model.partial stays."""
     from pyarrow import fs
 
     target, root = fs.FileSystem.from_uri(uri)
-    target.create_dir(root, recursive=True)
-    names = [p.name for p in local.iterdir() if p.name not in ("model", "manifest.json", "model.partial")]
-    for name in [*names, "model", "manifest.json"]:
-        source = local / name
-        if not source.exists():
+    first = [p for p in local.iterdir() if p.name not in ("model", "manifest.json", "model.partial")]
+    for top in [*first, local / "model", local / "manifest.json"]:
+        if not top.exists():
             continue
-        if source.is_dir():
-            fs.copy_files(str(source), f"{root}/{name}", source_filesystem=fs.LocalFileSystem(), destination_filesystem=target)
-        else:
-            with source.open("rb") as src, target.open_output_stream(f"{root}/{name}") as dst:
-                shutil.copyfileobj(src, dst)
+        for source in [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()):
+            dest = f"{root}/{source.relative_to(local).as_posix()}"
+            target.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+            with source.open("rb") as src, target.open_output_stream(dest) as dst:
+                shutil.copyfileobj(src, dst, length=8 << 20)
 
 
 RELOCATED = "RAYFT_RELOCATED"

@@ -172,3 +172,21 @@ def test_cluster_files_agree():
     assert "--port=6379" in launcher["head_start_ray_commands"][1] and "--dashboard-port=8265" in launcher["head_start_ray_commands"][1]
     assert launcher["available_node_types"]["gpu_workers"]["resources"]["GPU"] == 1
     assert launcher["available_node_types"]["head"]["resources"]["CPU"] == 0
+
+
+def test_a_uri_run_directory_is_uploaded_whole(tmp_path):
+    from jobs.entrypoint import upload
+
+    local = tmp_path / "scratch" / "run-1"
+    (local / "model").mkdir(parents=True)
+    (local / "model" / "config.json").write_text("{}")
+    (local / "checkpoints" / "checkpoint_1").mkdir(parents=True)
+    (local / "checkpoints" / "checkpoint_1" / "weights.safetensors").write_bytes(b"w" * 1000)
+    (local / "manifest.json").write_text('{"ok": true}')
+    (local / "model.partial").mkdir()  # a leftover of an interrupted export is not uploaded
+    upload(local, f"file://{tmp_path}/bucket/prefix/run-1")
+    remote = tmp_path / "bucket" / "prefix" / "run-1"
+    assert (remote / "model" / "config.json").read_text() == "{}"
+    assert (remote / "checkpoints" / "checkpoint_1" / "weights.safetensors").stat().st_size == 1000
+    assert json.loads((remote / "manifest.json").read_text()) == {"ok": True}
+    assert not (remote / "model.partial").exists()
