@@ -35,6 +35,9 @@ bench: setup
 	scripts/netns.sh $(PY) bench/methods.py ./quickstart
 	scripts/netns.sh $(PY) bench/zero_memory.py
 	scripts/netns.sh $(PY) bench/planner_calibration.py
+	scripts/netns.sh $(PY) bench/asha_fifo.py ./quickstart
+	scripts/netns.sh $(PY) bench/cluster_submit.py ./quickstart
+	$(PY) bench/report.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
