@@ -87,15 +87,37 @@ def ensure_local_ray(num_cpus: int, dashboard: bool = False, connect: bool = Fal
     if connect:
         ray.init(address="auto", log_to_driver=True, logging_level="WARNING")
         return True
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
-        log_to_driver=True,
-        logging_level="WARNING",
-    )
+    # Ray processes that look the cluster up by themselves (Ray Train's PlacementGroupCleaner asks the State
+    # API) fail with "Found multiple active Ray instances" when another Ray runs on the machine, and then
+    # never release a stopped trial's placement group. So the GCS port is chosen here and every worker of
+    # this job is told it (RAY_ADDRESS in the job's runtime_env).
+    port = _free_port()
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+            logging_level="WARNING",
+            runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}},
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
     return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
