@@ -80,6 +80,9 @@ def to_device(batch: dict[str, Any], device: Any, float_dtype: Any = None) -> di
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
+    # Wall-clock stamps (time.time(): comparable with the driver's on one machine) for the start-up breakdown
+    # in the manifest: worker started -> data encoded -> model loaded -> first optimizer step done.
+    clock = {"worker_started": time.time()}
     import ray.train
     import ray.train.torch
     import torch
@@ -107,6 +110,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         eval_rows, _ = data_mod.encode_rows(job.data.eval, job.data, processor, with_image, list(range(rank, n_eval, world)))
         mbs = job.train.micro_batch_size
         eval_batches = [data_mod.collate(eval_rows[i : i + mbs], pad_id) for i in range(0, len(eval_rows), mbs)]
+    clock["data_encoded"] = time.time()
     per_epoch, total_steps = plan_steps(job, len(train_rows), world)
     warmup = int(job.train.warmup_ratio * total_steps)
     schedule = partial(lr_lambda, total=total_steps, warmup=warmup, schedule=job.train.schedule)
@@ -199,6 +203,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "ray_nodes": len(set(node_ids)),
             "device": str(device),
             "setup_s": round(time.time() - t_setup, 2),
+            "clock": {**clock, "model_loaded": time.time()},
         }
     )
     if start_step == 0 and eval_batches:  # the "before" number
@@ -210,7 +215,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     model.train()
     memory_logged = False
     window_loss, window_steps, window_tokens, window_samples, window_t0 = 0.0, 0, 0, 0, time.time()
+    steps_s = 0.0  # time in optimizer steps (forward, backward, update); evals, reports, checkpoints excluded
     for step in range(start_step, total_steps):
+        t_step = time.time()
         micro = micro_batches_for_step(step, len(train_rows), job, per_epoch, rank, world)
         step_loss = 0.0
         for k, rows in enumerate(micro):
@@ -241,6 +248,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"train loss is {step_loss} at step {step + 1}; lower train.lr or use precision: bf16")
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        t_done = time.time()
+        steps_s += t_done - t_step
+        if step == start_step:
+            log({"event": "first_step", "step": step + 1, "step_s": t_done - t_step, "time": t_done})
 
         done = step + 1
         is_last = done == total_steps
@@ -274,4 +285,4 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if do_eval or do_ckpt:
                 ray.train.report(metrics, checkpoint=save_checkpoint(done, metrics) if do_ckpt else None)
             window_t0 = time.time()
-    log({"event": "end", "step": total_steps})
+    log({"event": "end", "step": total_steps, "steps_s": steps_s, "time": time.time()})

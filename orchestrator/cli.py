@@ -116,7 +116,7 @@ def train(
     if not no_fit_check:
         _fit_check(job, memory_limit)
     try:
-        outcome = launch.train(job, resume=resume, progress=not no_progress)
+        outcome = launch.train(job, resume=resume, progress=not no_progress, started=launch.process_started())
     except DataError as e:
         _fail(f"bad data rows:\n{e}", 2)
     except launch.Interrupted as e:

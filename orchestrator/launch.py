@@ -5,6 +5,7 @@ progress display, the export and the manifest. Heavy imports stay inside functio
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -87,6 +88,10 @@ def ensure_local_ray(num_cpus: int, dashboard: bool = False, connect: bool = Fal
     if connect:
         ray.init(address="auto", log_to_driver=True, logging_level="WARNING")
         return True
+    # Ray Train's controller polls its workers every 2 s by default: fit() returns only after the poll that
+    # sees the workers done (4-5 s after the last step here), and a report waits while the previous one is
+    # still queued. On one machine a poll is cheap; 0.5 s cut that tail to ~1.6 s (bench/overhead.py).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # Ray processes that look the cluster up by themselves (Ray Train's PlacementGroupCleaner asks the State
     # API) fail with "Found multiple active Ray instances" when another Ray runs on the machine, and then
     # never release a stopped trial's placement group. So the GCS port is chosen here and every worker of
@@ -282,6 +287,62 @@ def export_run(job: JobConfig, run_dir: Path, checkpoint: Path, extra: dict[str,
     return RunOutcome(run_dir, model_dir, manifest)
 
 
+def process_started() -> float:
+    """When this process started, as a time.time() value (Linux: /proc; elsewhere: now)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+# Contiguous spans from the command's start to its end: (name, from stamp, to stamp). Driver stamps come from
+# train(); worker stamps from rank 0's records in metrics.jsonl (the same clock on one machine).
+SPANS = (
+    ("startup_s", "started", "train_called"),  # interpreter, imports, job file, fit check
+    ("preflight_s", "train_called", "ray_starting"),  # every data row checked, run directory
+    ("ray_init_s", "ray_starting", "ray_ready"),
+    ("trainer_build_s", "ray_ready", "trainer_built"),  # import ray.train + torch, TorchTrainer
+    ("worker_start_s", "trainer_built", "worker_started"),  # Ray Train controller, placement group, worker process
+    ("data_s", "worker_started", "data_encoded"),  # worker imports, processor, every row encoded
+    ("model_s", "data_encoded", "model_loaded"),  # base (4-bit) + adapters + optimizer (+ checkpoint restored)
+    ("initial_eval_s", "model_loaded", "first_step_started"),  # the step-0 eval ("before" accuracy)
+    ("first_step_s", "first_step_started", "first_step_done"),
+    ("training_s", "first_step_done", "worker_done"),  # the other steps, evals, checkpoints
+    ("fit_teardown_s", "worker_done", "fit_returned"),
+    ("export_s", "fit_returned", "exported"),  # merge, save, reload, parity check
+    ("ray_shutdown_s", "exported", "finished"),
+)
+
+
+def timeline(stamps: dict[str, float], records: list[dict[str, Any]]) -> dict[str, float]:
+    """Where the wall time of one run went: the SPANS, start -> first optimizer step, total wall, summed
+    optimizer-step time and the overhead (wall - step time) / wall. Uses the last attempt in the records."""
+    starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
+    attempt = records[starts[-1] :] if starts else []
+    stamps = dict(stamps)
+    steps_s = None
+    for r in attempt:
+        if r.get("event") == "start" and "clock" in r:
+            stamps.update(r["clock"])
+        elif r.get("event") == "first_step":
+            stamps.update(first_step_started=r["time"] - r["step_s"], first_step_done=r["time"])
+        elif r.get("event") == "end" and "time" in r:
+            stamps["worker_done"], steps_s = r["time"], r["steps_s"]
+    out = {name: round(stamps[b] - stamps[a], 3) for name, a, b in SPANS if a in stamps and b in stamps}
+    out["fit_s"] = round(stamps["fit_returned"] - stamps["ray_starting"], 3)  # Ray start + training
+    out["total_s"] = round(stamps["finished"] - stamps["train_called"], 3)  # train() itself
+    wall = stamps["finished"] - stamps["started"]
+    out["wall_s"] = round(wall, 3)  # the whole command
+    if "first_step_done" in stamps:
+        out["start_to_first_step_s"] = round(stamps["first_step_done"] - stamps["started"], 3)
+    if steps_s is not None:
+        out["steps_s"] = round(steps_s, 3)
+        out["overhead_pct"] = round(100 * (wall - steps_s) / wall, 2)
+    return out
+
+
 def preflight(job: JobConfig) -> dict[str, int]:
     """Every bad row of every data file, before Ray starts."""
     from jobs.data import DataError, check_rows
@@ -308,16 +369,17 @@ def train(
     progress: bool = True,
     run_dir: Path | None = None,
     connect: bool = False,
+    started: float | None = None,
 ) -> RunOutcome:
     """Run one job on an embedded local Ray, or (connect) on the cluster this process was submitted to.
-    run_dir: where the run directory goes (default <output>/<name>-<timestamp>)."""
-    from jobs.driver import fit
+    run_dir: where the run directory goes (default <output>/<name>-<timestamp>).
+    started: when the user's command started (time.time()); the manifest's timings count from it."""
+    from jobs.driver import build_trainer
 
     stream = stream or sys.stdout
-    timings: dict[str, float] = {}
     t0 = time.time()
+    stamps = {"started": started or t0, "train_called": t0}  # wall-clock moments for the manifest's timings
     preflight(job)
-    timings["preflight_s"] = time.time() - t0
     if resume:
         run_dir = resume.resolve()
         if not (run_dir / "job.yaml").is_file():
@@ -338,18 +400,26 @@ def train(
 
     started_ray = False
     with output_to(run_dir / "ray.log") as user_stream:
-        t1 = time.time()
+        stamps["ray_starting"] = time.time()
+        # The driver needs torch next (Ray Train's TorchTrainer imports it): importing it while ray.init waits
+        # for Ray's processes to come up hides most of that import. torch never imports ray, so the two
+        # threads do not contend for the same modules.
+        torch_import = threading.Thread(target=importlib.import_module, args=("torch",), daemon=True)
+        torch_import.start()
         try:
             started_ray = ensure_local_ray(max(os.cpu_count() or 1, resources.cpus_per_worker * job.scaling.workers), connect=connect)
-            timings["ray_init_s"] = time.time() - t1
+            stamps["ray_ready"] = time.time()
+            torch_import.join()
             with ProgressView(run_dir, user_stream, enabled=progress):
                 try:
-                    result = fit(job, run_dir, resources)
+                    trainer = build_trainer(job, run_dir, resources)
+                    stamps["trainer_built"] = time.time()
+                    result = trainer.fit()
                 except SystemExit:  # Ray Train's own SIGINT handler aborts the run and exits
                     raise KeyboardInterrupt from None
                 except Exception as e:  # Ray Train V2 raises the workers' error from fit()
                     raise RunFailed(f"training failed: {_root_message(e)}\n(logs: {run_dir / 'ray.log'})") from e
-            timings["fit_s"] = time.time() - t1
+            stamps["fit_returned"] = time.time()
             if result.error is not None:
                 raise RunFailed(f"training failed: {_root_message(result.error)}\n(logs: {run_dir / 'ray.log'})")
             if not finished(run_dir):  # aborted (Ctrl-C) without an error: never export a partial run
@@ -357,13 +427,12 @@ def train(
             checkpoint = Path(result.checkpoint.path) if result.checkpoint else latest_checkpoint(run_dir)
             if checkpoint is None:
                 raise RunFailed(f"training produced no checkpoint (run directory: {run_dir})")
-            t2 = time.time()
             try:
-                outcome = export_run(job, run_dir, checkpoint, {"timings": timings})
+                outcome = export_run(job, run_dir, checkpoint)
             except Exception as e:
                 traceback.print_exc()  # into ray.log
                 raise RunFailed(f"export failed: {e}\n(checkpoint kept: {checkpoint}; retry with: rayft merge {run_dir})") from e
-            timings["export_s"] = time.time() - t2
+            stamps["exported"] = time.time()
         except KeyboardInterrupt:
             started_ray = True
             raise Interrupted(f"interrupted; continue with: rayft train JOB --resume {run_dir}") from None
@@ -372,7 +441,7 @@ def train(
                 import ray
 
                 ray.shutdown()
-    timings["total_s"] = time.time() - t0
-    outcome.manifest["timings"] = timings
+    stamps["finished"] = time.time()
+    outcome.manifest["timings"] = timeline(stamps, read_metrics(run_dir))
     (run_dir / MANIFEST).write_text(json.dumps(outcome.manifest, indent=2))
     return outcome

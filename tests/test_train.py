@@ -95,6 +95,10 @@ def test_adapters_learn_and_export(quickstart_run, ray_local, tmp_path, method, 
     assert 0 < out.manifest["trainable_params"] < 0.25 * out.manifest["total_params"]
     records = [json.loads(x) for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["tokens_per_s"] > 0 for r in records if "tokens_per_s" in r)
+    # the manifest's timings: contiguous spans (driver and worker stamps) that add up to the wall time
+    t = out.manifest["timings"]
+    assert abs(sum(t[name] for name, _, _ in launch.SPANS) - t["wall_s"]) < 0.01
+    assert 0 < t["first_step_s"] <= t["steps_s"] < t["wall_s"] and t["start_to_first_step_s"] < t["wall_s"]
     assert (out.run_dir / "job.yaml").is_file() and (out.run_dir / "ray.log").is_file()
     assert clean_reload_accuracy(out.model_dir, job.data.eval) > 0.9
 

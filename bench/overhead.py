@@ -1,0 +1,186 @@
+"""Orchestration overhead of `rayft train`: start -> first optimizer step, where the rest of the wall time
+goes, and (wall - summed optimizer-step time) / wall.
+
+    scripts/netns.sh .venv/bin/python bench/overhead.py [QUICKSTART_DIR] [--rounds 3] [--long]
+
+Each round runs `rayft train` as a subprocess through the CLI (embedded local Ray) on the quickstart's
+QLoRA French job for 1 epoch (32 steps), then the floor: the same set-up and one optimizer step with
+rayft's own functions in a plain Python process, no Ray (`--floor`). They alternate (A B A B); medians.
+The breakdown comes from the run's manifest (`timings`: the driver's and the worker's wall-clock
+stamps); start -> first step is also measured from outside, from just before the subprocess starts.
+`--long` adds one run of about 10 minutes of optimizer steps (sized from the short runs' step rate;
+eval and checkpoint every 2000 steps) for the overhead of a long run. Results: bench/results/overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import REPO, alternate, write_result
+
+RAYFT = str(Path(sys.executable).parent / "rayft")
+SHORT = ["train.epochs=1"]
+LONG_SECONDS = 600
+# The manifest's spans (orchestrator/launch.py SPANS), what each holds, and whose cost it is: "ray" (Ray and the
+# driver's Ray Train import), "work" (what a plain process does too: imports, data, model, steps), "rayft"
+# (what rayft adds: CLI, preflight, the step-0 eval, the merged export).
+BREAKDOWN = (
+    ("startup_s", "rayft", "CLI start-up: interpreter, imports, job file, fit check"),
+    ("preflight_s", "rayft", "preflight: every data row checked, run directory"),
+    ("ray_init_s", "ray", "Ray start (ray.init)"),
+    ("trainer_build_s", "ray", "driver imports ray.train + torch, builds the TorchTrainer"),
+    ("worker_start_s", "ray", "worker start: Ray Train controller, placement group, worker process"),
+    ("data_s", "work", "data: worker imports, processor, rows encoded"),
+    ("model_s", "work", "model load: 4-bit base, adapters, optimizer"),
+    ("initial_eval_s", "rayft", "step-0 eval (the 'before' accuracy)"),
+    ("first_step_s", "work", "first optimizer step"),
+    ("training_s", "work", "the other steps, evals, checkpoints"),
+    ("fit_teardown_s", "ray", "worker end -> fit() returns"),
+    ("export_s", "rayft", "export: merge, save, reload, parity check"),
+    ("ray_shutdown_s", "ray", "ray.shutdown"),
+)
+
+
+def print_breakdown(t: dict[str, float]) -> None:
+    print(f"{'span':<18} {'seconds':>8}  {'whose':<6} what")
+    for key, whose, what in BREAKDOWN:
+        print(f"{key:<18} {t.get(key, float('nan')):>8.2f}  {whose:<6} {what}")
+    for whose in ("ray", "rayft", "work"):
+        print(f"  {whose}: {sum(t.get(k, 0.0) for k, w, _ in BREAKDOWN if w == whose):.2f} s")
+
+
+def rayft_train(job_file: Path, out: Path, sets: list[str]) -> dict[str, float]:
+    """One `rayft train` subprocess; its manifest's timings plus start -> first step seen from outside."""
+    args = [RAYFT, "train", str(job_file), "--no-progress", "--set", f"output={out}"]
+    for s in sets:
+        args += ["--set", s]
+    launched = time.time()
+    proc = subprocess.run(args, capture_output=True, text=True)
+    wall = time.time() - launched
+    if proc.returncode != 0:
+        raise SystemExit(f"rayft train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    run_dir = Path(next(line.split(":", 1)[1].strip() for line in proc.stdout.splitlines() if line.startswith("run directory:")))
+    timings = json.loads((run_dir / "manifest.json").read_text())["timings"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if r.get("event") == "first_step")
+    return {**timings, "outside_first_step_s": first["time"] - launched, "outside_wall_s": wall}
+
+
+def floor(job_file: Path, out: Path) -> dict[str, float]:
+    """The same set-up and one optimizer step, in a plain process (`--floor`)."""
+    launched = time.time()
+    proc = subprocess.run([sys.executable, __file__, "--floor", str(job_file), str(out)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"floor failed:\n{proc.stderr[-3000:]}")
+    done = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"outside_first_step_s": done["first_step_done"] - launched, **{k: v for k, v in done.items() if k.endswith("_s")}}
+
+
+def floor_main(job_file: str, out: str) -> None:
+    """What a worker does before its first step (processor, rows encoded, model, optimizer, one step), with
+    rayft's functions and the worker's thread count, no Ray. Prints the wall-clock stamps as JSON."""
+    from orchestrator.launch import process_started
+
+    stamps = {"started": process_started()}
+    import torch
+
+    from jobs import data as data_mod
+    from jobs.model import build_model, load_processor, torch_dtype
+    from orchestrator import architectures
+    from orchestrator.config import load_job
+
+    job, _ = load_job(job_file, [f"output={out}", *SHORT])
+    torch.set_num_threads(2)
+    arch = architectures.for_model_dir(job.model)
+    stamps["imported"] = time.time()
+    processor = load_processor(job.model, arch)
+    rows, _ = data_mod.encode_rows(job.data.train, job.data, processor, True)
+    assert job.data.eval is not None
+    data_mod.encode_rows(job.data.eval, job.data, processor, True)
+    stamps["data_encoded"] = time.time()
+    model = build_model(job, arch, torch.device("cpu"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.train.lr)
+    stamps["model_loaded"] = time.time()
+    model.train()
+    pad_id = processor.tokenizer.pad_token_id or 0
+    with torch.autocast("cpu", dtype=torch_dtype(job.precision)):
+        loss = model(**data_mod.collate(rows[: job.train.micro_batch_size], pad_id)).loss
+    loss.backward()
+    optimizer.step()
+    stamps["first_step_done"] = time.time()
+    spans = {"imports_s": ("started", "imported"), "data_s": ("imported", "data_encoded"), "model_s": ("data_encoded", "model_loaded"), "first_step_s": ("model_loaded", "first_step_done")}
+    result = {name: stamps[b] - stamps[a] for name, (a, b) in spans.items()}
+    result["start_to_first_step_s"] = stamps["first_step_done"] - stamps["started"]
+    print(json.dumps({**stamps, **result}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("quickstart", nargs="?", default=str(REPO / "quickstart"), help="a built `rayft quickstart` directory (base/, data/, jobs/)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--long", action="store_true", help=f"also one run of ~{LONG_SECONDS // 60} minutes of optimizer steps")
+    ap.add_argument("--floor", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.floor:
+        floor_main(*args.floor)
+        return
+    job_file = Path(args.quickstart).resolve() / "jobs" / "qlora.yaml"
+    out = Path(tempfile.mkdtemp(prefix="rayft-overhead-"))
+    rows = alternate({"rayft": lambda: rayft_train(job_file, out / "runs", SHORT), "floor": lambda: floor(job_file, out)}, rounds=args.rounds)
+    short, plain = rows["rayft"]["median"], rows["floor"]["median"]
+    result: dict[str, Any] = {"job": str(job_file), "short": {"sets": SHORT, **rows["rayft"]}, "floor": rows["floor"]}
+
+    print("\nstart -> first optimizer step and where the wall time goes (median of", args.rounds, "short runs, seconds):")
+    print_breakdown(short)
+    print(f"start -> first step: {short['start_to_first_step_s']:.2f} s (from outside: {short['outside_first_step_s']:.2f} s); "
+          f"plain process (no Ray): {plain['outside_first_step_s']:.2f} s")
+    print(f"wall {short['wall_s']:.1f} s, summed step time {short['steps_s']:.2f} s, overhead {short['overhead_pct']:.1f}%")
+
+    summary = [
+        {
+            "benchmark": "overhead",
+            "measure": "start -> first optimizer step (s), QLoRA quickstart job",
+            "rayft": round(short["start_to_first_step_s"], 2),
+            "baseline": round(plain["outside_first_step_s"], 2),
+            "ratio": round(short["start_to_first_step_s"] / plain["outside_first_step_s"], 2),
+            "note": "goal <= 10 s; baseline: the same set-up + one step in a plain process, no Ray",
+        },
+        {
+            "benchmark": "overhead",
+            "measure": f"(wall - summed step time) / wall, {short['wall_s']:.0f} s run",
+            "rayft": f"{short['overhead_pct']:.1f}%",
+            "baseline": None,
+            "ratio": None,
+            "note": f"{short['steps_s']:.1f} s of optimizer steps in {short['wall_s']:.1f} s",
+        },
+    ]
+    if args.long:
+        steps = int(LONG_SECONDS * 32 / short["steps_s"])  # 32 steps in the short run's summed step time
+        sets = [f"train.max_steps={steps}", "train.eval_every=2000", "train.checkpoint_every=2000", "train.log_every=100"]
+        print(f"\nlong run: {steps} steps (eval + checkpoint every 2000) ...", flush=True)
+        long = rayft_train(job_file, out / "runs", sets)
+        result["long"] = {"sets": sets, **long}
+        print_breakdown(long)
+        print(f"wall {long['wall_s']:.1f} s, summed step time {long['steps_s']:.1f} s, overhead {long['overhead_pct']:.2f}%")
+        summary.append(
+            {
+                "benchmark": "overhead",
+                "measure": f"(wall - summed step time) / wall, {long['wall_s'] / 60:.1f} min run",
+                "rayft": f"{long['overhead_pct']:.2f}%",
+                "baseline": None,
+                "ratio": None,
+                "note": f"goal < 3%; {steps} steps, eval + checkpoint every 2000",
+            }
+        )
+    write_result("overhead", result, summary=summary)
+
+
+if __name__ == "__main__":
+    main()
