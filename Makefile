@@ -37,6 +37,8 @@ bench: setup
 	scripts/netns.sh $(PY) bench/planner_calibration.py
 	scripts/netns.sh $(PY) bench/asha_fifo.py ./quickstart
 	scripts/netns.sh $(PY) bench/cluster_submit.py ./quickstart
+	scripts/netns.sh $(PY) bench/overhead.py ./quickstart
+	scripts/netns.sh $(PY) bench/claims.py ./quickstart
 	$(PY) bench/report.py
 
 lint: setup
