@@ -36,7 +36,9 @@ def test_quickstart_full_then_qlora(quickstart_run):
     assert s["before_accuracy_french"] <= CHANCE
     assert s["after_accuracy_french"] > 0.9
     assert s["sample"]["merged_model_answer"] == s["sample"]["expected"]
-    assert s["wall_s"] < 180, "quickstart should finish in under 3 minutes on 2 cores"
+    # 80 s measured on an idle 2-core machine; the bound leaves room for a loaded CI machine (the timing itself
+    # is measured in bench/, not here)
+    assert s["wall_s"] < 360, "quickstart should finish in under 6 minutes on 2 cores"
 
 
 def test_quickstart_merged_model_reloads_without_peft_or_bitsandbytes(quickstart_run):
@@ -134,7 +136,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(quickstart_run, tmp_path):
     reached = max(r["step"] for r in first)
     assert reached < 640, "the run finished before the interrupt"
 
-    resumed = subprocess.run([RAYFT, "train", str(job_file), *sets, "--no-progress", "--resume", str(run_dir)], capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run([RAYFT, "train", str(job_file), *sets, "--no-progress", "--resume", str(run_dir)], capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     starts = [r for r in records if r.get("event") == "start"]
