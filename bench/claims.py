@@ -5,8 +5,8 @@ how-lora-and-quantization-work.txt), each measured here: one table of claim | me
 
 - trainable share: the memory planner on a Llama-2-7B-shaped config, LoRA rank 16 on every projection.
 - speed: steps/s of full, lora and qlora from bench/results/methods.json (the quickstart's tiny VLM through
-  `rayft train`'s code), and step time measured here in one process on a ~40M-parameter VLM of the same
-  shape (full vs LoRA vs QLoRA NF4 in bf16, full in bf16 vs fp32), alternating, medians.
+  `rayft train`'s code), and step time measured here in one process on a ~16M-parameter VLM of the same
+  shape (full vs LoRA vs QLoRA NF4 in bf16, full in bf16 vs fp32), alternating, medians of 3 x 2 steps.
   (bench/results/methods.json is read if present; run bench/methods.py first for that row.)
 - NF4 vs FP4: bitsandbytes' quantize_4bit/dequantize_4bit on CPU, on N(0, 1) weights (4096 x 4096) and on
   the trained linear weights of the quickstart's base; bits per parameter from the packed tensor plus every
@@ -32,8 +32,8 @@ from typing import Any
 from common import REPO, RESULTS, alternate, machine, write_result
 
 NORMAL_SHAPE = (4096, 4096)
-SPEED_MODEL = {"hidden": 512, "layers": 8}  # ~40M parameters: large enough that the maths dominates a step
-SPEED_STEPS = 4
+SPEED_MODEL = {"hidden": 384, "layers": 6}  # ~16M parameters: the maths dominates a step; a step takes about a second
+SPEED_STEPS = 2
 BUDGETS = (1, 2)  # epochs (32 and 64 steps of micro batch 16)
 
 
@@ -123,8 +123,8 @@ def quantization(base_dir: Path) -> dict[str, Any]:
 # ---- speed: methods.json and a one-process step-time measurement ----------------------------------
 
 
-def step_speed(work: Path) -> dict[str, Any]:
-    """Median seconds per optimizer step (forward, backward, AdamW) on a ~40M-parameter VLM, one process."""
+def step_speed(work: Path, threads: int) -> dict[str, Any]:
+    """Median seconds per optimizer step (forward, backward, AdamW) on a ~16M-parameter VLM, one process."""
     import torch
 
     from jobs import data as data_mod
@@ -132,7 +132,7 @@ def step_speed(work: Path) -> dict[str, Any]:
     from orchestrator import architectures, tinymodels
     from orchestrator.config import build_job
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     model_dir = tinymodels.build_tiny_llava(work / "speed-model", **SPEED_MODEL)
     data = tinymodels.write_colour_data(work / "speed-data", "english", 64, 16)
     arch = architectures.for_model_dir(str(model_dir))
@@ -159,7 +159,7 @@ def step_speed(work: Path) -> dict[str, Any]:
         steps[name] = make_stepper(model, optimizer, batch, autocast)
         steps[name]()  # warm-up (first-call allocations, oneDNN kernels)
     rows_by_name = alternate({name: lambda s=s: {"s_per_step": timed(s)} for name, s in steps.items()}, rounds=3)
-    return {"model": SPEED_MODEL, "micro_batch": 16, "params": info, **{n: r["median"]["s_per_step"] for n, r in rows_by_name.items()}}
+    return {"model": SPEED_MODEL, "micro_batch": 16, "threads": threads, "params": info, **{n: r["median"]["s_per_step"] for n, r in rows_by_name.items()}}
 
 
 def make_stepper(model: Any, optimizer: Any, batch: dict[str, Any], autocast: Any) -> Any:
@@ -228,7 +228,7 @@ def accuracy(quickstart: Path, out: Path) -> dict[str, Any]:
 # ---- inference latency: merged vs base ----------------------------------------------------------------
 
 
-def latency(quickstart: Path, qlora_run: dict[str, Any]) -> dict[str, Any]:
+def latency(quickstart: Path, qlora_run: dict[str, Any], threads: int) -> dict[str, Any]:
     """Forward latency on one eval batch of 16, fp32, plain transformers: base, merged QLoRA model, and the
     trained adapter left unmerged (peft) over the base: what merging saves."""
     import torch
@@ -241,7 +241,7 @@ def latency(quickstart: Path, qlora_run: dict[str, Any]) -> dict[str, Any]:
     from orchestrator import architectures
     from orchestrator.config import load_job
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     base_dir, merged_dir = quickstart / "base", Path(qlora_run["model_dir"])
     arch = architectures.for_model_dir(str(base_dir))
     processor = load_processor(str(base_dir), arch)
@@ -273,6 +273,7 @@ def latency(quickstart: Path, qlora_run: dict[str, Any]) -> dict[str, Any]:
     rows_by_name = alternate({"base": lambda: forward_ms(base), "merged": lambda: forward_ms(merged), "unmerged adapter": lambda: forward_ms(adapter)}, rounds=7)
     return {
         "batch": 16,
+        "threads": threads,
         "same_structure": structure["base"]["keys"] == structure["merged"]["keys"] and structure["base"]["params"] == structure["merged"]["params"],
         "params": {k: v["params"] for k, v in structure.items()},
         "modules": {k: v["modules"] for k, v in structure.items()},
@@ -304,7 +305,7 @@ def table(r: dict[str, Any]) -> list[dict[str, str]]:
     rows.append(
         {
             "claim": "LoRA trains 2-3x faster than full fine-tuning",
-            "measured": f"{speed['params']['full-bf16']['total_params'] / 1e6:.0f}M-param VLM, bf16, 2 CPU cores: lora {lora_x:.2f}x, qlora-nf4 {qlora_x:.2f}x the full steps/s{tiny}",
+            "measured": f"{speed['params']['full-bf16']['total_params'] / 1e6:.0f}M-param VLM, bf16, {speed['threads']} CPU thread(s): lora {lora_x:.2f}x, qlora-nf4 {qlora_x:.2f}x the full steps/s{tiny}",
             "verdict": ("holds" if lora_x >= 2 else "does not hold here (CPU, small models)") + "; at 7B on a GPU: not measurable here (needs GPU)",
         }
     )
@@ -325,7 +326,8 @@ def table(r: dict[str, Any]) -> list[dict[str, str]]:
         {
             "claim": "BFloat16 runs at roughly 2x the speed of Float32",
             "measured": f"full fine-tuning step, same model: bf16 {bf16_x:.2f}x fp32 (CPU {bf16_units} avx512_bf16)",
-            "verdict": ("holds on this CPU" if 1.5 <= bf16_x <= 3.0 else "does not hold on this CPU") + "; on Ampere+ GPUs: not measurable here (needs GPU)",
+            "verdict": ("holds" if 1.5 <= bf16_x <= 3.0 else "does not hold")
+            + f" on this CPU at this size ({speed['threads']} thread(s)); on Ampere+ GPUs: not measurable here (needs GPU)",
         }
     )
 
@@ -379,7 +381,7 @@ def table(r: dict[str, Any]) -> list[dict[str, str]]:
     rows.append(
         {
             "claim": "Merged LoRA adds no inference latency (adapters merge into the weights)",
-            "measured": f"forward, batch 16, fp32: merged {lat['merged']:.2f} ms vs base {lat['base']:.2f} ms ({ratio:.2f}x); same modules and parameter count: {lat['same_structure']}; unmerged adapter {lat['unmerged adapter']:.2f} ms ({lat['unmerged adapter'] / lat['base']:.2f}x)",
+            "measured": f"forward, batch 16, fp32, {lat['threads']} thread(s): merged {lat['merged']:.2f} ms vs base {lat['base']:.2f} ms ({ratio:.2f}x); same modules and parameter count: {lat['same_structure']}; unmerged adapter {lat['unmerged adapter']:.2f} ms ({lat['unmerged adapter'] / lat['base']:.2f}x)",
             "verdict": "holds" if lat["same_structure"] and 0.9 <= ratio <= 1.1 else "does not hold",
         }
     )
@@ -389,6 +391,11 @@ def table(r: dict[str, Any]) -> list[dict[str, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("quickstart", nargs="?", default=str(REPO / "quickstart"), help="a built `rayft quickstart` directory (base/, data/, jobs/)")
+    ap.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads for the step-speed and latency timings (default 1: on a shared machine two threads' "
+        "barriers spin while a core is taken, and timings swung 10-80x)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     quickstart = Path(args.quickstart).resolve()
@@ -400,11 +407,11 @@ def main() -> None:
     print("NF4 vs FP4 ...", flush=True)
     results["quantization"] = quantization(quickstart / "base")
     print("step speed (one process) ...", flush=True)
-    results["step_speed"] = step_speed(work)
+    results["step_speed"] = step_speed(work, args.threads)
     print("QLoRA vs full accuracy (rayft train) ...", flush=True)
     results["accuracy"] = accuracy(quickstart, work)
     print("inference latency ...", flush=True)
-    results["latency"] = latency(quickstart, results["accuracy"][f"qlora-nf4@{BUDGETS[-1]}"])
+    results["latency"] = latency(quickstart, results["accuracy"][f"qlora-nf4@{BUDGETS[-1]}"], args.threads)
     rows = table(results)
     results["table"] = rows
     results["wall_s"] = time.time() - t0

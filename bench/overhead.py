@@ -8,7 +8,7 @@ QLoRA French job for 1 epoch (32 steps), then the floor: the same set-up and one
 rayft's own functions in a plain Python process, no Ray (`--floor`). They alternate (A B A B); medians.
 The breakdown comes from the run's manifest (`timings`: the driver's and the worker's wall-clock
 stamps); start -> first step is also measured from outside, from just before the subprocess starts.
-`--long` adds one run of about 10 minutes of optimizer steps (sized from the short runs' step rate;
+`--long` adds one run of about 10 minutes of optimizer steps (sized from the fastest short run's step rate;
 eval and checkpoint every 2000 steps) for the overhead of a long run. Results: bench/results/overhead.json.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -126,16 +127,25 @@ def main() -> None:
     ap.add_argument("quickstart", nargs="?", default=str(REPO / "quickstart"), help="a built `rayft quickstart` directory (base/, data/, jobs/)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--long", action="store_true", help=f"also one run of ~{LONG_SECONDS // 60} minutes of optimizer steps")
+    ap.add_argument("--long-steps", type=int, help="steps of the --long run (default: sized from the fastest short run)")
+    ap.add_argument(
+        "--worker-niceness", type=int,
+        help="RAY_worker_niceness for the runs. Ray starts its worker processes at nice 15: on a machine shared with "
+        "other work at nice 0, Ray Train's workers then get a small share of the CPU while the plain-process floor "
+        "does not; 0 compares them on equal terms. Default: Ray's own.",
+    )
     ap.add_argument("--floor", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.floor:
         floor_main(*args.floor)
         return
+    if args.worker_niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # the rayft subprocesses inherit it
     job_file = Path(args.quickstart).resolve() / "jobs" / "qlora.yaml"
     out = Path(tempfile.mkdtemp(prefix="rayft-overhead-"))
     rows = alternate({"rayft": lambda: rayft_train(job_file, out / "runs", SHORT), "floor": lambda: floor(job_file, out)}, rounds=args.rounds)
     short, plain = rows["rayft"]["median"], rows["floor"]["median"]
-    result: dict[str, Any] = {"job": str(job_file), "short": {"sets": SHORT, **rows["rayft"]}, "floor": rows["floor"]}
+    result: dict[str, Any] = {"job": str(job_file), "worker_niceness": args.worker_niceness, "short": {"sets": SHORT, **rows["rayft"]}, "floor": rows["floor"]}
 
     print("\nstart -> first optimizer step and where the wall time goes (median of", args.rounds, "short runs, seconds):")
     print_breakdown(short)
@@ -162,7 +172,8 @@ def main() -> None:
         },
     ]
     if args.long:
-        steps = int(LONG_SECONDS * 32 / short["steps_s"])  # 32 steps in the short run's summed step time
+        # 32 steps took steps_s in a short run; the fastest round is the least disturbed by other load
+        steps = args.long_steps or int(LONG_SECONDS * 32 / min(r["steps_s"] for r in rows["rayft"]["runs"]))
         sets = [f"train.max_steps={steps}", "train.eval_every=2000", "train.checkpoint_every=2000", "train.log_every=100"]
         print(f"\nlong run: {steps} steps (eval + checkpoint every 2000) ...", flush=True)
         long = rayft_train(job_file, out / "runs", sets)
