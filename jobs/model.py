@@ -104,6 +104,20 @@ def attach_lora(model: Any, job: JobConfig, arch: Architecture) -> Any:
     return get_peft_model(model, config)
 
 
+def keep_adapter_inputs(model: Any) -> None:
+    """Stop peft casting each adapted layer's input to the adapters' dtype (fp32).
+
+    A bf16/fp16 run computes under autocast (or, under DeepSpeed, holds the adapters in the run's dtype), which
+    hands every matmul its inputs in the run's dtype anyway: for a plain (not 4-bit) base, peft's cast is an
+    fp32 copy of the activations at every adapted layer that autocast then copies back, and it runs the LoRA
+    dropout in fp32. (peft's 4-bit layers already skip the cast under autocast.)"""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+
+
 def build_model(job: JobConfig, arch: Architecture, device: torch.device) -> Any:
     """The trainable model: the base, plus adapters for lora/qlora (everything else frozen)."""
     import torch
@@ -116,6 +130,8 @@ def build_model(job: JobConfig, arch: Architecture, device: torch.device) -> Any
         model = attach_lora(model, job, arch)
         if not job.quantized:
             model.to(device)
+        if job.precision != "fp32":
+            keep_adapter_inputs(model)
     for name, param in model.named_parameters():
         if any(name == prefix or name.startswith(prefix + ".") for prefix in job.freeze):
             param.requires_grad_(False)

@@ -12,7 +12,9 @@ import os
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,107 @@ def to_device(batch: dict[str, Any], device: Any, float_dtype: Any = None) -> di
     return {k: v.to(device, float_dtype) if float_dtype is not None and v.is_floating_point() else v.to(device) for k, v in batch.items()}
 
 
+@dataclass
+class Training:
+    """What a worker steps: the model as trained (plain, DDP- or DeepSpeed-wrapped) and what updates it."""
+
+    model: Any
+    core: Any
+    """The unwrapped model: what checkpoints hold."""
+    params: list[Any]
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    """GradScaler (a no-op unless fp16); None under DeepSpeed, which scales fp16 losses itself."""
+    autocast: Callable[[], Any]
+    input_dtype: Any
+    """Under DeepSpeed bf16/fp16 the weights are in that dtype and float inputs follow; else None."""
+    deepspeed: bool
+    ddp: bool
+    max_grad_norm: float | None
+
+
+def build_training(job: JobConfig, arch: architectures.Architecture, device: Any, world: int, schedule: Callable[[int], float], ds_config: dict[str, Any] | None) -> Training:
+    import torch
+
+    model = build_model(job, arch, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if ds_config:
+        # DeepSpeed holds the weights in the run's precision (fp32 master copies in the optimizer), scales
+        # fp16 losses, clips, accumulates and steps the scheduler at accumulation boundaries.
+        engine, optimizer, scheduler = zero.initialize(
+            model, ds_config, params, job.train.lr, job.train.weight_decay, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        )
+        return Training(
+            model=engine,
+            core=engine.module,
+            params=params,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=None,
+            autocast=nullcontext,
+            input_dtype=torch_dtype(job.precision),
+            deepspeed=True,
+            ddp=False,
+            max_grad_norm=None,  # DeepSpeed clips (gradient_clipping in its config)
+        )
+    core = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # The fused kernel updates each parameter in one pass; the default on CPU is a Python loop of ~10 elementwise
+    # ops per parameter, which cost 25% of a full fine-tuning step of a 51M model here (bench/hf_compare.py).
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(params, lr=job.train.lr, weight_decay=job.train.weight_decay, fused=fused)
+    return Training(
+        model=model,
+        core=core,
+        params=params,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        scaler=torch.amp.GradScaler(device.type, enabled=job.precision == "fp16"),
+        autocast=partial(torch.autocast, device.type, dtype=torch_dtype(job.precision), enabled=job.precision != "fp32"),
+        input_dtype=None,
+        deepspeed=False,
+        ddp=world > 1,
+        max_grad_norm=job.train.max_grad_norm,
+    )
+
+
+def optimizer_step(training: Training, batches: list[dict[str, Any]], device: Any) -> float:
+    """One optimizer step over this worker's micro batches (gradient accumulation); returns the step's loss
+    (the mean over micro batches)."""
+    import torch
+
+    t = training
+    step_loss = 0.0
+    for k, batch in enumerate(batches):
+        batch = to_device(batch, device, t.input_dtype)
+        if t.deepspeed:
+            loss = t.model(**batch).loss
+            t.model.backward(loss)  # divides by grad_accum itself
+            t.model.step()  # optimizer + scheduler only at the accumulation boundary
+            step_loss += float(loss.detach()) / len(batches)
+            continue
+        # DDP all-reduces gradients on the last micro batch only
+        sync = t.model.no_sync() if t.ddp and k < len(batches) - 1 else nullcontext()
+        with sync:
+            with t.autocast():
+                loss = t.model(**batch).loss / len(batches)
+            t.scaler.scale(loss).backward()
+        step_loss += float(loss.detach())
+    if not t.deepspeed:
+        if t.max_grad_norm:
+            t.scaler.unscale_(t.optimizer)
+            torch.nn.utils.clip_grad_norm_(t.params, t.max_grad_norm)
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        t.scheduler.step()
+        t.optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     # Wall-clock stamps (time.time(): comparable with the driver's on one machine) for the start-up breakdown
     # in the manifest: worker started -> data encoded -> model loaded -> first optimizer step done.
@@ -122,30 +225,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             zero.write_config(run_dir, ds_config, changed)
     keep_alive = zero.hf_deepspeed_config(job, ds_config, arch) if ds_config else None  # noqa: F841 (ZeRO-3 load)
-    model = build_model(job, arch, device)
-    trainable, total = count_parameters(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if ds_config:
-        # DeepSpeed holds the weights in the run's precision (fp32 master copies in the optimizer), scales
-        # fp16 losses, clips, accumulates and steps the scheduler at accumulation boundaries.
-        model, optimizer, scheduler = zero.initialize(
-            model, ds_config, params, job.train.lr, job.train.weight_decay, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        )
-        core = model.module
-        input_dtype = torch_dtype(job.precision)
-        autocast = nullcontext
-        scaler = None
-    else:
-        core = model
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        optimizer = torch.optim.AdamW(params, lr=job.train.lr, weight_decay=job.train.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        input_dtype = None
-        autocast = partial(torch.autocast, device.type, dtype=torch_dtype(job.precision), enabled=job.precision != "fp32")
-        scaler = torch.amp.GradScaler(device.type, enabled=job.precision == "fp16")
+    training = build_training(job, arch, device, world, schedule, ds_config)
+    model, core, optimizer, scheduler, scaler = training.model, training.core, training.optimizer, training.scheduler, training.scaler
+    trainable, total = count_parameters(core)
 
     # ---- restore ----------------------------------------------------------------------------------
     start_step = 0
@@ -207,7 +289,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         }
     )
     if start_step == 0 and eval_batches:  # the "before" number
-        before = evaluate(model, eval_batches, device, autocast, input_dtype)
+        before = evaluate(model, eval_batches, device, training.autocast, training.input_dtype)
         log({"event": "eval", "step": 0, **before})
         ray.train.report({"step": 0, **before})
 
@@ -219,32 +301,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     for step in range(start_step, total_steps):
         t_step = time.time()
         micro = micro_batches_for_step(step, len(train_rows), job, per_epoch, rank, world)
-        step_loss = 0.0
-        for k, rows in enumerate(micro):
-            batch = data_mod.collate([train_rows[i] for i in rows], pad_id)
-            window_tokens += int(batch["attention_mask"].sum())
-            window_samples += len(rows)
-            batch = to_device(batch, device, input_dtype)
-            if ds_config:
-                loss = model(**batch).loss
-                model.backward(loss)  # divides by grad_accum itself
-                model.step()  # optimizer + scheduler only at the accumulation boundary
-                step_loss += float(loss.detach()) / len(micro)
-                continue
-            sync = nullcontext() if world == 1 or k == len(micro) - 1 else model.no_sync()
-            with sync:
-                with autocast():
-                    loss = model(**batch).loss / len(micro)
-                scaler.scale(loss).backward()
-            step_loss += float(loss.detach())
-        if not ds_config:
-            if job.train.max_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, job.train.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        batches = [data_mod.collate([train_rows[i] for i in rows], pad_id) for rows in micro]
+        window_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+        window_samples += sum(len(rows) for rows in micro)
+        step_loss = optimizer_step(training, batches, device)
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"train loss is {step_loss} at step {step + 1}; lower train.lr or use precision: bf16")
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
@@ -280,7 +340,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 metrics.update(zero.memory_breakdown(model, world))
                 memory_logged = True
             if do_eval:
-                metrics.update(evaluate(model, eval_batches, device, autocast, input_dtype))
+                metrics.update(evaluate(model, eval_batches, device, training.autocast, training.input_dtype))
             log({"event": "eval" if do_eval else "train", **metrics})
             if do_eval or do_ckpt:
                 ray.train.report(metrics, checkpoint=save_checkpoint(done, metrics) if do_ckpt else None)

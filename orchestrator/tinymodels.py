@@ -81,8 +81,18 @@ def build_tokenizer(
     return tokenizer
 
 
-def build_tiny_llava(out_dir: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    """A LLaVA-style VLM (SigLIP vision + Qwen2 text) with random weights, saved with its processor."""
+def build_tiny_llava(
+    out_dir: str | Path,
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    intermediate: int | None = None,
+    vision_hidden: int | None = None,
+    vision_layers: int | None = None,
+) -> Path:
+    """A LLaVA-style VLM (SigLIP vision + Qwen2 text) with random weights, saved with its processor.
+    The text model is hidden x layers with an MLP of `intermediate` (default 2 x hidden); the vision
+    tower is as wide and deep as the text model unless vision_hidden / vision_layers say otherwise."""
     import torch
     from transformers import (
         LlavaConfig,
@@ -107,10 +117,11 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0, hidden: int = 64, layer
         chat_template=CHAT_TEMPLATE,
         image_token="<image>",
     )
+    vision_hidden = vision_hidden or hidden
     vision = SiglipVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 2,
+        num_hidden_layers=vision_layers or layers,
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
@@ -119,7 +130,7 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0, hidden: int = 64, layer
     text = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=intermediate or hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
