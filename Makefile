@@ -32,6 +32,8 @@ test: setup
 # Benchmarks (not tests): each prints a markdown table and writes bench/results/<name>.json.
 bench: setup
 	test -d quickstart/base || $(VENV)/bin/rayft quickstart ./quickstart
+	scripts/netns.sh $(PY) bench/hf_compare.py
+	scripts/netns.sh $(PY) bench/hardware.py
 	scripts/netns.sh $(PY) bench/methods.py ./quickstart
 	scripts/netns.sh $(PY) bench/zero_memory.py
 	scripts/netns.sh $(PY) bench/planner_calibration.py

@@ -5,7 +5,9 @@ goes, and (wall - summed optimizer-step time) / wall.
 
 Each round runs `rayft train` as a subprocess through the CLI (embedded local Ray) on the quickstart's
 QLoRA French job for 1 epoch (32 steps), then the floor: the same set-up and one optimizer step with
-rayft's own functions in a plain Python process, no Ray (`--floor`). They alternate (A B A B); medians.
+rayft's own functions in a plain Python process, no Ray (`--floor`), and Ray Train's own floor: the same embedded
+Ray (rayft's ensure_local_ray) and a TorchTrainer of one worker whose train function does nothing but note the
+time (`--ray-floor`). They alternate (A B C A B C); medians.
 The breakdown comes from the run's manifest (`timings`: the driver's and the worker's wall-clock
 stamps); start -> first step is also measured from outside, from just before the subprocess starts.
 `--long` adds one run of about 10 minutes of optimizer steps (sized from the fastest short run's step rate;
@@ -122,6 +124,59 @@ def floor_main(job_file: str, out: str) -> None:
     print(json.dumps({**stamps, **result}))
 
 
+def ray_floor(out: Path) -> dict[str, float]:
+    """Ray Train's own start-up on this machine (`--ray-floor`): process start -> a no-op train function runs."""
+    launched = time.time()
+    proc = subprocess.run([sys.executable, __file__, "--ray-floor", str(out)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"ray floor failed:\n{proc.stderr[-3000:]}")
+    done = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"outside_first_step_s": done["fn_started"] - launched, **{k: v for k, v in done.items() if k.endswith("_s")}}
+
+
+def _note_time(config: dict[str, Any]) -> None:
+    Path(config["path"]).write_text(str(time.time()))
+
+
+def ray_floor_main(out: str) -> None:
+    """rayft's embedded Ray and a one-worker TorchTrainer (the worker holds every core, as rayft's does) whose
+    train function only writes the time. Prints the wall-clock stamps as JSON."""
+    from orchestrator.launch import ensure_local_ray, process_started
+
+    stamps = {"started": process_started()}
+    import ray
+
+    cores = os.cpu_count() or 1
+    ensure_local_ray(cores)
+    stamps["ray_ready"] = time.time()
+    import ray.train
+    import ray.train.torch
+
+    path = Path(out) / f"fn-started-{os.getpid()}"
+    trainer = ray.train.torch.TorchTrainer(
+        _note_time,
+        train_loop_config={"path": str(path)},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": cores}),
+        run_config=ray.train.RunConfig(storage_path=str(Path(out) / "ray-floor"), name=f"noop-{os.getpid()}"),
+    )
+    stamps["trainer_built"] = time.time()
+    trainer.fit()
+    stamps["fit_returned"] = time.time()
+    ray.shutdown()
+    stamps["finished"] = time.time()
+    stamps["fn_started"] = float(path.read_text())
+    spans = {
+        "ray_init_s": ("started", "ray_ready"),
+        "trainer_build_s": ("ray_ready", "trainer_built"),
+        "worker_start_s": ("trainer_built", "fn_started"),
+        "fit_teardown_s": ("fn_started", "fit_returned"),
+        "ray_shutdown_s": ("fit_returned", "finished"),
+    }
+    result = {name: stamps[b] - stamps[a] for name, (a, b) in spans.items()}
+    result["start_to_fn_s"] = stamps["fn_started"] - stamps["started"]
+    print(json.dumps({**stamps, **result}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("quickstart", nargs="?", default=str(REPO / "quickstart"), help="a built `rayft quickstart` directory (base/, data/, jobs/)")
@@ -135,22 +190,37 @@ def main() -> None:
         "does not; 0 compares them on equal terms. Default: Ray's own.",
     )
     ap.add_argument("--floor", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--ray-floor", metavar="OUT", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.floor:
         floor_main(*args.floor)
+        return
+    if args.ray_floor:
+        ray_floor_main(args.ray_floor)
         return
     if args.worker_niceness is not None:
         os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # the rayft subprocesses inherit it
     job_file = Path(args.quickstart).resolve() / "jobs" / "qlora.yaml"
     out = Path(tempfile.mkdtemp(prefix="rayft-overhead-"))
-    rows = alternate({"rayft": lambda: rayft_train(job_file, out / "runs", SHORT), "floor": lambda: floor(job_file, out)}, rounds=args.rounds)
-    short, plain = rows["rayft"]["median"], rows["floor"]["median"]
-    result: dict[str, Any] = {"job": str(job_file), "worker_niceness": args.worker_niceness, "short": {"sets": SHORT, **rows["rayft"]}, "floor": rows["floor"]}
+    rows = alternate(
+        {"rayft": lambda: rayft_train(job_file, out / "runs", SHORT), "floor": lambda: floor(job_file, out), "ray_floor": lambda: ray_floor(out)},
+        rounds=args.rounds,
+    )
+    short, plain, ray_only = rows["rayft"]["median"], rows["floor"]["median"], rows["ray_floor"]["median"]
+    result: dict[str, Any] = {
+        "job": str(job_file),
+        "worker_niceness": args.worker_niceness,
+        "short": {"sets": SHORT, **rows["rayft"]},
+        "floor": rows["floor"],
+        "ray_floor": rows["ray_floor"],
+    }
 
     print("\nstart -> first optimizer step and where the wall time goes (median of", args.rounds, "short runs, seconds):")
     print_breakdown(short)
     print(f"start -> first step: {short['start_to_first_step_s']:.2f} s (from outside: {short['outside_first_step_s']:.2f} s); "
-          f"plain process (no Ray): {plain['outside_first_step_s']:.2f} s")
+          f"plain process (no Ray): {plain['outside_first_step_s']:.2f} s; "
+          f"Ray Train alone (no-op train function): {ray_only['outside_first_step_s']:.2f} s "
+          f"(ray.init {ray_only['ray_init_s']:.2f}, TorchTrainer {ray_only['trainer_build_s']:.2f}, fit -> function {ray_only['worker_start_s']:.2f})")
     print(f"wall {short['wall_s']:.1f} s, summed step time {short['steps_s']:.2f} s, overhead {short['overhead_pct']:.1f}%")
 
     summary = [
@@ -164,6 +234,14 @@ def main() -> None:
         },
         {
             "benchmark": "overhead",
+            "measure": "start -> first optimizer step (s) vs Ray Train alone",
+            "rayft": round(short["start_to_first_step_s"], 2),
+            "baseline": round(ray_only["outside_first_step_s"], 2),
+            "ratio": round(short["start_to_first_step_s"] / ray_only["outside_first_step_s"], 2),
+            "note": "baseline: rayft's embedded Ray + a 1-worker TorchTrainer whose train function does nothing",
+        },
+        {
+            "benchmark": "overhead",
             "measure": f"(wall - summed step time) / wall, {short['wall_s']:.0f} s run",
             "rayft": f"{short['overhead_pct']:.1f}%",
             "baseline": None,
@@ -171,6 +249,7 @@ def main() -> None:
             "note": f"{short['steps_s']:.1f} s of optimizer steps in {short['wall_s']:.1f} s",
         },
     ]
+    write_result("overhead", result, summary=summary)  # kept if the long run fails or is cut short
     if args.long:
         # 32 steps took steps_s in a short run; the fastest round is the least disturbed by other load
         steps = args.long_steps or int(LONG_SECONDS * 32 / min(r["steps_s"] for r in rows["rayft"]["runs"]))

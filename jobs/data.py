@@ -42,7 +42,7 @@ def read_table(path: str | Path) -> pa.Table:
 
     path = Path(path)
     if path.suffix == ".parquet":
-        return pq.read_table(path)
+        return pq.ParquetFile(path).read()  # one file; pq.read_table would import pyarrow.dataset and pandas (0.2 s)
     if path.suffix == ".jsonl":
         return pj.read_json(path)
     raise DataError([f"{path}: unsupported file type (use .parquet or .jsonl)"])

@@ -24,8 +24,9 @@ from orchestrator.config import JobConfig
 
 PARITY_BATCHES = 4
 # Max |logit difference| allowed between the reloaded merged model and the unmerged adapter model
-# (both computed in fp32), relative to the largest |logit|. fp32 exports differ by float rounding only
-# (~1e-6); bf16/fp16 exports round each merged weight to 8/11 mantissa bits.
+# (both computed in fp32) at the positions that predict answer tokens, relative to the largest |logit|
+# there. fp32 exports differ by float rounding only (~1e-6); bf16/fp16 exports round each merged weight
+# to 8/11 mantissa bits.
 PARITY_RTOL = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
 
 
@@ -55,6 +56,19 @@ def dequantized_state(model: Any) -> dict[str, Any]:
             if p is not None and "lora_" not in p_name:
                 state[prefix + p_name] = p.detach().float()
     return state
+
+
+def parity_diff(got: Any, ref: Any, labels: Any) -> tuple[float, float]:
+    """(max |got - ref|, max |ref|) over the logits that predict answer tokens: what training scored and
+    what decoding reads. The other positions (image and prompt tokens) are left out: no decision is made
+    from them, and after long training they can be so far off-distribution that a bf16 export's rounding
+    moves them by a third of their range while every answer logit stays within 1% (a 16k-step QLoRA run:
+    1.97 at a prompt position, 0.05 at answer positions, the same 64/64 answers)."""
+    mask = labels[:, 1:] != data_mod.IGNORE_INDEX
+    got, ref = got[:, :-1][mask], ref[:, :-1][mask]
+    if ref.numel() == 0:
+        return 0.0, 0.0
+    return float((got - ref).abs().max()), float(ref.abs().max())
 
 
 def _logits(model: Any, batch: dict[str, Any], autocast: Any = None) -> Any:
@@ -121,12 +135,14 @@ def export(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> d
     merged.to(export_dtype).save_pretrained(tmp_dir, safe_serialization=True, max_shard_size="2GB")
     processor.save_pretrained(tmp_dir)
     reloaded = cls.from_pretrained(tmp_dir, dtype=torch.float32).eval()
-    diffs, scale = [], 0.0
+    diffs, scale, all_positions = [], 0.0, 0.0
     merged_stats, trained_stats = [0, 0], [0, 0]
     for batch, ref, tr in zip(parity_batches, reference_logits, trained_logits, strict=True):
         got = _logits(reloaded, batch)
-        diffs.append(float((got - ref).abs().max()))
-        scale = max(scale, float(ref.abs().max()))
+        diff, batch_scale = parity_diff(got, ref, batch["labels"])
+        diffs.append(diff)
+        scale = max(scale, batch_scale)
+        all_positions = max(all_positions, float((got - ref).abs().max()))
         for stats, logits in ((merged_stats, got), (trained_stats, tr)):
             _, _, correct, count = answer_stats(logits, batch["labels"])
             stats[0] += correct
@@ -134,10 +150,12 @@ def export(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> d
     max_diff = max(diffs) if diffs else 0.0
     tolerance = PARITY_RTOL[job.precision] * max(scale, 1.0)
     record = {
-        "compared": "reloaded merged model vs unmerged adapter over the dequantized base (fp32 maths)",
+        "compared": "reloaded merged model vs unmerged adapter over the dequantized base (fp32 maths), "
+        "logits at the positions that predict answer tokens",
         "batches": len(parity_batches),
         "max_abs_logit_diff": max_diff,
         "max_abs_logit": scale,
+        "max_abs_logit_diff_all_positions": all_positions,
         "tolerance": tolerance,
         "passed": max_diff <= tolerance,
         "merged_accuracy": merged_stats[0] / max(merged_stats[1], 1),

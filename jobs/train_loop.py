@@ -155,14 +155,16 @@ def optimizer_step(training: Training, batches: list[dict[str, Any]], device: An
     import torch
 
     t = training
-    step_loss = 0.0
+    # Summed on the device and read once per step: reading each micro batch's loss (float()) would make the
+    # host wait for the GPU at every micro batch instead of queueing the next one's kernels.
+    step_loss: Any = 0.0
     for k, batch in enumerate(batches):
         batch = to_device(batch, device, t.input_dtype)
         if t.deepspeed:
             loss = t.model(**batch).loss
             t.model.backward(loss)  # divides by grad_accum itself
             t.model.step()  # optimizer + scheduler only at the accumulation boundary
-            step_loss += float(loss.detach()) / len(batches)
+            step_loss = step_loss + loss.detach().float() / len(batches)
             continue
         # DDP all-reduces gradients on the last micro batch only
         sync = t.model.no_sync() if t.ddp and k < len(batches) - 1 else nullcontext()
@@ -170,7 +172,7 @@ def optimizer_step(training: Training, batches: list[dict[str, Any]], device: An
             with t.autocast():
                 loss = t.model(**batch).loss / len(batches)
             t.scaler.scale(loss).backward()
-        step_loss += float(loss.detach())
+        step_loss = step_loss + loss.detach().float()
     if not t.deepspeed:
         if t.max_grad_norm:
             t.scaler.unscale_(t.optimizer)
@@ -179,7 +181,7 @@ def optimizer_step(training: Training, batches: list[dict[str, Any]], device: An
         t.scaler.update()
         t.scheduler.step()
         t.optimizer.zero_grad(set_to_none=True)
-    return step_loss
+    return float(step_loss)
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:

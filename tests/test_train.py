@@ -53,6 +53,24 @@ def test_quickstart_merged_model_reloads_without_peft_or_bitsandbytes(quickstart
     assert abs(accuracy - manifest["metrics"]["eval_accuracy"]) <= 0.05
 
 
+def test_parity_compares_the_logits_that_predict_answers():
+    """The export's parity check reads the positions whose next token is an answer token (what decoding
+    uses); a prompt position's logits may drift, an answer position's may not."""
+    import torch
+
+    from jobs.merge import parity_diff
+
+    labels = torch.tensor([[-100, -100, -100, 5, 6]])  # positions 2 and 3 predict the answer tokens 5, 6
+    ref = torch.randn(1, 5, 10)
+    got = ref.clone()
+    got[0, 0] += 3.0  # predicts a prompt token
+    got[0, 4] += 3.0  # predicts past the end
+    assert parity_diff(got, ref, labels)[0] == 0.0
+    got[0, 2, 7] += 0.5
+    diff, scale = parity_diff(got, ref, labels)
+    assert abs(diff - 0.5) < 1e-6 and scale == float(ref[0, 2:4].abs().max())
+
+
 def test_merged_logits_equal_adapter_on_4bit_base(quickstart_run):
     """Independently of the export's own check: the adapter over the 4-bit base (as trained) and the merged
     model give the same answers and logits within bf16 noise."""
