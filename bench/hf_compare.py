@@ -276,6 +276,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--rounds", type=int, default=2, help="A B rounds of the in-process contenders")
     ap.add_argument("--no-ray", action="store_true", help="skip the `rayft train` runs")
+    ap.add_argument("--ray-rounds", type=int, default=3, help="`rayft train` runs per method (methods alternated), median")
+    ap.add_argument(
+        "--ray-only", action="store_true",
+        help="keep the in-process numbers already in the results file and (re)measure only the `rayft train` runs",
+    )
     ap.add_argument("--name", default="hf_compare", help="results file name")
     ap.add_argument("--child", choices=["rayft", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--raw", help=argparse.SUPPRESS)
@@ -309,7 +314,13 @@ def main() -> None:
         "load_avg_start": load_start,
     }
     results: dict[str, Any] = {}
-    for method in args.methods:  # results are written after each method: a run cut short keeps what it measured
+    if args.ray_only:
+        from common import RESULTS
+
+        previous = json.loads((RESULTS / f"{args.name}.json").read_text())
+        results = {m: {k: v for k, v in r.items() if k != "rayft_train"} for m, r in previous["methods"].items() if m in args.methods}
+        setup = {**previous["setup"], "load_avg_start": load_start}
+    for method in [] if args.ray_only else args.methods:  # written after each method: a run cut short keeps what it measured
         print(f"{method}:", flush=True)
         raw = job_raw(method, model_dir, data, steps, work / "runs")
         results[method] = alternate(
@@ -323,12 +334,15 @@ def main() -> None:
         from orchestrator import launch
 
         launch.ensure_local_ray(os.cpu_count() or 1)
-        for method in args.methods:
-            print(f"{method}: rayft train (local Ray)", flush=True)
-            out = run_rayft_train(job_raw(method, model_dir, data, steps, work / "runs"), args.warmup)
-            results[method]["rayft_train"] = {"runs": [out], "median": out}
-            print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()), flush=True)
-            save(args.name, setup, results, t0)
+        print(f"rayft train (local Ray), methods alternated, {args.ray_rounds} round(s)", flush=True)
+        runs = alternate(
+            {m: (lambda m=m: run_rayft_train(job_raw(m, model_dir, data, steps, work / "runs"), args.warmup)) for m in args.methods},
+            rounds=args.ray_rounds,
+        )
+        for method, r in runs.items():
+            errors = [run["export_error"] for run in r["runs"] if run["export_error"]]
+            results[method]["rayft_train"] = {"runs": r["runs"], "median": {**r["median"], "export_error": errors[0] if errors else None}}
+        save(args.name, setup, results, t0)
         ray.shutdown()
     print_table(setup, results)
 
@@ -345,7 +359,8 @@ def save(name: str, setup: dict[str, Any], results: dict[str, Any], t0: float) -
         ]
         if "rayft_train" in r:
             ray = r["rayft_train"]["median"]
-            ray_note = "local Ray, 1 worker x all cores, one run; baseline: HF Trainer in-process"
+            n = len(r["rayft_train"]["runs"])
+            ray_note = f"local Ray, 1 worker x all cores, median of {n} run(s); baseline: HF Trainer in-process"
             if ray["export_error"]:
                 ray_note += f"; trained, but the export refused: {ray['export_error']}"
             summary.append(summary_row(f"{method} samples/s via `rayft train`", ray["samples_per_s"], b["samples_per_s"], ray_note))
