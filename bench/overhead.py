@@ -76,14 +76,20 @@ def rayft_train(job_file: Path, out: Path, sets: list[str]) -> dict[str, float]:
     return {**timings, "outside_first_step_s": first["time"] - launched, "outside_wall_s": wall}
 
 
+def measured_child(args: list[str], ready_stamp: str) -> dict[str, float]:
+    """Run this script with `args` (a `--floor` or `--ray-floor` child) and read the stamps it prints as its
+    last line: its spans, and process launch -> its `ready_stamp` seen from outside."""
+    launched = time.time()
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{args[0]} failed:\n{proc.stderr[-3000:]}")
+    done = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"outside_first_step_s": done[ready_stamp] - launched, **{k: v for k, v in done.items() if k.endswith("_s")}}
+
+
 def floor(job_file: Path, out: Path) -> dict[str, float]:
     """The same set-up and one optimizer step, in a plain process (`--floor`)."""
-    launched = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--floor", str(job_file), str(out)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"floor failed:\n{proc.stderr[-3000:]}")
-    done = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"outside_first_step_s": done["first_step_done"] - launched, **{k: v for k, v in done.items() if k.endswith("_s")}}
+    return measured_child(["--floor", str(job_file), str(out)], "first_step_done")
 
 
 def floor_main(job_file: str, out: str) -> None:
@@ -126,12 +132,7 @@ def floor_main(job_file: str, out: str) -> None:
 
 def ray_floor(out: Path) -> dict[str, float]:
     """Ray Train's own start-up on this machine (`--ray-floor`): process start -> a no-op train function runs."""
-    launched = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--ray-floor", str(out)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"ray floor failed:\n{proc.stderr[-3000:]}")
-    done = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"outside_first_step_s": done["fn_started"] - launched, **{k: v for k, v in done.items() if k.endswith("_s")}}
+    return measured_child(["--ray-floor", str(out)], "fn_started")
 
 
 def _note_time(config: dict[str, Any]) -> None:
@@ -223,23 +224,19 @@ def main() -> None:
           f"(ray.init {ray_only['ray_init_s']:.2f}, TorchTrainer {ray_only['trainer_build_s']:.2f}, fit -> function {ray_only['worker_start_s']:.2f})")
     print(f"wall {short['wall_s']:.1f} s, summed step time {short['steps_s']:.2f} s, overhead {short['overhead_pct']:.1f}%")
 
+    def first_step_row(measure: str, baseline: dict[str, float], note: str) -> dict[str, Any]:
+        first, base = short["start_to_first_step_s"], baseline["outside_first_step_s"]
+        return {"benchmark": "overhead", "measure": measure, "rayft": round(first, 2), "baseline": round(base, 2), "ratio": round(first / base, 2), "note": note}
+
     summary = [
-        {
-            "benchmark": "overhead",
-            "measure": "start -> first optimizer step (s), QLoRA quickstart job",
-            "rayft": round(short["start_to_first_step_s"], 2),
-            "baseline": round(plain["outside_first_step_s"], 2),
-            "ratio": round(short["start_to_first_step_s"] / plain["outside_first_step_s"], 2),
-            "note": "goal <= 10 s; baseline: the same set-up + one step in a plain process, no Ray",
-        },
-        {
-            "benchmark": "overhead",
-            "measure": "start -> first optimizer step (s) vs Ray Train alone",
-            "rayft": round(short["start_to_first_step_s"], 2),
-            "baseline": round(ray_only["outside_first_step_s"], 2),
-            "ratio": round(short["start_to_first_step_s"] / ray_only["outside_first_step_s"], 2),
-            "note": "baseline: rayft's embedded Ray + a 1-worker TorchTrainer whose train function does nothing",
-        },
+        first_step_row(
+            "start -> first optimizer step (s), QLoRA quickstart job", plain, "goal <= 10 s; baseline: the same set-up + one step in a plain process, no Ray"
+        ),
+        first_step_row(
+            "start -> first optimizer step (s) vs Ray Train alone",
+            ray_only,
+            "baseline: rayft's embedded Ray + a 1-worker TorchTrainer whose train function does nothing",
+        ),
         {
             "benchmark": "overhead",
             "measure": f"(wall - summed step time) / wall, {short['wall_s']:.0f} s run",
