@@ -1,8 +1,8 @@
-"""Rows in, batches out: Parquet/JSONL through pyarrow, row validation, encoding with the model's own
-processor and chat template, and collation with loss on the answer tokens only.
+"""Rows in, batches out: row validation, encoding with the model's own processor and chat template, and
+collation with loss on the answer tokens only. These are per-row functions: Ray Data tasks call them
+(`jobs/stream.py`), and so do in-process callers (the merge's parity check, benchmarks, tests).
 
-`check_rows` needs only pyarrow and PIL: the controller runs it before Ray starts. `encode_rows` needs the
-processor and runs in each worker before its first step, so a row too long fails before training too.
+`check_rows` and `read_table` need only pyarrow and PIL; encoding needs the processor.
 """
 
 from __future__ import annotations
@@ -12,28 +12,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jobs.rowstore import DataError
+
 if TYPE_CHECKING:
     import pyarrow as pa
     import torch
 
     from orchestrator.config import DataConfig
 
+__all__ = ["DataError"]
 IGNORE_INDEX = -100
-MAX_LISTED = 20
 # Token-level tensors a processor may return beside input_ids, and the value answer tokens get:
 # Qwen2-VL's mm_token_type_ids mark image tokens (answer tokens are text: 0); PaliGemma's token_type_ids
 # mark the suffix (1), which makes the answer causal rather than part of the bidirectional prefix.
 TOKEN_LEVEL_FILL = {"mm_token_type_ids": 0, "token_type_ids": 1}
 
 
-class DataError(ValueError):
-    """Every bad row found, each naming its file and row."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        shown = problems[:MAX_LISTED]
-        more = f"\n... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        super().__init__("\n".join(shown) + more)
+def columns(cfg: DataConfig, needs_image: bool) -> list[str]:
+    """The columns a job reads from its data files."""
+    text = [cfg.messages] if cfg.messages else [cfg.prompt, cfg.answer]
+    return text + ([cfg.image] if needs_image else [])
 
 
 def read_table(path: str | Path) -> pa.Table:
@@ -70,8 +68,26 @@ def load_image(value: Any, data_file: Path):
     return img.convert("RGB")
 
 
+def check_row(row: dict[str, Any], cfg: DataConfig, needs_image: bool, data_file: Path) -> list[str]:
+    """What is wrong with one row (empty when nothing): its conversation, and its image decodes."""
+    problems = []
+    try:
+        conversation(row, cfg)
+    except ValueError as e:
+        problems.append(str(e))
+    if needs_image:
+        try:
+            load_image(row[cfg.image], data_file)
+        except FileNotFoundError as e:
+            problems.append(str(e))
+        except Exception as e:
+            problems.append(f"image does not decode ({type(e).__name__}: {e})")
+    return problems
+
+
 def check_rows(data_file: str | Path, cfg: DataConfig, needs_image: bool) -> int:
-    """Validate every row of one data file; returns the row count or raises DataError listing every bad row."""
+    """Validate every row of one data file in this process; returns the row count or raises DataError
+    listing every bad row. (Training validates through Ray Data instead: jobs/stream.py.)"""
     data_file = Path(data_file)
     try:
         table = read_table(data_file)
@@ -79,29 +95,14 @@ def check_rows(data_file: str | Path, cfg: DataConfig, needs_image: bool) -> int
         raise
     except Exception as e:  # pyarrow's parse errors name the problem; add the file
         raise DataError([f"{data_file}: cannot be read ({e})"]) from None
-    text_columns = [cfg.messages] if cfg.messages else [cfg.prompt, cfg.answer]
-    columns = text_columns + ([cfg.image] if needs_image else [])
-    missing = [c for c in columns if c not in table.column_names]
+    missing = [c for c in columns(cfg, needs_image) if c not in table.column_names]
     if missing:
         raise DataError(
             [f"{data_file}: missing column `{c}` (has: {', '.join(table.column_names)}); set data.{_key(cfg, c)} to the right column" for c in missing]
         )
     if table.num_rows == 0:
         raise DataError([f"{data_file}: no rows"])
-    problems = []
-    images = table.column(cfg.image).to_pylist() if needs_image else [None] * table.num_rows
-    for i, image in enumerate(images):
-        try:
-            conversation(table, i, cfg)
-        except ValueError as e:
-            problems.append(f"{data_file} row {i}: {e}")
-        if needs_image:
-            try:
-                load_image(image, data_file)
-            except FileNotFoundError as e:
-                problems.append(f"{data_file} row {i}: {e}")
-            except Exception as e:
-                problems.append(f"{data_file} row {i}: image does not decode ({type(e).__name__}: {e})")
+    problems = [f"{data_file} row {i}: {p}" for i, row in enumerate(table.to_pylist()) for p in check_row(row, cfg, needs_image, data_file)]
     if problems:
         raise DataError(problems)
     return table.num_rows
@@ -111,10 +112,10 @@ def _key(cfg: DataConfig, column: str) -> str:
     return next(k for k in ("messages", "image", "prompt", "answer") if getattr(cfg, k) == column)
 
 
-def conversation(table: pa.Table, i: int, cfg: DataConfig) -> tuple[list[dict[str, str]], str]:
-    """Row i as (messages before the answer, answer). Raises ValueError saying what is wrong with the row."""
+def conversation(row: dict[str, Any], cfg: DataConfig) -> tuple[list[dict[str, str]], str]:
+    """A row as (messages before the answer, answer). Raises ValueError saying what is wrong with the row."""
     if cfg.messages:
-        messages = table.column(cfg.messages)[i].as_py()
+        messages = row[cfg.messages]
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"no messages (column `{cfg.messages}`)")
         if any(not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str) for m in messages):
@@ -126,7 +127,7 @@ def conversation(table: pa.Table, i: int, cfg: DataConfig) -> tuple[list[dict[st
         history = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
         answer = messages[-1]["content"]
     else:
-        prompt, answer = table.column(cfg.prompt)[i].as_py(), table.column(cfg.answer)[i].as_py()
+        prompt, answer = row[cfg.prompt], row[cfg.answer]
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"empty prompt (column `{cfg.prompt}`)")
         history = [{"role": "user", "content": prompt}]
@@ -167,6 +168,52 @@ def prompt_text(processor: Any, history: list[dict[str, str]] | str, with_image:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def encode_row(row: dict[str, Any], i: int, cfg: DataConfig, processor: Any, with_image: bool, data_file: Path) -> Encoded:
+    """One row tokenized with the model's processor, whatever its length (callers check data.max_length).
+    Raises ValueError (bad conversation) or the image's decoding error."""
+    import torch
+    from PIL import Image
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    history, answer = conversation(row, cfg)
+    text = prompt_text(processor, history, with_image)
+    if with_image:
+        image = load_image(row[cfg.image], data_file)
+        if cfg.blind:  # a uniform grey image of the same size: no information, same token layout
+            image = Image.new("RGB", image.size, (128, 128, 128))
+        enc = processor(images=[image], text=[text], return_tensors="pt")
+    else:
+        enc = tokenizer([text], return_tensors="pt", add_special_tokens=False)
+    prompt_ids = enc["input_ids"][0]
+    answer_ids = torch.tensor(answer_token_ids(tokenizer, answer), dtype=torch.long)
+    extras = {}
+    for key, value in enc.items():
+        # labels: ours (answer tokens only); PaliGemma's processor returns its own prompt-length ones.
+        if key in ("input_ids", "attention_mask", "labels") or not isinstance(value, torch.Tensor):
+            continue
+        if key in TOKEN_LEVEL_FILL:
+            fill = torch.full((len(answer_ids),), TOKEN_LEVEL_FILL[key], dtype=value.dtype)
+            value = torch.cat([value[0], fill])
+        extras[key] = value
+    return Encoded(
+        input_ids=torch.cat([prompt_ids, answer_ids]),
+        labels=torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids]),
+        extras=extras,
+        row=i,
+    )
+
+
+def answer_token_ids(tokenizer: Any, answer: str) -> list[int]:
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def too_long_message(data_file: Path | str, i: int, length: int, cfg: DataConfig) -> str:
+    return (
+        f"{data_file} row {i}: longer than data.max_length={cfg.max_length} ({length} tokens, image tokens included); "
+        "raise data.max_length or set data.too_long: drop"
+    )
+
+
 def encode_rows(
     data_file: str | Path,
     cfg: DataConfig,
@@ -174,63 +221,24 @@ def encode_rows(
     with_image: bool,
     rows: list[int] | None = None,
 ) -> tuple[list[Encoded], list[int]]:
-    """Tokenize rows (all, or the given indices) with the model's processor. Returns (examples, dropped rows).
+    """Tokenize rows of a file (all, or the given indices) in this process. Returns (examples, dropped rows).
 
     Never truncates: a row longer than data.max_length is an error naming it, or dropped and counted
     when data.too_long is `drop`, so image tokens are never cut.
     """
-    import torch
-    from PIL import Image
-
     data_file = Path(data_file)
     table = read_table(data_file)
-    tokenizer = getattr(processor, "tokenizer", processor)
     indices = list(range(table.num_rows)) if rows is None else rows
-    images = table.column(cfg.image).to_pylist() if with_image else None
     examples, dropped, too_long = [], [], []
     for i in indices:
-        history, answer = conversation(table, i, cfg)
-        text = prompt_text(processor, history, with_image)
-        if with_image:
-            image = load_image(images[i], data_file)
-            if cfg.blind:  # a uniform grey image of the same size: no information, same token layout
-                image = Image.new("RGB", image.size, (128, 128, 128))
-            enc = processor(images=[image], text=[text], return_tensors="pt")
-        else:
-            enc = tokenizer([text], return_tensors="pt", add_special_tokens=False)
-        prompt_ids = enc["input_ids"][0]
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        answer_ids = torch.tensor(answer_ids, dtype=torch.long)
-        length = len(prompt_ids) + len(answer_ids)
-        if length > cfg.max_length:
-            (dropped if cfg.too_long == "drop" else too_long).append(i)
+        e = encode_row(table.slice(i, 1).to_pylist()[0], i, cfg, processor, with_image, data_file)
+        if len(e.input_ids) > cfg.max_length:
+            (dropped if cfg.too_long == "drop" else too_long).append((i, len(e.input_ids)))
             continue
-        extras = {}
-        for key, value in enc.items():
-            # labels: ours (answer tokens only); PaliGemma's processor returns its own prompt-length ones.
-            if key in ("input_ids", "attention_mask", "labels") or not isinstance(value, torch.Tensor):
-                continue
-            if key in TOKEN_LEVEL_FILL:
-                fill = torch.full((len(answer_ids),), TOKEN_LEVEL_FILL[key], dtype=value.dtype)
-                value = torch.cat([value[0], fill])
-            extras[key] = value
-        examples.append(
-            Encoded(
-                input_ids=torch.cat([prompt_ids, answer_ids]),
-                labels=torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids]),
-                extras=extras,
-                row=i,
-            )
-        )
+        examples.append(e)
     if too_long:
-        raise DataError(
-            [
-                f"{data_file} row {i}: longer than data.max_length={cfg.max_length} tokens (image tokens included); "
-                "raise data.max_length or set data.too_long: drop"
-                for i in too_long
-            ]
-        )
-    return examples, dropped
+        raise DataError([too_long_message(data_file, i, n, cfg) for i, n in too_long])
+    return examples, [i for i, _ in dropped]
 
 
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

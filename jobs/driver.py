@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
     from orchestrator.planner import Budget
 
 CHECKPOINTS = "checkpoints"
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+DATA_CACHE = ".rayft-data"  # row stores and validation indexes, beside the run directories (output/ or a search)
 
 
 @dataclass(frozen=True)
@@ -21,22 +24,54 @@ class Resources:
     cpus_per_worker: int
 
 
-def build_trainer(job: JobConfig, run_dir: Path, resources: Resources, callbacks: list[Any] | None = None, keep_best: str | None = None) -> Any:
-    """A TorchTrainer whose storage is <run_dir>/checkpoints. Building it again with the same run_dir
-    resumes from the newest checkpoint there (Ray reuses the run name). keep_best ("metric:max|min")
-    keeps the best checkpoints rather than the newest (a Tune trial's best is what a search exports)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def resume_step(run_dir: Path) -> int:
+    """The step of the checkpoint Ray Train restores in run_dir (its latest registered one), or 0."""
+    snapshot = run_dir / CHECKPOINTS / SNAPSHOT
+    if not snapshot.is_file():
+        return 0
+    latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    meta = run_dir / CHECKPOINTS / latest / "metrics.json" if latest else None
+    return int(json.loads(meta.read_text())["step"]) if meta and meta.is_file() else 0
+
+
+def build_trainer(
+    job: JobConfig, run_dir: Path, resources: Resources, indexes: dict[str, Any], callbacks: list[Any] | None = None, keep_best: str | None = None
+) -> Any:
+    """A TorchTrainer whose storage is <run_dir>/checkpoints, fed by one Ray Data stream per worker
+    (jobs/stream.py) from the data's validated `indexes`. Building it again with the same run_dir resumes
+    from the newest checkpoint there (Ray reuses the run name), and the streams start at that step.
+    keep_best ("metric:max|min") keeps the best checkpoints rather than the newest (a Tune trial's best
+    is what a search exports)."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from jobs import stream
     from jobs.train_loop import train_fn_per_worker
 
+    plan = stream.plan(job, indexes, job.scaling.workers, resume_step(run_dir))
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
             "job": job.model_dump(mode="json"),
             "run_dir": str(run_dir),
             "cpus_per_worker": resources.cpus_per_worker,
+            # a fault drill: RAYFT_FAULT_AT_STEP=N makes the workers fail after step N (rehearse --resume)
+            "fault_at_step": int(os.environ.get("RAYFT_FAULT_AT_STEP") or 0),
+            "data": {
+                "total_steps": plan.total_steps,
+                "epoch_starts": plan.epoch_starts,
+                "rows": plan.rows,
+                "dropped_rows": plan.dropped_rows,
+                "eval_rows": plan.eval_rows,
+                "validation": {k: v.cached for k, v in indexes.items()},
+                "datasets": sorted(plan.datasets),
+            },
         },
+        datasets=plan.datasets,
+        # every worker reads only the datasets named after its rank: nothing is split, and each stream's
+        # output keeps its input's order (the schedule's)
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=job.scaling.workers,
@@ -58,10 +93,6 @@ def build_trainer(job: JobConfig, run_dir: Path, resources: Resources, callbacks
     )
 
 
-def fit(job: JobConfig, run_dir: Path, resources: Resources) -> Any:
-    return build_trainer(job, run_dir, resources).fit()
-
-
 def tune_trial(
     overrides: dict[str, Any], base: dict[str, Any], search_dir: str, resources: Resources, keep_best: str, budget: Budget | None = None
 ) -> None:
@@ -71,6 +102,7 @@ def tune_trial(
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from jobs import stream
     from orchestrator.config import apply_overrides, build_job, to_yaml
     from orchestrator.search import trial_fits
 
@@ -82,7 +114,10 @@ def tune_trial(
     (trial_dir / "error.txt").unlink(missing_ok=True)  # a restored trial starts clean (an interrupt may have left one)
     if not trial_fits(job, trial_dir, budget):
         return
-    trainer = build_trainer(job, trial_dir, resources, callbacks=[TuneReportCallback()], keep_best=keep_best)
+    # The data is validated once per search (the driver's pass is cached beside the row store); a trial
+    # whose model or columns differ from the base job's gets its own pass here.
+    indexes = stream.index(job, stream.build_stores(job, Path(search_dir) / DATA_CACHE))
+    trainer = build_trainer(job, trial_dir, resources, indexes, callbacks=[TuneReportCallback()], keep_best=keep_best)
     try:
         trainer.fit()
     except Exception as e:  # recorded for the results table; Tune marks the trial errored and goes on

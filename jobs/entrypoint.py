@@ -79,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator import launch
     from orchestrator.config import ConfigError, load_job
 
+    is_uri = "://" in args.run_dir
+    run_dir = Path(tempfile.mkdtemp(prefix="rayft-run-")) / Path(args.run_dir).name if is_uri else Path(args.run_dir)
     try:
         job, warnings = load_job(args.job_file)
-        launch.preflight(job)
+        launch.preflight(job, launch.data_cache(job, run_dir))
     except ConfigError as e:
         print("rayft: the job's inputs are not usable on the cluster:", *(f"  {p}" for p in e.problems), sep="\n", flush=True)
         return 2
@@ -92,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {w}", flush=True)
     print(INPUTS_OK, flush=True)
 
-    is_uri = "://" in args.run_dir
-    run_dir = Path(tempfile.mkdtemp(prefix="rayft-run-")) / Path(args.run_dir).name if is_uri else Path(args.run_dir)
     print(f"rayft: run directory {args.run_dir}", flush=True)
     try:
         outcome = launch.train(job, run_dir=run_dir, connect=True, progress=True)

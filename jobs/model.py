@@ -36,11 +36,45 @@ def model_class(arch: Architecture):
     return AutoModelForImageTextToText if arch.kind == "vlm" else AutoModelForCausalLM
 
 
+def qwen2_vl_image_only_processor(arch_name: str = "qwen2_vl") -> type:
+    """Qwen2-VL's (or Qwen2.5-VL's) processor without its video processor, which needs torchvision.
+
+    A checkpoint saved by stock transformers names the stock class, whose video processor raises
+    ImportError without torchvision, and AutoProcessor.register cannot override the class named in the
+    file; this subclass's own from_pretrained loads the image processor and tokenizer and ignores the
+    video entry (shared/PLATFORM.md)."""
+    from transformers import (
+        AutoProcessor,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLProcessor,
+        Qwen2VLConfig,
+        Qwen2VLProcessor,
+    )
+    from transformers.processing_utils import ProcessorMixin
+
+    base, config = (Qwen2_5_VLProcessor, Qwen2_5_VLConfig) if arch_name == "qwen2_5_vl" else (Qwen2VLProcessor, Qwen2VLConfig)
+
+    class ImageOnlyProcessor(base):  # type: ignore[misc, valid-type]
+        def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any):
+            self.image_token = tokenizer.image_token
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token, self.video_token_id = "<|video_pad|>", tokenizer.convert_tokens_to_ids("<|video_pad|>")
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = f"{base.__name__}ImageOnly"
+    AutoProcessor.register(config, ImageOnlyProcessor, exist_ok=True)
+    return ImageOnlyProcessor
+
+
 def load_processor(model_dir: str, arch: Architecture):
+    import importlib.util
+
     from transformers import AutoProcessor, AutoTokenizer
 
     if arch.kind == "text":
         return AutoTokenizer.from_pretrained(model_dir)
+    if arch.name in ("qwen2_vl", "qwen2_5_vl") and importlib.util.find_spec("torchvision") is None:
+        return qwen2_vl_image_only_processor(arch.name).from_pretrained(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
     if not hasattr(processor, "image_processor"):
         raise RuntimeError(

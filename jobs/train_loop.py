@@ -19,13 +19,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from jobs import data as data_mod
-from jobs import zero
+from jobs import stream, zero
+from jobs.batching import epoch_of
 from jobs.evaluate import evaluate
 from jobs.model import (
     build_model,
     count_parameters,
-    load_processor,
     load_trainable_state,
     torch_dtype,
     trainable_state,
@@ -45,35 +44,6 @@ def lr_lambda(step: int, total: int, warmup: int, schedule: str) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
-
-
-def plan_steps(job: JobConfig, n_rows: int, world: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps). A global micro batch is micro_batch_size rows
-    per worker; the remainder of an epoch that fills no global micro batch is skipped."""
-    micro_batches = n_rows // (job.train.micro_batch_size * world)
-    if micro_batches == 0:
-        raise data_mod.DataError(
-            [f"{job.data.train}: {n_rows} rows cannot fill one global micro batch ({job.train.micro_batch_size} x {world} workers)"]
-        )
-    per_epoch = max(1, micro_batches // job.train.grad_accum)
-    total = job.train.max_steps or per_epoch * job.train.epochs
-    return per_epoch, total
-
-
-def micro_batches_for_step(step: int, n_rows: int, job: JobConfig, per_epoch: int, rank: int, world: int) -> list[list[int]]:
-    """This worker's row indices for each micro batch of optimizer step `step`.
-
-    One seeded permutation of all rows per epoch; global micro batch m is rows [m*G, (m+1)*G) of it
-    (G = micro_batch_size x workers) and worker r takes its r-th slice. So N workers see exactly the
-    batches one worker with an N-times larger micro batch would, and a resumed run sees the batches it
-    would have seen."""
-    import torch
-
-    epoch, within = divmod(step, per_epoch)
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(job.train.seed * 1000 + epoch)).tolist()
-    mbs = job.train.micro_batch_size
-    first = within * job.train.grad_accum
-    return [order[(m * world + rank) * mbs : (m * world + rank + 1) * mbs] for m in range(first, first + job.train.grad_accum)]
 
 
 def to_device(batch: dict[str, Any], device: Any, float_dtype: Any = None) -> dict[str, Any]:
@@ -202,21 +172,22 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     arch = architectures.for_model_dir(job.model)
-    with_image = arch.kind == "vlm"
     t_setup = time.time()
 
-    processor = load_processor(job.model, arch)
-    pad_id = getattr(processor, "tokenizer", processor).pad_token_id or 0
-    # Every worker encodes every training row (the batch schedule is global); eval rows are sharded.
-    train_rows, dropped = data_mod.encode_rows(job.data.train, job.data, processor, with_image)
-    eval_batches = []
-    if job.data.eval:
-        n_eval = data_mod.read_table(job.data.eval).num_rows
-        eval_rows, _ = data_mod.encode_rows(job.data.eval, job.data, processor, with_image, list(range(rank, n_eval, world)))
-        mbs = job.train.micro_batch_size
-        eval_batches = [data_mod.collate(eval_rows[i : i + mbs], pad_id) for i in range(0, len(eval_rows), mbs)]
+    # The data arrives from Ray Data already encoded (jobs/stream.py): this worker's micro batches of the
+    # global schedule, in step order, and its share of the eval rows.
+    plan = config["data"]
+    total_steps, epoch_starts = plan["total_steps"], plan["epoch_starts"]
+    train_shard = ray.train.get_dataset_shard(f"train_{rank}")
+    has_eval = plan["eval_rows"] > 0  # every rank takes part in an eval (it ends in an all-reduce), even one with no rows
+    eval_shard = ray.train.get_dataset_shard(f"eval_{rank}") if f"eval_{rank}" in plan["datasets"] else None
+
+    def eval_batches() -> Any:
+        return (tensors for _, _, _, tensors in stream.micro_batches(eval_shard)) if eval_shard is not None else iter(())
+
+    rows_log = run_dir / "rows" / f"rank-{rank}.jsonl"  # which rows each step trained on (exactly-once checks)
+    rows_log.parent.mkdir(exist_ok=True)
     clock["data_encoded"] = time.time()
-    per_epoch, total_steps = plan_steps(job, len(train_rows), world)
     warmup = int(job.train.warmup_ratio * total_steps)
     schedule = partial(lr_lambda, total=total_steps, warmup=warmup, schedule=job.train.schedule)
 
@@ -278,9 +249,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "event": "start",
             "step": start_step,
             "total_steps": total_steps,
-            "rows": len(train_rows),
+            "rows": plan["rows"],
             "zero_stage": job.deepspeed.stage if job.deepspeed else None,
-            "dropped_rows": len(dropped),
+            "dropped_rows": plan["dropped_rows"],
+            "validation_cached": plan["validation"],
             "trainable_params": trainable,
             "total_params": total,
             "world_size": world,
@@ -290,21 +262,35 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "clock": {**clock, "model_loaded": time.time()},
         }
     )
-    if start_step == 0 and eval_batches:  # the "before" number
-        before = evaluate(model, eval_batches, device, training.autocast, training.input_dtype)
+    if start_step == 0 and has_eval:  # the "before" number
+        before = evaluate(model, eval_batches(), device, training.autocast, training.input_dtype)
         log({"event": "eval", "step": 0, **before})
         ray.train.report({"step": 0, **before})
 
     # ---- optimizer steps --------------------------------------------------------------------------
     model.train()
     memory_logged = False
-    window_loss, window_steps, window_tokens, window_samples, window_t0 = 0.0, 0, 0, 0, time.time()
+    window_loss, window_steps, window_tokens, window_padded, window_samples, window_t0 = 0.0, 0, 0, 0, 0, time.time()
+    data_wait_s = 0.0  # time waiting for the stream's next micro batches (the data path's cost to training)
     steps_s = 0.0  # time in optimizer steps (forward, backward, update); evals, reports, checkpoints excluded
+    stream_items = stream.micro_batches(train_shard)
     for step in range(start_step, total_steps):
+        t_wait = time.time()
+        micro, batches = [], []
+        for k in range(job.train.grad_accum):
+            got_step, got_micro, rows, tensors = next(stream_items)
+            while got_step < step:  # a restart from an older checkpoint than the driver planned for
+                got_step, got_micro, rows, tensors = next(stream_items)
+            if (got_step, got_micro) != (step, k):
+                raise RuntimeError(f"data stream out of order: expected step {step} micro batch {k}, got {got_step}/{got_micro}")
+            micro.append(rows)
+            batches.append(tensors)
         t_step = time.time()
-        micro = micro_batches_for_step(step, len(train_rows), job, per_epoch, rank, world)
-        batches = [data_mod.collate([train_rows[i] for i in rows], pad_id) for rows in micro]
+        data_wait_s += t_step - t_wait
+        with rows_log.open("a") as f:
+            f.write(json.dumps({"step": step + 1, "rows": micro}) + "\n")
         window_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+        window_padded += sum(b["attention_mask"].numel() for b in batches)
         window_samples += sum(len(rows) for rows in micro)
         step_loss = optimizer_step(training, batches, device)
         if not math.isfinite(step_loss):
@@ -316,25 +302,28 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             log({"event": "first_step", "step": step + 1, "step_s": t_done - t_step, "time": t_done})
 
         done = step + 1
+        if done == config["fault_at_step"]:
+            raise RuntimeError(f"RAYFT_FAULT_AT_STEP={done}: fault injected after step {done}")
         is_last = done == total_steps
-        do_eval = bool(eval_batches) and (done % job.train.eval_every == 0 or is_last)
+        do_eval = has_eval and (done % job.train.eval_every == 0 or is_last)
         do_ckpt = done % job.train.checkpoint_every == 0 or is_last
         if done % job.train.log_every == 0 or do_eval or do_ckpt:
             elapsed = time.time() - window_t0
             # the loss of the global batch: the mean over workers of each worker's mean
-            sums = torch.tensor([window_tokens, window_samples, window_loss], dtype=torch.float64)
+            sums = torch.tensor([window_tokens, window_samples, window_loss, window_padded], dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(sums)
             metrics = {
                 "step": done,
-                "epoch": round(done / per_epoch, 3),
+                "epoch": round(epoch_of(done, epoch_starts, total_steps), 3),
                 "train_loss": float(sums[2]) / world / window_steps,
                 "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": float(sums[0]) / elapsed,
+                "tokens_per_s": float(sums[0]) / elapsed,  # useful (non-pad) tokens
+                "padding": 1 - float(sums[0]) / max(1.0, float(sums[3])),
                 "samples_per_s": float(sums[1]) / elapsed,
                 "steps_per_s": window_steps / elapsed,
             }
-            window_loss, window_steps, window_tokens, window_samples = 0.0, 0, 0, 0
+            window_loss, window_steps, window_tokens, window_padded, window_samples = 0.0, 0, 0, 0, 0
             metrics["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's peak
             if device.type == "cuda":
                 metrics["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -342,9 +331,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 metrics.update(zero.memory_breakdown(model, world))
                 memory_logged = True
             if do_eval:
-                metrics.update(evaluate(model, eval_batches, device, training.autocast, training.input_dtype))
+                metrics.update(evaluate(model, eval_batches(), device, training.autocast, training.input_dtype))
             log({"event": "eval" if do_eval else "train", **metrics})
             if do_eval or do_ckpt:
                 ray.train.report(metrics, checkpoint=save_checkpoint(done, metrics) if do_ckpt else None)
             window_t0 = time.time()
-    log({"event": "end", "step": total_steps, "steps_s": steps_s, "time": time.time()})
+    log({"event": "end", "step": total_steps, "steps_s": steps_s, "data_wait_s": round(data_wait_s, 3), "time": time.time()})

@@ -142,6 +142,7 @@ def train(
 @click.option("--json", "as_json", is_flag=True)
 def tune(job_file: str, sets: tuple[str, ...], resume: Path | None, no_fit_check: bool, memory_limit: int | None, as_json: bool) -> None:
     """Ray Tune search over the job's tune: space; exports the best trial's merged model."""
+    from jobs.data import DataError
     from orchestrator import launch, planner, search
     from orchestrator.config import load_search
 
@@ -155,6 +156,8 @@ def tune(job_file: str, sets: tuple[str, ...], resume: Path | None, no_fit_check
         summary = search.run(job, base, resume=resume, stream=sys.stdout, fit_check=not no_fit_check, memory_limit=memory_limit)
     except planner.DoesNotFit as e:
         _fail(f"{e}\n(--no-fit-check launches it anyway)", 2)
+    except DataError as e:
+        _fail(f"bad data rows:\n{e}", 2)
     except KeyboardInterrupt:
         _fail("interrupted; continue with: rayft tune JOB --resume SEARCH_DIR", 130)
     except launch.RunFailed as e:

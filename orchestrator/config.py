@@ -49,6 +49,12 @@ class DataConfig(_Section):
     """What to do with a row longer than max_length: fail naming the row, or drop and count it."""
     blind: bool = False
     """Replace every image by a uniform grey one (a control run: accuracy should stay at chance if the task needs the image)."""
+    batching: Literal["rows", "length_grouped", "tokens"] = "rows"
+    """How rows form micro batches: rows (train.micro_batch_size rows in shuffled order), length_grouped
+    (the same rows per batch, batched with rows of similar length: less padding), or tokens (as many rows
+    as fit data.batch_tokens padded tokens per worker)."""
+    batch_tokens: int | None = Field(None, ge=8)
+    """With batching: tokens, the padded tokens (rows x longest row) of one worker's micro batch; at least data.max_length."""
 
 
 class LoraConfig(_Section):
@@ -368,6 +374,15 @@ def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = N
                 "set method: qlora, or quantization.type: none",
             )
         )
+    if job.data.batching == "tokens" and job.data.batch_tokens is None:
+        problems.append(Problem("data.batch_tokens", "batching: tokens needs a token budget", f"set data.batch_tokens, e.g. {job.train.micro_batch_size * job.data.max_length}"))
+    elif job.data.batching == "tokens" and job.data.batch_tokens < job.data.max_length:  # type: ignore[operator]
+        problems.append(
+            Problem("data.batch_tokens", f"{job.data.batch_tokens} is below data.max_length={job.data.max_length}: the longest row would not fit",
+                    f"set data.batch_tokens >= {job.data.max_length}")
+        )
+    elif job.data.batch_tokens is not None and job.data.batching != "tokens":
+        problems.append(Problem("data.batch_tokens", f"applies to batching: tokens, not {job.data.batching}", "set data.batching: tokens, or remove batch_tokens"))
     if isinstance(job.lora.targets, list) and not job.lora.targets:
         problems.append(Problem("lora.targets", "empty list", "use targets: auto or name at least one module"))
     if job.deepspeed is not None:

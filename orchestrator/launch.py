@@ -74,6 +74,9 @@ def resources_for(job: JobConfig):
 
 def ensure_local_ray(num_cpus: int, dashboard: bool = False, connect: bool = False) -> bool:
     """Start an embedded single-machine Ray unless one is already up in this process; True if started here.
+    num_cpus: what the training workers reserve; Ray gets as many logical CPUs again as the machine has
+    cores for the Ray Data tasks that decode and encode rows beside them (with none left, Ray Data waits
+    for CPUs forever).
     connect: join the cluster this process runs on instead (a job submitted with `rayft submit`).
 
     dashboard: also start the dashboard (on 127.0.0.1). Ray Train's PlacementGroupCleaner asks the State API,
@@ -102,7 +105,7 @@ def ensure_local_ray(num_cpus: int, dashboard: bool = False, connect: bool = Fal
     try:
         ray.init(
             address="local",
-            num_cpus=num_cpus,
+            num_cpus=num_cpus + data_cpus(),
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             log_to_driver=True,
@@ -115,6 +118,11 @@ def ensure_local_ray(num_cpus: int, dashboard: bool = False, connect: bool = Fal
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = previous
     return True
+
+
+def data_cpus() -> int:
+    """Logical CPUs an embedded Ray adds for Ray Data beside the training reservation: the machine's cores."""
+    return os.cpu_count() or 1
 
 
 def _free_port() -> int:
@@ -216,6 +224,12 @@ def _root_message(error: BaseException) -> str:
     cur: BaseException | None = error
     while cur is not None and cur not in seen:
         seen.append(cur)
+        failures = getattr(cur, "worker_failures", None)  # Ray Train V2: {rank: the worker's exception}
+        if isinstance(failures, dict) and failures:
+            cur = failures[min(failures)]
+            continue
+        if isinstance(getattr(cur, "problems", None), list):  # a DataError: its rows, without the traceback
+            return "\n".join(cur.problems)  # type: ignore[attr-defined]
         cur = cur.__cause__ or getattr(cur, "cause", None)
     for exc in reversed(seen):
         text = str(exc).strip()
@@ -301,13 +315,14 @@ def process_started() -> float:
 # train(); worker stamps from rank 0's records in metrics.jsonl (the same clock on one machine).
 SPANS = (
     ("startup_s", "started", "train_called"),  # interpreter, imports, job file, fit check
-    ("preflight_s", "train_called", "ray_starting"),  # every data row checked, run directory
+    ("preflight_s", "train_called", "ray_starting"),  # row stores (schema, row counts, image paths), run directory
     ("ray_init_s", "ray_starting", "ray_ready"),
-    ("trainer_build_s", "ray_ready", "trainer_built"),  # import ray.train + torch, TorchTrainer
+    ("validation_s", "ray_ready", "data_checked"),  # the Ray Data pass over every row (cached for resumes and searches)
+    ("trainer_build_s", "data_checked", "trainer_built"),  # import ray.train + torch, batch schedule, datasets, TorchTrainer
     ("worker_start_s", "trainer_built", "worker_started"),  # Ray Train controller, placement group, worker process
-    ("data_s", "worker_started", "data_encoded"),  # worker imports, processor, every row encoded
+    ("data_s", "worker_started", "data_encoded"),  # worker imports, its dataset shards
     ("model_s", "data_encoded", "model_loaded"),  # base (4-bit) + adapters + optimizer (+ checkpoint restored)
-    ("initial_eval_s", "model_loaded", "first_step_started"),  # the step-0 eval ("before" accuracy)
+    ("initial_eval_s", "model_loaded", "first_step_started"),  # the step-0 eval ("before" accuracy), the first batches streamed
     ("first_step_s", "first_step_started", "first_step_done"),
     ("training_s", "first_step_done", "worker_done"),  # the other steps, evals, checkpoints
     ("fit_teardown_s", "worker_done", "fit_returned"),
@@ -343,22 +358,20 @@ def timeline(stamps: dict[str, float], records: list[dict[str, Any]]) -> dict[st
     return out
 
 
-def preflight(job: JobConfig) -> dict[str, int]:
-    """Every bad row of every data file, before Ray starts."""
-    from jobs.data import DataError, check_rows
-    from orchestrator import architectures
+def data_cache(job: JobConfig, run_dir: Path | None = None) -> Path:
+    """Where row stores and validation indexes live: beside the run directories, shared by runs and resumes."""
+    from jobs.driver import DATA_CACHE
 
-    needs_image = architectures.for_model_dir(job.model).kind == "vlm"
-    counts, problems = {}, []
-    for key, path in (("train", job.data.train), ("eval", job.data.eval)):
-        if path:
-            try:
-                counts[key] = check_rows(path, job.data, needs_image)
-            except DataError as e:
-                problems.extend(e.problems)
-    if problems:
-        raise DataError(problems)
-    return counts
+    return (run_dir.parent if run_dir is not None else Path(job.output)) / DATA_CACHE
+
+
+def preflight(job: JobConfig, cache: Path) -> dict[str, Any]:
+    """The controller's data check, before Ray starts: each data file parses, has the job's columns and
+    rows, and its image paths exist; returns the row stores (jobs/rowstore.py). Every row is then checked
+    by a Ray Data pass (jobs/stream.py: index) before the first step."""
+    from jobs.stream import build_stores
+
+    return build_stores(job, cache)
 
 
 def train(
@@ -374,12 +387,15 @@ def train(
     """Run one job on an embedded local Ray, or (connect) on the cluster this process was submitted to.
     run_dir: where the run directory goes (default <output>/<name>-<timestamp>).
     started: when the user's command started (time.time()); the manifest's timings count from it."""
+    from jobs.data import DataError
     from jobs.driver import build_trainer
+    from jobs.stream import index
 
     stream = stream or sys.stdout
     t0 = time.time()
     stamps = {"started": started or t0, "train_called": t0}  # wall-clock moments for the manifest's timings
-    preflight(job)
+    created = not resume and (run_dir is None or not run_dir.exists())
+    stores = preflight(job, data_cache(job, resume.resolve() if resume else run_dir))
     if resume:
         run_dir = resume.resolve()
         if not (run_dir / "job.yaml").is_file():
@@ -407,12 +423,19 @@ def train(
         torch_import = threading.Thread(target=importlib.import_module, args=("torch",), daemon=True)
         torch_import.start()
         try:
-            started_ray = ensure_local_ray(max(os.cpu_count() or 1, resources.cpus_per_worker * job.scaling.workers), connect=connect)
+            started_ray = ensure_local_ray(resources.cpus_per_worker * job.scaling.workers, connect=connect)
             stamps["ray_ready"] = time.time()
+            try:
+                indexes = index(job, stores)  # every row checked and measured, in parallel, before any worker starts
+            except DataError:
+                if created:  # nothing trained: leave nothing behind
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise
+            stamps["data_checked"] = time.time()
             torch_import.join()
             with ProgressView(run_dir, user_stream, enabled=progress):
                 try:
-                    trainer = build_trainer(job, run_dir, resources)
+                    trainer = build_trainer(job, run_dir, resources, indexes)
                     stamps["trainer_built"] = time.time()
                     result = trainer.fit()
                 except SystemExit:  # Ray Train's own SIGINT handler aborts the run and exits

@@ -26,6 +26,7 @@ from orchestrator import planner
 from orchestrator.config import JobConfig, TuneConfig, apply_overrides, build_job, load_raw, to_yaml
 from orchestrator.launch import (
     RunFailed,
+    data_cpus,
     ensure_local_ray,
     export_run,
     output_to,
@@ -148,6 +149,12 @@ def run(
     with output_to(search_dir / "ray.log"):
         try:
             started = ensure_local_ray(cores, dashboard=True)
+            # Every row checked once for the whole search (cached beside the row stores); trials read the
+            # cached index, and a trial that changes the model or columns makes its own.
+            from jobs.driver import DATA_CACHE
+            from jobs.stream import build_stores, index
+
+            index(job, build_stores(job, search_dir / DATA_CACHE))
             trainable = rt.with_resources(
                 rt.with_parameters(
                     tune_trial, base=base, search_dir=str(search_dir), resources=resources, keep_best=f"{tune.metric}:{mode}", budget=budget
@@ -169,7 +176,8 @@ def run(
                     )
                 from ray.tune.search import BasicVariantGenerator
 
-                total_cpus = int(ray.cluster_resources().get("CPU", cores))
+                # an embedded Ray's extra logical CPUs are Ray Data's (launch.data_cpus), not the trials'
+                total_cpus = int(ray.cluster_resources().get("CPU", cores)) - (data_cpus() if started else 0)
                 total_gpus = int(ray.cluster_resources().get("GPU", 0))
                 tuner = rt.Tuner(
                     trainable,

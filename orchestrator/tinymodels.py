@@ -252,23 +252,11 @@ def build_tiny_idefics3(
 
 @functools.cache
 def qwen2_vl_image_processor_class() -> type:
-    """Qwen2VLProcessor without its video processor, which needs torchvision (not installable here).
+    """Qwen2VLProcessor without its video processor, which needs torchvision (not installable here);
+    registered with AutoProcessor for Qwen2-VL configs (jobs/model.py)."""
+    from jobs.model import qwen2_vl_image_only_processor
 
-    Registered with AutoProcessor for Qwen2-VL configs: without it AutoProcessor.from_pretrained silently
-    returns only the tokenizer. The registration is per process: call this before loading such a directory.
-    """
-    from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-        def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any):
-            self.image_token = tokenizer.image_token
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token, self.video_token_id = "<|video_pad|>", tokenizer.convert_tokens_to_ids("<|video_pad|>")
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    AutoProcessor.register(Qwen2VLConfig, Qwen2VLImageOnlyProcessor, exist_ok=True)
-    return Qwen2VLImageOnlyProcessor
+    return qwen2_vl_image_only_processor("qwen2_vl")
 
 
 def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:

@@ -40,7 +40,9 @@ def ray_local():
     """One embedded Ray for the in-process training tests (launch.train reuses it and leaves it up)."""
     import ray
 
-    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # as launch.ensure_local_ray: the cores for the training workers, as many again for Ray Data's tasks
+    cores = os.cpu_count() or 2
+    ray.init(address="local", num_cpus=2 * cores, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield
     ray.shutdown()
 

@@ -187,10 +187,12 @@ def test_merge_reexports_from_any_checkpoint(quickstart_run, tmp_path):
 
 
 def test_row_too_long_fails_before_training_naming_the_row(quickstart_run, ray_local, tmp_path):
+    """Found by the validation pass (Ray Data), before any worker starts: exit 2's DataError, no run directory."""
+    from jobs.data import DataError
     from orchestrator import launch
 
     job = french_job(quickstart_run, tmp_path, **{"data.max_length": 20})
-    with pytest.raises(launch.RunFailed) as e:
+    with pytest.raises(DataError) as e:
         launch.train(job, progress=False)
-    assert "longer than data.max_length=20" in str(e.value) and "row 0" in str(e.value)
-    assert not list((tmp_path / "runs").glob("*/model"))
+    assert "longer than data.max_length=20" in str(e.value) and "row 0" in str(e.value) and "(data.train)" in str(e.value)
+    assert not [p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]

@@ -1,0 +1,190 @@
+"""A data file's rows, addressable by row id: Arrow IPC chunks of CHUNK rows, memory-mapped.
+
+Parquet files are usually one large row group (pyarrow's default is 1M rows) and JSONL has no index, so
+neither can hand a Ray Data task "rows 17, 40312 and 9" without reading everything before them. The
+controller therefore copies the columns a job uses, once, into uncompressed Arrow IPC chunks (the format
+Hugging Face datasets caches to), streaming the source a chunk at a time: no image is decoded and memory
+stays at one chunk. Any task can then read any row through a memory map, paying only for the pages it
+touches. The copy is keyed by the file's path, size and modification time and the columns, and reused by
+every run, resume and search trial that reads the same file.
+
+Needs only pyarrow: the controller builds the store before Ray starts and checks what it can see
+there: the file parses, the columns exist, it has rows, and image paths exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+CHUNK = 512
+META = "meta.json"
+
+
+class DataError(ValueError):
+    """Every bad row found, each naming its file and row."""
+
+    MAX_LISTED = 20
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        shown = problems[: self.MAX_LISTED]
+        more = f"\n... and {len(problems) - self.MAX_LISTED} more" if len(problems) > self.MAX_LISTED else ""
+        super().__init__("\n".join(shown) + more)
+
+
+@dataclass(frozen=True)
+class Store:
+    root: str
+    data_file: str
+    """The source file (image paths resolve against its directory)."""
+    n_rows: int
+    columns: tuple[str, ...]
+
+    def chunk_path(self, c: int) -> str:
+        return os.path.join(self.root, f"chunk-{c:06d}.arrow")
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_rows // CHUNK)
+
+    def chunk(self, c: int) -> pa.Table:
+        return _open_chunk(self.chunk_path(c))
+
+    def take(self, row_ids: Any) -> list[dict[str, Any]]:
+        """The rows with these ids, in this order, as Python dicts."""
+        out: list[dict[str, Any]] = [{}] * len(row_ids)
+        by_chunk: dict[int, list[tuple[int, int]]] = {}
+        for k, i in enumerate(row_ids):
+            c, j = divmod(int(i), CHUNK)
+            by_chunk.setdefault(c, []).append((k, j))
+        for c, wanted in by_chunk.items():
+            rows = self.chunk(c).take([j for _, j in wanted]).to_pylist()
+            for (k, _), row in zip(wanted, rows, strict=True):
+                out[k] = row
+        return out
+
+
+@lru_cache(maxsize=64)
+def _open_chunk(path: str) -> pa.Table:
+    import pyarrow.ipc as ipc
+
+    return ipc.open_file(pa.memory_map(path)).read_all()  # zero-copy: pages load as rows are read
+
+
+def _source_batches(path: Path, columns: list[str]):
+    """The source's record batches (streamed) and its column names."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        have = [c for c in columns if c in names]
+        return names, (pf.iter_batches(batch_size=CHUNK, columns=have) if have else iter(()))
+    if path.suffix == ".jsonl":
+        import pyarrow.json as pj
+
+        reader = pj.open_json(path)
+        names = reader.schema.names
+        return names, (b.select([c for c in columns if c in names]) for b in reader)
+    raise DataError([f"{path}: unsupported file type (use .parquet or .jsonl)"])
+
+
+def _key(path: Path, columns: list[str]) -> str:
+    st = path.stat()
+    text = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, columns])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build(data_file: str | Path, columns: list[str], cache_root: str | Path, option: str, image_column: str | None) -> Store:
+    """The store of data_file's `columns` under cache_root (built now, or found from an earlier run).
+    option: the job key naming the file (data.train / data.eval), for messages.
+    Raises DataError: unreadable file, missing column, no rows, or image paths that do not exist."""
+    path = Path(data_file)
+    root = Path(cache_root) / f"rows-{path.stem}-{_key(path, columns)}"
+    if (root / META).is_file():
+        meta = json.loads((root / META).read_text())
+        return Store(str(root), str(path), meta["n_rows"], tuple(columns))
+    try:
+        names, batches = _source_batches(path, columns)
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow's parse errors name the problem; add the file
+        raise DataError([f"{path} ({option}): cannot be read ({e})"]) from None
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DataError([f"{path} ({option}): missing column `{c}` (has: {', '.join(names)}); set {_column_option(c, columns, image_column)} to the right column" for c in missing])
+    Path(cache_root).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=cache_root))
+    problems: list[str] = []
+    try:
+        n = 0
+        for table in _iter_rechunked(batches):
+            if image_column is not None:
+                problems.extend(_missing_images(table.column(image_column).to_pylist(), path, n, option))
+            _write_chunk(tmp / f"chunk-{n // CHUNK:06d}.arrow", table)
+            n += table.num_rows
+        if n == 0:
+            problems.append(f"{path} ({option}): no rows")
+        if problems:
+            raise DataError(problems)
+        (tmp / META).write_text(json.dumps({"n_rows": n, "columns": columns, "source": str(path)}))
+        tmp.chmod(0o755)  # mkdtemp makes it 0700: other users' runs read the same store
+        try:
+            tmp.rename(root)
+        except OSError:  # another run built the same store meanwhile: theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Store(str(root), str(path), n, tuple(columns))
+
+
+def _column_option(column: str, columns: list[str], image_column: str | None) -> str:
+    if column == image_column:
+        return "data.image"
+    return "data.messages" if len(columns) - (image_column is not None) == 1 else ("data.prompt" if column == columns[0] else "data.answer")
+
+
+def _iter_rechunked(batches):
+    """Tables of exactly CHUNK rows (the last one shorter), whatever batch sizes the reader yields."""
+    buf: list[pa.Table] = []
+    held = 0
+    for b in batches:
+        buf.append(pa.Table.from_batches([b]))
+        held += b.num_rows
+        while held >= CHUNK:
+            table = pa.concat_tables(buf).combine_chunks()
+            yield table.slice(0, CHUNK)
+            rest = table.slice(CHUNK)
+            buf, held = ([rest] if rest.num_rows else []), rest.num_rows
+    if held:
+        yield pa.concat_tables(buf).combine_chunks()
+
+
+def _write_chunk(path: Path, table: pa.Table) -> None:
+    import pyarrow.ipc as ipc
+
+    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _missing_images(cells: list[Any], data_file: Path, first_row: int, option: str) -> list[str]:
+    """Image cells that are paths to files that do not exist (bytes are checked when decoded)."""
+    out = []
+    for k, cell in enumerate(cells):
+        value = cell.get("path") if isinstance(cell, dict) and not cell.get("bytes") else cell
+        if isinstance(value, str) and value:
+            p = Path(value) if os.path.isabs(value) else data_file.parent / value
+            if not p.is_file():
+                out.append(f"{data_file} ({option}) row {first_row + k}: image file not found: {p}")
+    return out

@@ -1,0 +1,310 @@
+"""Rows through Ray Data: the validation pass over every row, and each worker's stream of encoded micro batches.
+
+    controller: data file --rowstore.build--> row store (Arrow chunks; schema, row count, image paths)
+    driver:     Ray Data pass over the chunks: check every row, measure its tokens  -> Index (ids, lengths)
+                Index --batching.build_schedule--> which rows each worker trains on at each step
+                one Dataset per worker: its micro batches in step order --map_batches(encode)-->
+    worker:     ray.train.get_dataset_shard("train_<rank>").iter_batches(prefetch) -> collated tensors
+
+Decoding and the processor run in Ray Data tasks, on any node with CPUs, never on the training thread; a
+worker holds a bounded window of micro batches whatever the data's size. Rows carry their ids from the
+store, so the schedule is exact: each row once per epoch, the same rows on a resumed run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jobs import batching, rowstore
+from jobs.data import (
+    DataError,
+    answer_token_ids,
+    check_row,
+    collate,
+    columns,
+    conversation,
+    encode_row,
+    load_image,
+    prompt_text,
+    too_long_message,
+)
+from orchestrator import architectures
+from orchestrator.config import JobConfig
+
+PREFETCH = 2  # micro batches each worker holds ready beyond the one it trains on
+INDEX_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Index:
+    """One data file's usable rows: ids in the store and token lengths (image tokens included)."""
+
+    store: rowstore.Store
+    option: str
+    rows: np.ndarray
+    lengths: np.ndarray
+    dropped: int
+    cached: bool
+    """The validation pass had run before (for this data and processor) and was read back."""
+
+
+def build_stores(job: JobConfig, cache_root: Path) -> dict[str, rowstore.Store]:
+    """The controller's part (no Ray): each data file's row store, checking what needs no decoding."""
+    needs_image = architectures.for_model_dir(job.model).kind == "vlm"
+    cols = columns(job.data, needs_image)
+    stores, problems = {}, []
+    for which, path in (("train", job.data.train), ("eval", job.data.eval)):
+        if path:
+            try:
+                stores[which] = rowstore.build(path, cols, cache_root, f"data.{which}", job.data.image if needs_image else None)
+            except DataError as e:
+                problems.extend(e.problems)
+    if problems:
+        raise DataError(problems)
+    return stores
+
+
+@lru_cache(maxsize=4)
+def _job(job_json: str) -> JobConfig:
+    return JobConfig.model_validate(json.loads(job_json))
+
+
+@lru_cache(maxsize=2)
+def _processor(model: str) -> Any:
+    from jobs.model import load_processor
+
+    return load_processor(model, architectures.for_model_dir(model))
+
+
+def _set_threads() -> None:
+    """A Ray Data task reserves one CPU; torch's image maths should use one thread, not every core."""
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+# ---- the validation pass ------------------------------------------------------------------------------
+
+_expansion: dict[tuple[str, int, int], int] = {}  # (model, width, height) -> tokens the image adds to the text
+
+
+def measure(row: dict[str, Any], cfg: Any, processor: Any, with_image: bool, data_file: Path, model: str) -> int:
+    """A row's encoded length (prompt with image tokens + answer + eos) without running the image maths on
+    every row: what an image adds to the tokenized text depends only on its size, so the processor runs
+    once per image size (per process) and other rows only decode and tokenize. The stream checks the
+    real length again as it encodes."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    history, answer = conversation(row, cfg)
+    text = prompt_text(processor, history, with_image)
+    n_text = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    n_answer = len(answer_token_ids(tokenizer, answer))
+    if not with_image:
+        return n_text + n_answer
+    image = load_image(row[cfg.image], data_file)
+    key = (model, *image.size)
+    if key not in _expansion:
+        full = encode_row(row, -1, cfg, processor, with_image, data_file)
+        _expansion[key] = len(full.input_ids) - n_answer - n_text
+    return n_text + _expansion[key] + n_answer
+
+
+def _scan_chunk(batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool) -> Any:
+    import pyarrow as pa
+
+    _set_threads()
+    job = _job(job_json)
+    processor = _processor(job.model)
+    c = int(batch.column("chunk")[0].as_py())
+    data_file = Path(store.data_file)
+    ids, lengths, problems = [], [], []
+    for j, row in enumerate(store.chunk(c).to_pylist()):
+        i = c * rowstore.CHUNK + j
+        found = check_row(row, job.data, with_image, data_file)
+        length = -1
+        if not found:
+            try:
+                length = measure(row, job.data, processor, with_image, data_file, job.model)
+            except Exception as e:  # the processor refused the row
+                found = [f"cannot be encoded ({type(e).__name__}: {e})"]
+        ids.append(i)
+        lengths.append(length)
+        problems.append("; ".join(f"{data_file} ({option}) row {i}: {p}" for p in found))
+    return pa.table({"row": pa.array(ids, pa.int64()), "length": pa.array(lengths, pa.int32()), "problem": problems})
+
+
+def _index_key(job: JobConfig, store: rowstore.Store) -> str:
+    """What a row's length depends on: the processor's files and the columns (not max_length: a search over it reuses)."""
+    model = Path(job.model)
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model.glob("*.json")) if model.is_dir() else []
+    d = job.data
+    text = json.dumps([INDEX_VERSION, str(model.resolve()), files, d.messages, d.prompt, d.answer, d.image, store.root])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def scan(job: JobConfig, store: rowstore.Store, option: str) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Every row checked and measured by Ray Data tasks; (row ids, lengths, read from the cache?), cached
+    beside the store. Raises DataError listing every bad row."""
+    import ray.data
+
+    cache = Path(store.root) / f"index-{_index_key(job, store)}.npz"
+    if cache.is_file():
+        saved = np.load(cache)
+        return saved["rows"], saved["lengths"], True
+    with_image = architectures.for_model_dir(job.model).kind == "vlm"
+    quiet_data_context()
+    ds = ray.data.from_items([{"chunk": c} for c in range(store.n_chunks)], override_num_blocks=store.n_chunks)
+    ds = ds.map_batches(
+        _scan_chunk, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"job_json": job.model_dump_json(), "store": store, "option": option, "with_image": with_image},
+    )
+    ids, lengths, problems = [], [], []
+    for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        ids.append(b.column("row").to_numpy())
+        lengths.append(b.column("length").to_numpy())
+        problems.extend(p for p in b.column("problem").to_pylist() if p)
+    if problems:
+        raise DataError(sorted((q for p in problems for q in p.split("; ")), key=_row_number))
+    rows, lens = np.concatenate(ids), np.concatenate(lengths)
+    order = np.argsort(rows)
+    rows, lens = rows[order], lens[order]
+    tmp = cache.with_suffix(f".{os.getpid()}.npz")
+    np.savez(tmp, rows=rows, lengths=lens)
+    tmp.rename(cache)
+    return rows, lens, False
+
+
+def _row_number(problem: str) -> tuple[str, int]:
+    head, _, rest = problem.partition(" row ")
+    return head, int(rest.split(":")[0]) if rest.split(":")[0].isdigit() else 0
+
+
+def index(job: JobConfig, stores: dict[str, rowstore.Store]) -> dict[str, Index]:
+    """The validation pass over every data file, then data.max_length applied (error naming each row, or drop)."""
+    out, problems = {}, []
+    for which, store in stores.items():
+        option = f"data.{which}"
+        try:
+            rows, lengths, cached = scan(job, store, option)
+        except DataError as e:
+            problems.extend(e.problems)
+            continue
+        long = lengths > job.data.max_length
+        if long.any() and job.data.too_long == "error":
+            problems.extend(too_long_message(f"{store.data_file} ({option})", int(i), int(n), job.data) for i, n in zip(rows[long], lengths[long], strict=True))
+            continue
+        out[which] = Index(store, option, rows[~long], lengths[~long], int(long.sum()), cached)
+    if problems:
+        raise DataError(problems)
+    return out
+
+
+# ---- the training stream ------------------------------------------------------------------------------
+
+
+def quiet_data_context() -> None:
+    """Ray Data settings for rayft's datasets: outputs in input order (the schedule is the order), no
+    progress bars in ray.log."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+
+
+def _encode_items(batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool) -> Any:
+    """One schedule item (a worker's micro batch: row ids) -> the collated micro batch, pickled. A row that
+    fails here is sent on as the item's `problem` (not raised: Ray Data's task error would bury it), and
+    the worker fails the run naming it."""
+    import pyarrow as pa
+
+    _set_threads()
+    job = _job(job_json)
+    processor = _processor(job.model)
+    pad_id = getattr(processor, "tokenizer", processor).pad_token_id or 0
+    ids = batch.column("rows")[0].as_py()
+    data_file = Path(store.data_file)
+    examples, problem, payload = [], "", b""
+    for i, row in zip(ids, store.take(ids), strict=True):
+        try:
+            e = encode_row(row, i, job.data, processor, with_image, data_file)
+        except Exception as err:  # the row changed since the validation pass
+            problem = f"{data_file} ({option}) row {i}: {type(err).__name__}: {err} (it passed validation before training: did the file change?)"
+            break
+        if len(e.input_ids) > job.data.max_length:
+            problem = too_long_message(f"{data_file} ({option})", i, len(e.input_ids), job.data)
+            break
+        examples.append(e)
+    if not problem:
+        tensors = {k: v.numpy() for k, v in collate(examples, pad_id).items()}
+        payload = pickle.dumps({"rows": ids, "tensors": tensors}, protocol=5)
+    return pa.table({"step": batch.column("step"), "micro": batch.column("micro"), "batch": pa.array([payload], pa.binary()), "problem": [problem]})
+
+
+def _dataset(items: list[dict[str, Any]], job: JobConfig, index: Index) -> Any:
+    import ray.data
+
+    with_image = architectures.for_model_dir(job.model).kind == "vlm"
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return ds.map_batches(
+        _encode_items, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"job_json": job.model_dump_json(), "store": index.store, "option": index.option, "with_image": with_image},
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    datasets: dict[str, Any]
+    """train_<rank> and eval_<rank>: each worker reads only its own."""
+    total_steps: int
+    epoch_starts: list[int]
+    rows: int
+    dropped_rows: int
+    eval_rows: int
+
+
+def plan(job: JobConfig, indexes: dict[str, Index], world: int, start_step: int) -> Plan:
+    """Each worker's datasets from `start_step` on (a resumed run starts mid-schedule: exactly the rows it
+    would have seen next)."""
+    quiet_data_context()
+    train = indexes["train"]
+    try:
+        schedule = batching.build_schedule(train.rows, train.lengths, job.train, job.data, world)
+    except ValueError as e:
+        raise DataError([f"{train.store.data_file} (data.train): {e}"]) from None
+    datasets = {}
+    for r in range(world):
+        items = [
+            {"step": s, "micro": k, "rows": [int(i) for i in micro[r]]}
+            for s in range(start_step, schedule.total_steps)
+            for k, micro in enumerate(schedule.steps[s])
+        ]
+        datasets[f"train_{r}"] = _dataset(items, job, train)
+        if "eval" in indexes:
+            ev = indexes["eval"]
+            batches = batching.eval_batches(ev.rows, ev.lengths, job.data, job.train.micro_batch_size, r, world)
+            if batches:
+                datasets[f"eval_{r}"] = _dataset([{"step": -1, "micro": k, "rows": [int(i) for i in b]} for k, b in enumerate(batches)], job, ev)
+    return Plan(datasets, schedule.total_steps, schedule.epoch_starts, len(train.rows), train.dropped, len(indexes["eval"].rows) if "eval" in indexes else 0)
+
+
+def micro_batches(iterator: Any) -> Any:
+    """(step, micro, row ids, tensors) from a worker's dataset iterator, prefetched."""
+    import torch
+
+    for t in iterator.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=PREFETCH):
+        problem = t.column("problem")[0].as_py()
+        if problem:
+            raise DataError([problem])
+        payload = pickle.loads(t.column("batch")[0].as_py())
+        tensors = {k: torch.from_numpy(v) for k, v in payload["tensors"].items()}
+        yield int(t.column("step")[0].as_py()), int(t.column("micro")[0].as_py()), payload["rows"], tensors
