@@ -198,7 +198,7 @@ def accuracy(quickstart: Path, out: Path) -> dict[str, Any]:
     from orchestrator.config import load_job
 
     job_file = quickstart / "jobs" / "qlora.yaml"
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     runs: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         quiet = stack.enter_context(open(os.devnull, "w"))

@@ -7,7 +7,7 @@ built from config; 128 synthetic colour rows are its data. For each method (full
 in bf16 at micro batch 8, three contenders train it:
 
 - rayft (in-process): the functions the Ray worker runs (jobs.train_loop.build_training, optimizer_step,
-  micro_batches_for_step, jobs.data.collate), without Ray;
+  jobs.batching.build_schedule, jobs.data.collate), without Ray;
 - HF Trainer: AutoModelForImageTextToText.from_pretrained (+ peft LoraConfig/get_peft_model, + BitsAndBytesConfig
   for qlora) and transformers.Trainer with its defaults (optimizer adamw_torch_fused), fed the same encoded rows
   and the same collate function;
@@ -86,14 +86,16 @@ def job_raw(method: str, model_dir: Path, data: Path, steps: int, output: Path) 
     }
 
 
-def rates(step_ends: list[tuple[float, float]], step_tokens: list[int], warmup: int) -> dict[str, float]:
+def rates(step_ends: list[tuple[float, float]], step_tokens: list[int], warmup: int, step_samples: list[int] | None = None) -> dict[str, float]:
     """Samples/s and tokens/s over the steps after warm-up. Step i ended at step_ends[i] = (wall clock, this
     process's CPU time) and trained on step_tokens[i] tokens (the Trainer's data loader collates one batch
-    ahead: later entries are unused). cpu_per_wall near the thread count means the process was not starved."""
+    ahead: later entries are unused) and step_samples[i] rows (default: MICRO_BATCH). cpu_per_wall near the
+    thread count means the process was not starved."""
     (wall0, cpu0), (wall1, cpu1) = step_ends[warmup - 1], step_ends[-1]
     timed = len(step_ends) - warmup
+    samples = sum(step_samples[warmup : len(step_ends)]) if step_samples else timed * MICRO_BATCH
     return {
-        "samples_per_s": timed * MICRO_BATCH / (wall1 - wall0),
+        "samples_per_s": samples / (wall1 - wall0),
         "tokens_per_s": sum(step_tokens[warmup : len(step_ends)]) / (wall1 - wall0),
         "step_s": (wall1 - wall0) / timed,
         "cpu_per_wall": (cpu1 - cpu0) / (wall1 - wall0),
@@ -111,15 +113,34 @@ def peak_rss_mib() -> float:
 # ---- contenders, each run in its own subprocess ------------------------------------------------------
 
 
-def run_rayft(raw: dict[str, Any], warmup: int) -> dict[str, float]:
-    """The worker's own functions, step by step as train_fn_per_worker calls them (1 worker, no Ray)."""
-    from functools import partial
-
+def held_out(model: Any, job: Any, processor: Any, autocast: Any, input_dtype: Any = None) -> dict[str, float]:
+    """Eval loss and answer accuracy on job.data.eval (when the job has one), as the worker evaluates."""
     import torch
 
     from jobs import data as data_mod
+    from jobs.evaluate import evaluate
+
+    if not job.data.eval:
+        return {}
+    rows, _ = data_mod.encode_rows(job.data.eval, job.data, processor, True)
+    mbs = job.train.micro_batch_size
+    batches = [data_mod.collate(rows[i : i + mbs], processor.tokenizer.pad_token_id) for i in range(0, len(rows), mbs)]
+    out = evaluate(model, batches, torch.device("cpu"), autocast, input_dtype)
+    return {"eval_accuracy": out["eval_accuracy"], "eval_loss": out["eval_loss"]}
+
+
+def run_rayft(raw: dict[str, Any], warmup: int) -> dict[str, float]:
+    """The worker's own functions, step by step as train_fn_per_worker calls them (1 worker, no Ray), over
+    the batch schedule the driver computes (data.batching as the job says)."""
+    from functools import partial
+
+    import numpy as np
+    import torch
+
+    from jobs import batching
+    from jobs import data as data_mod
     from jobs.model import load_processor
-    from jobs.train_loop import build_training, lr_lambda, micro_batches_for_step, optimizer_step, plan_steps
+    from jobs.train_loop import build_training, lr_lambda, optimizer_step
     from orchestrator import architectures
     from orchestrator.config import build_job
 
@@ -130,18 +151,24 @@ def run_rayft(raw: dict[str, Any], warmup: int) -> dict[str, float]:
     processor = load_processor(job.model, arch)
     pad_id = processor.tokenizer.pad_token_id
     rows, _ = data_mod.encode_rows(job.data.train, job.data, processor, True)
-    per_epoch, total = plan_steps(job, len(rows), 1)
-    schedule = partial(lr_lambda, total=total, warmup=0, schedule=job.train.schedule)
+    by_id = {e.row: e for e in rows}
+    plan = batching.build_schedule(np.array([e.row for e in rows]), np.array([len(e.input_ids) for e in rows]), job.train, job.data, 1)
+    schedule = partial(lr_lambda, total=plan.total_steps, warmup=0, schedule=job.train.schedule)
     training = build_training(job, arch, device, 1, schedule, None)
     training.model.train()
-    ends, tokens, losses = [], [], []
-    for step in range(total):
-        micro = micro_batches_for_step(step, len(rows), job, per_epoch, 0, 1)
-        batches = [data_mod.collate([rows[i] for i in r], pad_id) for r in micro]
+    ends, tokens, samples, padded, losses = [], [], [], [], []
+    for step in plan.steps:
+        batches = [data_mod.collate([by_id[int(i)] for i in micro[0]], pad_id) for micro in step]
         tokens.append(sum(int(b["attention_mask"].sum()) for b in batches))
+        padded.append(sum(b["attention_mask"].numel() for b in batches))
+        samples.append(sum(len(micro[0]) for micro in step))
         losses.append(optimizer_step(training, batches, device))
         ends.append(now())
-    return {**rates(ends, tokens, warmup), "peak_rss_mib": peak_rss_mib(), "mean_loss": sum(losses) / len(losses), "load_1m": os.getloadavg()[0]}
+    return {
+        **rates(ends, tokens, warmup, samples), "padding": 1 - sum(tokens) / sum(padded), "peak_rss_mib": peak_rss_mib(),
+        "mean_loss": sum(losses) / len(losses), "load_1m": os.getloadavg()[0],
+        **held_out(training.model, job, processor, training.autocast, training.input_dtype),
+    }
 
 
 def run_hf(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
@@ -187,10 +214,12 @@ def run_hf(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
         model = get_peft_model(model, lora)
 
     tokens: list[int] = []
+    padded: list[int] = []
 
     def collate(examples: list[data_mod.Encoded]) -> dict[str, torch.Tensor]:
         batch = data_mod.collate(examples, pad_id)
         tokens.append(int(batch["attention_mask"].sum()))
+        padded.append(batch["attention_mask"].numel())
         return batch
 
     ends: list[tuple[float, float]] = []
@@ -223,7 +252,13 @@ def run_hf(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
         trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[StepEnds()])
         mean_loss = trainer.train().training_loss
     optim = getattr(args.optim, "value", args.optim)
-    return {**rates(ends, tokens, warmup), "peak_rss_mib": peak_rss_mib(), "mean_loss": mean_loss, "load_1m": os.getloadavg()[0], "optim": optim}
+    from functools import partial
+
+    n = len(ends)
+    return {
+        **rates(ends, tokens, warmup), "padding": 1 - sum(tokens[:n]) / sum(padded[:n]), "peak_rss_mib": peak_rss_mib(), "mean_loss": mean_loss,
+        "load_1m": os.getloadavg()[0], "optim": optim, **held_out(model, job, processor, partial(torch.autocast, "cpu", dtype=torch.bfloat16)),
+    }
 
 
 def child(contender: str, raw: dict[str, Any], warmup: int) -> dict[str, float]:

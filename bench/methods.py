@@ -28,7 +28,7 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     quickstart = Path(sys.argv[1] if len(sys.argv) > 1 else REPO / "quickstart").resolve()
     out = Path(tempfile.mkdtemp(prefix="rayft-bench-"))
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     rows = {}
     for name, file in EXAMPLES.items():
         examples = out / "examples"

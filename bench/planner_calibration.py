@@ -11,7 +11,7 @@ parameters) and a 57.2M one (hidden 640, 8 layers, as bench/zero_memory.py), mic
   (4-bit weights packed, plus absmax / nested quantization state), gradients every .grad after backward,
   optimizer every AdamW state tensor after the step; activations are the tensors autograd saved in one
   forward (saved_tensors_hooks, each storage once, parameters excluded).
-- full under ZeRO-1/2/3 over 2 Ray Train workers (jobs.driver.fit, 1 core each): rank 0's parameters and
+- full under ZeRO-1/2/3 over 2 Ray Train workers (launch.train, 1 core each): rank 0's parameters and
   optimizer state measured from the live tensors after the first step, gradients computed
   (jobs.zero.memory_breakdown: DeepSpeed frees them after each step), peak RSS per worker.
 
@@ -142,9 +142,8 @@ def measure_one(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure_zero(raw: dict[str, Any], stage: int, runs: Path) -> dict[str, Any]:
-    from jobs.driver import Resources, fit
     from orchestrator.config import build_job
-    from orchestrator.launch import new_run_dir, read_metrics
+    from orchestrator.launch import read_metrics, train
 
     job, _ = build_job(
         {
@@ -154,10 +153,7 @@ def measure_zero(raw: dict[str, Any], stage: int, runs: Path) -> dict[str, Any]:
             "output": str(runs),
         }
     )
-    run_dir = new_run_dir(job)
-    result = fit(job, run_dir, Resources(use_gpu=False, cpus_per_worker=1))
-    if result.error is not None:
-        raise RuntimeError(f"ZeRO-{stage} run failed: {result.error}")
+    run_dir = train(job, progress=False).run_dir  # raises RunFailed with the workers' error
     records = read_metrics(run_dir)
     first = next(r for r in records if "params_bytes" in r)
     states = first["params_bytes"] + first["grads_bytes"] + first["optimizer_bytes"]
@@ -218,7 +214,7 @@ def main() -> None:
                 }
             )
             print(f"measured {name} {method}", file=sys.stderr, flush=True)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         for name, model_dir in dirs.items():
             for stage in args.stages:

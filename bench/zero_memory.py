@@ -37,7 +37,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="rayft-zero-bench-"))
     model_dir = tinymodels.build_tiny_llava(work / "model", hidden=args.hidden, layers=args.layers)
     data = tinymodels.write_colour_data(work / "data", "english", 256, 32)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     rows = {}
     for stage in args.stages:
         raw = {

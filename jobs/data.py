@@ -68,21 +68,21 @@ def load_image(value: Any, data_file: Path):
     return img.convert("RGB")
 
 
-def check_row(row: dict[str, Any], cfg: DataConfig, needs_image: bool, data_file: Path) -> list[str]:
-    """What is wrong with one row (empty when nothing): its conversation, and its image decodes."""
-    problems = []
+def check_row(row: dict[str, Any], cfg: DataConfig, needs_image: bool, data_file: Path) -> tuple[list[str], Any]:
+    """(what is wrong with one row, empty when nothing; its decoded image, when it has one that decodes)."""
+    problems, image = [], None
     try:
         conversation(row, cfg)
     except ValueError as e:
         problems.append(str(e))
     if needs_image:
         try:
-            load_image(row[cfg.image], data_file)
+            image = load_image(row[cfg.image], data_file)
         except FileNotFoundError as e:
             problems.append(str(e))
         except Exception as e:
             problems.append(f"image does not decode ({type(e).__name__}: {e})")
-    return problems
+    return problems, image
 
 
 def check_rows(data_file: str | Path, cfg: DataConfig, needs_image: bool) -> int:
@@ -102,7 +102,7 @@ def check_rows(data_file: str | Path, cfg: DataConfig, needs_image: bool) -> int
         )
     if table.num_rows == 0:
         raise DataError([f"{data_file}: no rows"])
-    problems = [f"{data_file} row {i}: {p}" for i, row in enumerate(table.to_pylist()) for p in check_row(row, cfg, needs_image, data_file)]
+    problems = [f"{data_file} row {i}: {p}" for i, row in enumerate(table.to_pylist()) for p in check_row(row, cfg, needs_image, data_file)[0]]
     if problems:
         raise DataError(problems)
     return table.num_rows
@@ -201,6 +201,23 @@ def encode_row(row: dict[str, Any], i: int, cfg: DataConfig, processor: Any, wit
         extras=extras,
         row=i,
     )
+
+
+def encode_row_payload(row: dict[str, Any], i: int, cfg: DataConfig, processor: Any, with_image: bool, data_file: Path) -> bytes:
+    """One encoded row as bytes (jobs/encoded.py keeps them on disk); decode_payload reverses it."""
+    import pickle
+
+    e = encode_row(row, i, cfg, processor, with_image, data_file)
+    return pickle.dumps({"input_ids": e.input_ids.numpy(), "labels": e.labels.numpy(), "extras": {k: v.numpy() for k, v in e.extras.items()}}, protocol=5)
+
+
+def decode_payload(payload: bytes, i: int) -> Encoded:
+    import pickle
+
+    import torch
+
+    p = pickle.loads(payload)
+    return Encoded(torch.from_numpy(p["input_ids"]), torch.from_numpy(p["labels"]), {k: torch.from_numpy(v) for k, v in p["extras"].items()}, i)
 
 
 def answer_token_ids(tokenizer: Any, answer: str) -> list[int]:

@@ -64,7 +64,7 @@ def build_trainer(
                 "rows": plan.rows,
                 "dropped_rows": plan.dropped_rows,
                 "eval_rows": plan.eval_rows,
-                "validation": {k: v.cached for k, v in indexes.items()},
+                "validation": {k: {"cached": v.cached, "nodes": v.nodes, "encoded_once": v.encoded is not None} for k, v in indexes.items()},
                 "datasets": sorted(plan.datasets),
             },
         },
@@ -114,12 +114,14 @@ def tune_trial(
     (trial_dir / "error.txt").unlink(missing_ok=True)  # a restored trial starts clean (an interrupt may have left one)
     if not trial_fits(job, trial_dir, budget):
         return
-    # The data is validated once per search (the driver's pass is cached beside the row store); a trial
-    # whose model or columns differ from the base job's gets its own pass here.
-    indexes = stream.index(job, stream.build_stores(job, Path(search_dir) / DATA_CACHE))
-    trainer = build_trainer(job, trial_dir, resources, indexes, callbacks=[TuneReportCallback()], keep_best=keep_best)
-    try:
-        trainer.fit()
+    # The data is validated, and encoded where the disk allows, once per search (the driver's passes are
+    # kept beside the row store); a trial whose model or columns differ gets its own validation here and
+    # encodes as it streams.
+    from jobs.encoded import attach
+
+    try:  # a trial's bad rows (its max_length, say) fail that trial alone
+        indexes = attach(job, stream.index(job, stream.build_stores(job, Path(search_dir) / DATA_CACHE)))
+        build_trainer(job, trial_dir, resources, indexes, callbacks=[TuneReportCallback()], keep_best=keep_best).fit()
     except Exception as e:  # recorded for the results table; Tune marks the trial errored and goes on
         from orchestrator.launch import _root_message
 

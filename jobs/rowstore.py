@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
-CHUNK = 512
+CHUNK = 256  # rows per chunk: one validation task each
 META = "meta.json"
 
 

@@ -32,14 +32,15 @@ from jobs.data import (
     collate,
     columns,
     conversation,
+    decode_payload,
     encode_row,
-    load_image,
     prompt_text,
     too_long_message,
 )
 from orchestrator import architectures
 from orchestrator.config import JobConfig
 
+PAYLOAD = "payload"  # the column of an encoded row store (jobs/encoded.py)
 PREFETCH = 2  # micro batches each worker holds ready beyond the one it trains on
 INDEX_VERSION = 1
 
@@ -55,6 +56,10 @@ class Index:
     dropped: int
     cached: bool
     """The validation pass had run before (for this data and processor) and was read back."""
+    nodes: int
+    """Ray nodes whose CPUs ran the validation pass (0: read from the cache)."""
+    encoded: rowstore.Store | None = None
+    """Every row's encoded tensors, written once for a search (jobs/encoded.py); None: encode as it streams."""
 
 
 def build_stores(job: JobConfig, cache_root: Path) -> dict[str, rowstore.Store]:
@@ -74,18 +79,19 @@ def build_stores(job: JobConfig, cache_root: Path) -> dict[str, rowstore.Store]:
 
 
 @lru_cache(maxsize=4)
-def _job(job_json: str) -> JobConfig:
+def job_from_json(job_json: str) -> JobConfig:
     return JobConfig.model_validate(json.loads(job_json))
 
 
 @lru_cache(maxsize=2)
-def _processor(model: str) -> Any:
+def processor_for(model: str) -> Any:
+    """The model's processor, loaded once per Ray worker process (Ray reuses them across tasks)."""
     from jobs.model import load_processor
 
     return load_processor(model, architectures.for_model_dir(model))
 
 
-def _set_threads() -> None:
+def one_thread() -> None:
     """A Ray Data task reserves one CPU; torch's image maths should use one thread, not every core."""
     import torch
 
@@ -98,22 +104,21 @@ def _set_threads() -> None:
 _expansion: dict[tuple[str, int, int], int] = {}  # (model, width, height) -> tokens the image adds to the text
 
 
-def measure(row: dict[str, Any], cfg: Any, processor: Any, with_image: bool, data_file: Path, model: str) -> int:
+def measure(row: dict[str, Any], cfg: Any, processor: Any, image: Any, data_file: Path, model: str) -> int:
     """A row's encoded length (prompt with image tokens + answer + eos) without running the image maths on
     every row: what an image adds to the tokenized text depends only on its size, so the processor runs
     once per image size (per process) and other rows only decode and tokenize. The stream checks the
-    real length again as it encodes."""
+    real length again as it encodes. image: the row's decoded image (None for a text model)."""
     tokenizer = getattr(processor, "tokenizer", processor)
     history, answer = conversation(row, cfg)
-    text = prompt_text(processor, history, with_image)
+    text = prompt_text(processor, history, image is not None)
     n_text = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     n_answer = len(answer_token_ids(tokenizer, answer))
-    if not with_image:
+    if image is None:
         return n_text + n_answer
-    image = load_image(row[cfg.image], data_file)
     key = (model, *image.size)
     if key not in _expansion:
-        full = encode_row(row, -1, cfg, processor, with_image, data_file)
+        full = encode_row(row, -1, cfg, processor, True, data_file)
         _expansion[key] = len(full.input_ids) - n_answer - n_text
     return n_text + _expansion[key] + n_answer
 
@@ -121,28 +126,35 @@ def measure(row: dict[str, Any], cfg: Any, processor: Any, with_image: bool, dat
 def _scan_chunk(batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool) -> Any:
     import pyarrow as pa
 
-    _set_threads()
-    job = _job(job_json)
-    processor = _processor(job.model)
+    one_thread()
+    job = job_from_json(job_json)
+    processor = processor_for(job.model)
     c = int(batch.column("chunk")[0].as_py())
     data_file = Path(store.data_file)
     ids, lengths, problems = [], [], []
     for j, row in enumerate(store.chunk(c).to_pylist()):
         i = c * rowstore.CHUNK + j
-        found = check_row(row, job.data, with_image, data_file)
+        found, image = check_row(row, job.data, with_image, data_file)
         length = -1
         if not found:
             try:
-                length = measure(row, job.data, processor, with_image, data_file, job.model)
+                length = measure(row, job.data, processor, image, data_file, job.model)
             except Exception as e:  # the processor refused the row
                 found = [f"cannot be encoded ({type(e).__name__}: {e})"]
         ids.append(i)
         lengths.append(length)
         problems.append("; ".join(f"{data_file} ({option}) row {i}: {p}" for p in found))
-    return pa.table({"row": pa.array(ids, pa.int64()), "length": pa.array(lengths, pa.int32()), "problem": problems})
+    node = _node_id()
+    return pa.table({"row": pa.array(ids, pa.int64()), "length": pa.array(lengths, pa.int32()), "problem": problems, "node": [node] * len(ids)})
 
 
-def _index_key(job: JobConfig, store: rowstore.Store) -> str:
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def index_key(job: JobConfig, store: rowstore.Store) -> str:
     """What a row's length depends on: the processor's files and the columns (not max_length: a search over it reuses)."""
     model = Path(job.model)
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model.glob("*.json")) if model.is_dir() else []
@@ -151,27 +163,29 @@ def _index_key(job: JobConfig, store: rowstore.Store) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def scan(job: JobConfig, store: rowstore.Store, option: str) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Every row checked and measured by Ray Data tasks; (row ids, lengths, read from the cache?), cached
-    beside the store. Raises DataError listing every bad row."""
+def scan(job: JobConfig, store: rowstore.Store, option: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every row checked and measured by Ray Data tasks, spread over the cluster's nodes; (row ids, lengths,
+    nodes that ran the pass: 0 when read back from the cache beside the store). Raises DataError listing
+    every bad row."""
     import ray.data
 
-    cache = Path(store.root) / f"index-{_index_key(job, store)}.npz"
+    cache = Path(store.root) / f"index-{index_key(job, store)}.npz"
     if cache.is_file():
         saved = np.load(cache)
-        return saved["rows"], saved["lengths"], True
+        return saved["rows"], saved["lengths"], 0
     with_image = architectures.for_model_dir(job.model).kind == "vlm"
     quiet_data_context()
     ds = ray.data.from_items([{"chunk": c} for c in range(store.n_chunks)], override_num_blocks=store.n_chunks)
     ds = ds.map_batches(
-        _scan_chunk, batch_size=1, batch_format="pyarrow",
+        _scan_chunk, batch_size=1, batch_format="pyarrow", scheduling_strategy="SPREAD",
         fn_kwargs={"job_json": job.model_dump_json(), "store": store, "option": option, "with_image": with_image},
     )
-    ids, lengths, problems = [], [], []
+    ids, lengths, problems, nodes = [], [], [], set()
     for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         ids.append(b.column("row").to_numpy())
         lengths.append(b.column("length").to_numpy())
         problems.extend(p for p in b.column("problem").to_pylist() if p)
+        nodes.update(b.column("node").to_pylist())
     if problems:
         raise DataError(sorted((q for p in problems for q in p.split("; ")), key=_row_number))
     rows, lens = np.concatenate(ids), np.concatenate(lengths)
@@ -180,7 +194,7 @@ def scan(job: JobConfig, store: rowstore.Store, option: str) -> tuple[np.ndarray
     tmp = cache.with_suffix(f".{os.getpid()}.npz")
     np.savez(tmp, rows=rows, lengths=lens)
     tmp.rename(cache)
-    return rows, lens, False
+    return rows, lens, len(nodes)
 
 
 def _row_number(problem: str) -> tuple[str, int]:
@@ -194,7 +208,7 @@ def index(job: JobConfig, stores: dict[str, rowstore.Store]) -> dict[str, Index]
     for which, store in stores.items():
         option = f"data.{which}"
         try:
-            rows, lengths, cached = scan(job, store, option)
+            rows, lengths, nodes = scan(job, store, option)
         except DataError as e:
             problems.extend(e.problems)
             continue
@@ -202,7 +216,7 @@ def index(job: JobConfig, stores: dict[str, rowstore.Store]) -> dict[str, Index]
         if long.any() and job.data.too_long == "error":
             problems.extend(too_long_message(f"{store.data_file} ({option})", int(i), int(n), job.data) for i, n in zip(rows[long], lengths[long], strict=True))
             continue
-        out[which] = Index(store, option, rows[~long], lengths[~long], int(long.sum()), cached)
+        out[which] = Index(store, option, rows[~long], lengths[~long], int(long.sum()), cached=nodes == 0, nodes=nodes)
     if problems:
         raise DataError(problems)
     return out
@@ -221,22 +235,23 @@ def quiet_data_context() -> None:
     ctx.enable_progress_bars = False
 
 
-def _encode_items(batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool) -> Any:
+def _encode_items(batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool, encoded: rowstore.Store | None) -> Any:
     """One schedule item (a worker's micro batch: row ids) -> the collated micro batch, pickled. A row that
     fails here is sent on as the item's `problem` (not raised: Ray Data's task error would bury it), and
     the worker fails the run naming it."""
     import pyarrow as pa
 
-    _set_threads()
-    job = _job(job_json)
-    processor = _processor(job.model)
+    one_thread()
+    job = job_from_json(job_json)
+    processor = processor_for(job.model)
     pad_id = getattr(processor, "tokenizer", processor).pad_token_id or 0
     ids = batch.column("rows")[0].as_py()
     data_file = Path(store.data_file)
     examples, problem, payload = [], "", b""
-    for i, row in zip(ids, store.take(ids), strict=True):
+    sources = encoded.take(ids) if encoded is not None else store.take(ids)
+    for i, row in zip(ids, sources, strict=True):
         try:
-            e = encode_row(row, i, job.data, processor, with_image, data_file)
+            e = decode_payload(row[PAYLOAD], i) if encoded is not None else encode_row(row, i, job.data, processor, with_image, data_file)
         except Exception as err:  # the row changed since the validation pass
             problem = f"{data_file} ({option}) row {i}: {type(err).__name__}: {err} (it passed validation before training: did the file change?)"
             break
@@ -246,7 +261,7 @@ def _encode_items(batch: Any, job_json: str, store: rowstore.Store, option: str,
         examples.append(e)
     if not problem:
         tensors = {k: v.numpy() for k, v in collate(examples, pad_id).items()}
-        payload = pickle.dumps({"rows": ids, "tensors": tensors}, protocol=5)
+        payload = pickle.dumps({"rows": ids, "tensors": tensors, "node": _node_id()}, protocol=5)
     return pa.table({"step": batch.column("step"), "micro": batch.column("micro"), "batch": pa.array([payload], pa.binary()), "problem": [problem]})
 
 
@@ -256,8 +271,8 @@ def _dataset(items: list[dict[str, Any]], job: JobConfig, index: Index) -> Any:
     with_image = architectures.for_model_dir(job.model).kind == "vlm"
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     return ds.map_batches(
-        _encode_items, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"job_json": job.model_dump_json(), "store": index.store, "option": index.option, "with_image": with_image},
+        _encode_items, batch_size=1, batch_format="pyarrow", scheduling_strategy="SPREAD",  # encode on every node with CPUs
+        fn_kwargs={"job_json": job.model_dump_json(), "store": index.store, "option": index.option, "with_image": with_image, "encoded": index.encoded},
     )
 
 
@@ -297,8 +312,9 @@ def plan(job: JobConfig, indexes: dict[str, Index], world: int, start_step: int)
     return Plan(datasets, schedule.total_steps, schedule.epoch_starts, len(train.rows), train.dropped, len(indexes["eval"].rows) if "eval" in indexes else 0)
 
 
-def micro_batches(iterator: Any) -> Any:
-    """(step, micro, row ids, tensors) from a worker's dataset iterator, prefetched."""
+def micro_batches(iterator: Any, nodes: set[str] | None = None) -> Any:
+    """(step, micro, row ids, tensors) from a worker's dataset iterator, prefetched; `nodes` collects the
+    Ray nodes that encoded them."""
     import torch
 
     for t in iterator.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=PREFETCH):
@@ -307,4 +323,6 @@ def micro_batches(iterator: Any) -> Any:
             raise DataError([problem])
         payload = pickle.loads(t.column("batch")[0].as_py())
         tensors = {k: torch.from_numpy(v) for k, v in payload["tensors"].items()}
+        if nodes is not None:
+            nodes.add(payload["node"])
         yield int(t.column("step")[0].as_py()), int(t.column("micro")[0].as_py()), payload["rows"], tensors

@@ -252,7 +252,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "rows": plan["rows"],
             "zero_stage": job.deepspeed.stage if job.deepspeed else None,
             "dropped_rows": plan["dropped_rows"],
-            "validation_cached": plan["validation"],
+            "validation": plan["validation"],
             "trainable_params": trainable,
             "total_params": total,
             "world_size": world,
@@ -273,7 +273,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     window_loss, window_steps, window_tokens, window_padded, window_samples, window_t0 = 0.0, 0, 0, 0, 0, time.time()
     data_wait_s = 0.0  # time waiting for the stream's next micro batches (the data path's cost to training)
     steps_s = 0.0  # time in optimizer steps (forward, backward, update); evals, reports, checkpoints excluded
-    stream_items = stream.micro_batches(train_shard)
+    encode_nodes: set[str] = set()
+    stream_items = stream.micro_batches(train_shard, encode_nodes)
     for step in range(start_step, total_steps):
         t_wait = time.time()
         micro, batches = [], []
@@ -336,4 +337,4 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if do_eval or do_ckpt:
                 ray.train.report(metrics, checkpoint=save_checkpoint(done, metrics) if do_ckpt else None)
             window_t0 = time.time()
-    log({"event": "end", "step": total_steps, "steps_s": steps_s, "data_wait_s": round(data_wait_s, 3), "time": time.time()})
+    log({"event": "end", "step": total_steps, "steps_s": steps_s, "data_wait_s": round(data_wait_s, 3), "encode_nodes": len(encode_nodes), "time": time.time()})

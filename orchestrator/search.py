@@ -146,15 +146,17 @@ def run(
     print(f"search directory: {search_dir}", file=stream, flush=True)
     t0 = time.time()
     started = False
-    with output_to(search_dir / "ray.log"):
+    with output_to(search_dir / "ray.log") as user_stream:
         try:
             started = ensure_local_ray(cores, dashboard=True)
-            # Every row checked once for the whole search (cached beside the row stores); trials read the
-            # cached index, and a trial that changes the model or columns makes its own.
+            # Every row checked, and encoded where the disk allows, once for the whole search (beside the row
+            # stores); trials read both back, and a trial that changes the model or columns makes its own.
             from jobs.driver import DATA_CACHE
+            from jobs.encoded import encode_once
             from jobs.stream import build_stores, index
 
-            index(job, build_stores(job, search_dir / DATA_CACHE))
+            for which, said in encode_once(job, index(job, build_stores(job, search_dir / DATA_CACHE))).items():
+                print(f"data.{which}: {said}", file=user_stream, flush=True)
             trainable = rt.with_resources(
                 rt.with_parameters(
                     tune_trial, base=base, search_dir=str(search_dir), resources=resources, keep_best=f"{tune.metric}:{mode}", budget=budget

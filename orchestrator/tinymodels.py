@@ -89,10 +89,14 @@ def build_tiny_llava(
     intermediate: int | None = None,
     vision_hidden: int | None = None,
     vision_layers: int | None = None,
+    image_size: int = IMAGE_SIZE,
+    patch_size: int = PATCH_SIZE,
 ) -> Path:
     """A LLaVA-style VLM (SigLIP vision + Qwen2 text) with random weights, saved with its processor.
     The text model is hidden x layers with an MLP of `intermediate` (default 2 x hidden); the vision
-    tower is as wide and deep as the text model unless vision_hidden / vision_layers say otherwise."""
+    tower is as wide and deep as the text model unless vision_hidden / vision_layers say otherwise.
+    image_size / patch_size: the SigLIP geometry ((image_size // patch_size)^2 image tokens a row;
+    384 / 14 gives the 729 of LLaVA/PaliGemma-class models)."""
     import torch
     from transformers import (
         LlavaConfig,
@@ -106,12 +110,12 @@ def build_tiny_llava(
     out = Path(out_dir)
     tokenizer = build_tokenizer()
     image_processor = SiglipImageProcessorPil(  # PIL backend: no torchvision needed
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_resize=True, do_normalize=True
+        size={"height": image_size, "width": image_size}, do_resize=True, do_normalize=True
     )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
         vision_feature_select_strategy="full",
         num_additional_image_tokens=0,
         chat_template=CHAT_TEMPLATE,
@@ -123,8 +127,8 @@ def build_tiny_llava(
         intermediate_size=vision_hidden * 2,
         num_hidden_layers=vision_layers or layers,
         num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        image_size=image_size,
+        patch_size=patch_size,
         vision_use_head=False,  # LLaVA reads patch features; the pooling head would be an unused parameter
     )
     text = Qwen2Config(
@@ -134,7 +138,7 @@ def build_tiny_llava(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max(512, (image_size // patch_size) ** 2 + 256),
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -338,14 +342,14 @@ TINY_VLMS: dict[str, Callable[..., Path]] = {
 """Tiny model builders by architecture name (orchestrator.architectures); each saves model + processor."""
 
 
-def draw_shape(colour: str, shape: str, rng: random.Random) -> bytes:
+def draw_shape(colour: str, shape: str, rng: random.Random, image_size: int = IMAGE_SIZE) -> bytes:
     from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (128, 128, 128))
+    img = Image.new("RGB", (image_size, image_size), (128, 128, 128))
     draw = ImageDraw.Draw(img)
     rgb = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in COLOURS[colour][0])
-    size = rng.randint(18, 34)
-    x, y = rng.randint(2, IMAGE_SIZE - size - 2), rng.randint(2, IMAGE_SIZE - size - 2)
+    size = rng.randint(18, 34) * image_size // IMAGE_SIZE
+    x, y = rng.randint(2, image_size - size - 2), rng.randint(2, image_size - size - 2)
     if shape == "square":
         draw.rectangle((x, y, x + size, y + size), fill=rgb)
     elif shape == "circle":
@@ -357,7 +361,7 @@ def draw_shape(colour: str, shape: str, rng: random.Random) -> bytes:
     return buf.getvalue()
 
 
-def colour_rows(n: int, task: str = "english", seed: int = 0) -> list[dict]:
+def colour_rows(n: int, task: str = "english", seed: int = 0, image_size: int = IMAGE_SIZE) -> list[dict]:
     """n rows of {image (PNG bytes), question, answer}, balanced over colours."""
     rng = random.Random(seed)
     names = list(COLOURS)
@@ -366,7 +370,7 @@ def colour_rows(n: int, task: str = "english", seed: int = 0) -> list[dict]:
         colour = names[i % len(names)]
         answer = colour if task == "english" else COLOURS[colour][1]
         rows.append(
-            {"image": draw_shape(colour, rng.choice(SHAPES), rng), "question": QUESTIONS[task], "answer": answer}
+            {"image": draw_shape(colour, rng.choice(SHAPES), rng, image_size), "question": QUESTIONS[task], "answer": answer}
         )
     rng.shuffle(rows)
     return rows

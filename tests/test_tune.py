@@ -151,3 +151,16 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(quickstart_run, tmp_
     assert by_length[64]["status"] == "finished" and summary["best"]["trial"] == by_length[64]["trial"]
     search_dir = Path(summary["best_model"]).parents[1]
     assert "failed: " in (search_dir / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_every_row_is_validated_once_for_the_whole_search(search):
+    """The search's driver validates and encodes every row once per data file; every trial reads both back."""
+    search_dir = Path(search["best_model"]).parents[1]
+    assert len(sorted((search_dir / ".rayft-data").glob("rows-*/index-*.npz"))) == 2  # train and eval
+    assert len(sorted((search_dir / ".rayft-data").glob("rows-*/encoded-*/meta.json"))) == 2
+    trials = list((search_dir / "trials").iterdir())
+    assert len(trials) == 4
+    for trial in trials:
+        start = next(json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines() if '"event": "start"' in x)
+        assert start["validation"] == {k: {"cached": True, "nodes": 0, "encoded_once": True} for k in ("train", "eval")}

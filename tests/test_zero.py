@@ -146,8 +146,9 @@ import ray
 from ray.cluster_utils import Cluster
 from orchestrator import launch
 from orchestrator.config import build_job
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-cluster.add_node(num_cpus=1)
+# 2 logical CPUs a node: one for its training worker, one for Ray Data's tasks
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+cluster.add_node(num_cpus=2)
 ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
 job, _ = build_job(json.loads(sys.argv[1]))
 out = launch.train(job, progress=False)
@@ -165,9 +166,13 @@ def test_two_workers_spread_over_two_nodes(world, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["nodes"] == 2
-    start = json.loads((Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
+    records = [json.loads(x) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    start, end = records[0], records[-1]
     assert start["world_size"] == 2 and start["ray_nodes"] == 2  # one worker on each node
     assert len(losses(Path(result["run_dir"]))) == 4
+    # preprocessing ran on both nodes: the validation pass (two 256-row chunks) and the encoding stream
+    assert start["validation"]["train"] == {"cached": False, "nodes": 2, "encoded_once": False}, start["validation"]
+    assert end["encode_nodes"] == 2
 
 
 def test_deepspeed_typo_gets_a_suggestion(world, tmp_path):

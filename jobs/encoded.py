@@ -1,0 +1,102 @@
+"""Encode once per search: a Ray Data pass writes every row's encoded tensors beside its row store, and every
+trial's stream then reads them back instead of running the processor again.
+
+Used by `rayft tune` (a search's trials share the data and, usually, the processor); `rayft train` streams
+and encodes as it goes. The encoded rows are as large as the processor's output (a 384x384 SigLIP image is
+1.7 MiB of fp32 pixels), so the pass runs only when they fit the disk budget (half the free space where the
+row store is); otherwise the search says so and every trial encodes as it streams. The cache is keyed by
+what the encoding depends on (the processor's files, the columns, data.blind): a trial that changes the
+model gets its own stream, encoded as it goes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jobs import rowstore
+from jobs.data import encode_row_payload
+from jobs.stream import (
+    PAYLOAD,
+    Index,
+    index_key,
+    job_from_json,
+    one_thread,
+    processor_for,
+    quiet_data_context,
+)
+from orchestrator import architectures
+from orchestrator.config import JobConfig
+
+
+def _root(job: JobConfig, store: rowstore.Store) -> Path:
+    key = hashlib.sha256(json.dumps([index_key(job, store), job.data.blind]).encode()).hexdigest()[:16]
+    return Path(store.root) / f"encoded-{key}"
+
+
+def _encode_chunk(batch: Any, job_json: str, store: rowstore.Store, out: str, with_image: bool) -> Any:
+    import pyarrow as pa
+
+    one_thread()
+    job = job_from_json(job_json)
+    processor = processor_for(job.model)
+    c = int(batch.column("chunk")[0].as_py())
+    data_file = Path(store.data_file)
+    payloads = [encode_row_payload(row, c * rowstore.CHUNK + j, job.data, processor, with_image, data_file) for j, row in enumerate(store.chunk(c).to_pylist())]
+    rowstore._write_chunk(Path(out) / f"chunk-{c:06d}.arrow", pa.table({PAYLOAD: pa.array(payloads, pa.binary())}))
+    return pa.table({"chunk": [c], "bytes": [sum(len(p) for p in payloads)]})
+
+
+def attach(job: JobConfig, indexes: dict[str, Index]) -> dict[str, Index]:
+    """The indexes with their encoded rows, where a pass has written them for this job's encoding."""
+    out = {}
+    for which, ix in indexes.items():
+        root = _root(job, ix.store)
+        found = rowstore.Store(str(root), ix.store.data_file, ix.store.n_rows, (PAYLOAD,)) if (root / rowstore.META).is_file() else None
+        out[which] = dataclasses.replace(ix, encoded=found)
+    return out
+
+
+def encode_once(job: JobConfig, indexes: dict[str, Index]) -> dict[str, str]:
+    """Encode every row of every data file once (Ray Data tasks, spread over the nodes), unless the result
+    would not fit the disk budget. Returns, per file, what happened (for the search's output)."""
+    import ray.data
+
+    with_image = architectures.for_model_dir(job.model).kind == "vlm"
+    said = {}
+    for which, ix in indexes.items():
+        root = _root(job, ix.store)
+        if (root / rowstore.META).is_file():
+            said[which] = f"encoded rows reused from {root}"
+            continue
+        processor = processor_for(job.model)
+        sample = ix.store.take([int(ix.rows[0])])[0]
+        per_row = len(encode_row_payload(sample, int(ix.rows[0]), job.data, processor, with_image, Path(ix.store.data_file)))
+        need, budget = per_row * ix.store.n_rows, shutil.disk_usage(ix.store.root).free // 2
+        if need > budget:
+            said[which] = f"encoding as each trial streams: the encoded rows would take {need / 2**30:.1f} GiB, over half the free disk ({budget / 2**30:.1f} GiB)"
+            continue
+        tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=ix.store.root))
+        try:
+            quiet_data_context()
+            ds = ray.data.from_items([{"chunk": c} for c in range(ix.store.n_chunks)], override_num_blocks=ix.store.n_chunks)
+            ds = ds.map_batches(_encode_chunk, batch_size=1, batch_format="pyarrow", scheduling_strategy="SPREAD",
+                                fn_kwargs={"job_json": job.model_dump_json(), "store": ix.store, "out": str(tmp), "with_image": with_image})
+            written = sum(int(b) for t in ds.iter_batches(batch_size=None, batch_format="pyarrow") for b in t.column("bytes").to_pylist())
+            (tmp / rowstore.META).write_text(json.dumps({"n_rows": ix.store.n_rows, "bytes": written}))
+            tmp.chmod(0o755)
+            try:
+                os.rename(tmp, root)
+            except OSError:  # another search encoded the same rows meanwhile: theirs is as good
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        said[which] = f"{ix.store.n_rows} rows encoded once for every trial ({written / 2**20:.0f} MiB)"
+    return said
