@@ -33,6 +33,8 @@ test: setup
 bench: setup
 	test -d quickstart/base || $(VENV)/bin/rayft quickstart ./quickstart
 	scripts/netns.sh $(PY) bench/hf_compare.py
+	scripts/netns.sh $(PY) bench/data_scale.py
+	scripts/netns.sh $(PY) bench/length_batching.py
 	scripts/netns.sh $(PY) bench/hardware.py
 	scripts/netns.sh $(PY) bench/methods.py ./quickstart
 	scripts/netns.sh $(PY) bench/zero_memory.py

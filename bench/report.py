@@ -17,7 +17,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-ORDER = ["hf_compare", "hardware", "overhead", "cluster_submit", "methods", "zero_memory", "asha_fifo", "planner_calibration", "claims"]
+ORDER = ["hf_compare", "data_scale", "length_batching", "hardware", "overhead", "cluster_submit", "methods", "zero_memory", "asha_fifo", "planner_calibration", "claims"]
 
 
 def _methods(d: dict[str, Any]) -> list[dict[str, Any]]:

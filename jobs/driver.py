@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 
 CHECKPOINTS = "checkpoints"
 SNAPSHOT = "checkpoint_manager_snapshot.json"
+# Encoded micro batches a worker's stream may hold ahead of training (Ray Data's object store budget for it):
+# without a cap, Ray Data filled 1.5 GB of the object store ahead of a 1k-row run (bench/data_scale.py).
+STREAM_BUFFER = 512 * 2**20
 DATA_CACHE = ".rayft-data"  # row stores and validation indexes, beside the run directories (output/ or a search)
 
 
@@ -42,7 +45,7 @@ def build_trainer(
     from the newest checkpoint there (Ray reuses the run name), and the streams start at that step.
     keep_best ("metric:max|min") keeps the best checkpoints rather than the newest (a Tune trial's best
     is what a search exports)."""
-    from ray.data import ExecutionOptions
+    from ray.data import ExecutionOptions, ExecutionResources
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -69,9 +72,12 @@ def build_trainer(
             },
         },
         datasets=plan.datasets,
-        # every worker reads only the datasets named after its rank: nothing is split, and each stream's
-        # output keeps its input's order (the schedule's)
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        # every worker reads only the datasets named after its rank: nothing is split; each stream's output
+        # keeps its input's order (the schedule's), and holds at most STREAM_BUFFER of encoded batches ahead
+        dataset_config=DataConfig(
+            datasets_to_split=[],
+            execution_options=ExecutionOptions(preserve_order=True, resource_limits=ExecutionResources.for_limits(object_store_memory=STREAM_BUFFER)),
+        ),
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=job.scaling.workers,

@@ -1,12 +1,14 @@
-"""Encode once per search: a Ray Data pass writes every row's encoded tensors beside its row store, and every
-trial's stream then reads them back instead of running the processor again.
+"""Encode once (data.encode_once: auto): a Ray Data pass writes every row's encoded tensors beside its row
+store, and the workers' streams then read them back instead of running the processor again, for every
+epoch, resume and search trial.
 
-Used by `rayft tune` (a search's trials share the data and, usually, the processor); `rayft train` streams
-and encodes as it goes. The encoded rows are as large as the processor's output (a 384x384 SigLIP image is
-1.7 MiB of fp32 pixels), so the pass runs only when they fit the disk budget (half the free space where the
-row store is); otherwise the search says so and every trial encodes as it streams. The cache is keyed by
-what the encoding depends on (the processor's files, the columns, data.blind): a trial that changes the
-model gets its own stream, encoded as it goes.
+Why: on a machine whose cores both train and encode, encoding in the stream takes CPU from every step
+(bench/data_scale.py: 0.80x the steps/s of the in-memory path on 2 cores); encoded once, the stream only
+reads and collates. The encoded rows are as large as the processor's output (a 384x384 SigLIP image is
+1.7 MiB of fp32 pixels), so the pass runs only when they fit half the free disk where the row store is;
+otherwise the run says so and Ray Data encodes rows as they stream. The cache is keyed by what the encoding
+depends on (the processor's files, the columns, data.blind): a search trial that changes the model gets
+its own stream, encoded as it goes.
 """
 
 from __future__ import annotations
@@ -59,28 +61,31 @@ def attach(job: JobConfig, indexes: dict[str, Index]) -> dict[str, Index]:
     for which, ix in indexes.items():
         root = _root(job, ix.store)
         found = rowstore.Store(str(root), ix.store.data_file, ix.store.n_rows, (PAYLOAD,)) if (root / rowstore.META).is_file() else None
-        out[which] = dataclasses.replace(ix, encoded=found)
+        out[which] = dataclasses.replace(ix, encoded=found if job.data.encode_once == "auto" else None)
     return out
 
 
-def encode_once(job: JobConfig, indexes: dict[str, Index]) -> dict[str, str]:
-    """Encode every row of every data file once (Ray Data tasks, spread over the nodes), unless the result
-    would not fit the disk budget. Returns, per file, what happened (for the search's output)."""
+def encode_once(job: JobConfig, indexes: dict[str, Index]) -> tuple[dict[str, Index], dict[str, str]]:
+    """Encode every row of every data file once (Ray Data tasks, spread over the nodes), unless
+    data.encode_once is off or the result would not fit the disk budget. Returns the indexes with their
+    encoded rows attached, and per file what happened (for the run's output)."""
     import ray.data
 
+    if job.data.encode_once == "off":
+        return indexes, {which: "encoded as rows stream (data.encode_once: off)" for which in indexes}
     with_image = architectures.for_model_dir(job.model).kind == "vlm"
     said = {}
     for which, ix in indexes.items():
         root = _root(job, ix.store)
         if (root / rowstore.META).is_file():
-            said[which] = f"encoded rows reused from {root}"
+            said[which] = f"encoded rows reused ({root})"
             continue
         processor = processor_for(job.model)
         sample = ix.store.take([int(ix.rows[0])])[0]
         per_row = len(encode_row_payload(sample, int(ix.rows[0]), job.data, processor, with_image, Path(ix.store.data_file)))
         need, budget = per_row * ix.store.n_rows, shutil.disk_usage(ix.store.root).free // 2
         if need > budget:
-            said[which] = f"encoding as each trial streams: the encoded rows would take {need / 2**30:.1f} GiB, over half the free disk ({budget / 2**30:.1f} GiB)"
+            said[which] = f"encoded as rows stream: encoded once they would take {need / 2**30:.1f} GiB, over half the free disk ({budget / 2**30:.1f} GiB)"
             continue
         tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=ix.store.root))
         try:
@@ -98,5 +103,5 @@ def encode_once(job: JobConfig, indexes: dict[str, Index]) -> dict[str, str]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        said[which] = f"{ix.store.n_rows} rows encoded once for every trial ({written / 2**20:.0f} MiB)"
-    return said
+        said[which] = f"{ix.store.n_rows} rows encoded once ({written / 2**20:.0f} MiB beside the row store)"
+    return attach(job, indexes), said

@@ -20,7 +20,6 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,11 @@ class Store:
         return -(-self.n_rows // CHUNK)
 
     def chunk(self, c: int) -> pa.Table:
-        return _open_chunk(self.chunk_path(c))
+        """Chunk c, memory-mapped: pages load as rows are read and are unmapped with the table (not cached:
+        an encoded chunk is hundreds of MB, and mapped pages count in the process's memory)."""
+        import pyarrow.ipc as ipc
+
+        return ipc.open_file(pa.memory_map(self.chunk_path(c))).read_all()
 
     def take(self, row_ids: Any) -> list[dict[str, Any]]:
         """The rows with these ids, in this order, as Python dicts."""
@@ -72,13 +75,6 @@ class Store:
             for (k, _), row in zip(wanted, rows, strict=True):
                 out[k] = row
         return out
-
-
-@lru_cache(maxsize=64)
-def _open_chunk(path: str) -> pa.Table:
-    import pyarrow.ipc as ipc
-
-    return ipc.open_file(pa.memory_map(path)).read_all()  # zero-copy: pages load as rows are read
 
 
 def _source_batches(path: Path, columns: list[str]):

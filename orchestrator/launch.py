@@ -318,7 +318,8 @@ SPANS = (
     ("preflight_s", "train_called", "ray_starting"),  # row stores (schema, row counts, image paths), run directory
     ("ray_init_s", "ray_starting", "ray_ready"),
     ("validation_s", "ray_ready", "data_checked"),  # the Ray Data pass over every row (cached for resumes and searches)
-    ("trainer_build_s", "data_checked", "trainer_built"),  # import ray.train + torch, batch schedule, datasets, TorchTrainer
+    ("encode_once_s", "data_checked", "encoded_once"),  # every row encoded once, where it fits the disk (jobs/encoded.py)
+    ("trainer_build_s", "encoded_once", "trainer_built"),  # import ray.train + torch, batch schedule, datasets, TorchTrainer
     ("worker_start_s", "trainer_built", "worker_started"),  # Ray Train controller, placement group, worker process
     ("data_s", "worker_started", "data_encoded"),  # worker imports, its dataset shards
     ("model_s", "data_encoded", "model_loaded"),  # base (4-bit) + adapters + optimizer (+ checkpoint restored)
@@ -389,6 +390,7 @@ def train(
     started: when the user's command started (time.time()); the manifest's timings count from it."""
     from jobs.data import DataError
     from jobs.driver import build_trainer
+    from jobs.encoded import encode_once
     from jobs.stream import index
 
     stream = stream or sys.stdout
@@ -432,6 +434,10 @@ def train(
                     shutil.rmtree(run_dir, ignore_errors=True)
                 raise
             stamps["data_checked"] = time.time()
+            indexes, said = encode_once(job, indexes)
+            for which, text in said.items():
+                print(f"data.{which}: {text}", file=user_stream, flush=True)
+            stamps["encoded_once"] = time.time()
             torch_import.join()
             with ProgressView(run_dir, user_stream, enabled=progress):
                 try:

@@ -155,7 +155,7 @@ def run(
             from jobs.encoded import encode_once
             from jobs.stream import build_stores, index
 
-            for which, said in encode_once(job, index(job, build_stores(job, search_dir / DATA_CACHE))).items():
+            for which, said in encode_once(job, index(job, build_stores(job, search_dir / DATA_CACHE)))[1].items():
                 print(f"data.{which}: {said}", file=user_stream, flush=True)
             trainable = rt.with_resources(
                 rt.with_parameters(

@@ -154,7 +154,8 @@ def test_an_image_that_goes_bad_after_validation_fails_the_run_naming_it(world, 
     from orchestrator import launch
 
     path = tinymodels.write_jsonl_with_image_files(tinymodels.colour_rows(256, seed=4), tmp_path / "rows.jsonl")
-    sets = {"data.train": str(path), "data.eval": None, "train.epochs": 2, "train.checkpoint_every": 8, "train.eval_every": 8}
+    # encoded as the rows stream (encoded once, the second run would read the tensors written before the change)
+    sets = {"data.train": str(path), "data.eval": None, "data.encode_once": "off", "train.epochs": 2, "train.checkpoint_every": 8, "train.eval_every": 8}
     job = base_job(world, tmp_path, **sets)
     first = launch.train(job, progress=False)
     late = run_rows(first.run_dir)[12][0]  # a row of step 12: after the step-8 checkpoint
@@ -169,8 +170,9 @@ def test_an_image_that_goes_bad_after_validation_fails_the_run_naming_it(world, 
 
 @pytest.mark.slow
 def test_worker_memory_does_not_grow_with_rows(world, ray_local, tmp_path):
-    """Peak RSS of the worker and the driver at 512 and 8192 rows, 20 steps each: the old in-memory path
-    held every row's pixels (48 KiB a row here: +360 MiB at 8192 rows); the stream holds a window."""
+    """Peak RSS of the worker and the driver at 512 and 8192 rows, 20 steps each, rows encoded as they
+    stream (the path for data too large to encode once): the old in-memory path held every row's pixels
+    (48 KiB a row here: +360 MiB at 8192 rows); the stream holds a window."""
     import resource
 
     from orchestrator import launch
@@ -178,7 +180,8 @@ def test_worker_memory_does_not_grow_with_rows(world, ray_local, tmp_path):
     peaks = {}
     for n in (512, 8192):
         path = tinymodels.write_parquet(tinymodels.colour_rows(n, seed=n), tmp_path / f"rows{n}.parquet")
-        out = launch.train(base_job(world, tmp_path / str(n), **{"data.train": str(path), "train.max_steps": 20, "train.eval_every": 20}), progress=False)
+        sets = {"data.train": str(path), "data.encode_once": "off", "train.max_steps": 20, "train.eval_every": 20}
+        out = launch.train(base_job(world, tmp_path / str(n), **sets), progress=False)
         records = [json.loads(x) for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert next(r for r in records if r.get("event") == "start")["rows"] == n
         peaks[n] = max(r["peak_rss_mib"] for r in records if "peak_rss_mib" in r)
