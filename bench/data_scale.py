@@ -33,6 +33,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -158,6 +159,7 @@ def run(name: str, code: Path, model: Path, data: Path, eval_file: Path, work: P
     import yaml
 
     out = work / "runs" / name
+    shutil.rmtree(out, ignore_errors=True)  # cold: no row store, validation index or encoded rows from before
     job = {
         "name": name, "model": str(model), "output": str(out),
         "data": {"train": str(data), "eval": str(eval_file), "max_length": 800, **({"encode_once": encode_once} if encode_once else {})},
@@ -236,6 +238,7 @@ def main() -> None:
             results[name] = r = run(name, code, model, data[n], eval_file, args.work, steps, args.memory_limit_gib, encode)
             if steps and r.get("steady_samples_per_s"):
                 r["projected_epoch_s"] = r["start_to_first_step_s"] + n / r["steady_samples_per_s"]
+            write_result("data_scale", {"setup": "partial: the run is still going", "runs": results})  # nothing lost if stopped
     bench = "data scale (SigLIP-384 rows, LoRA, 1 worker)"
     summary = []
     if args.off and len(args.off) > 1:

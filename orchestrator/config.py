@@ -55,8 +55,8 @@ class DataConfig(_Section):
     as fit data.batch_tokens padded tokens per worker)."""
     encode_once: Literal["auto", "off"] = "auto"
     """auto: before training, a Ray Data pass encodes every row once and keeps the tensors beside the row
-    store, for every epoch, resume and search trial, when they fit half the free disk; otherwise, or with
-    off, Ray Data encodes rows as they stream to the workers."""
+    store, for every epoch, resume and search trial, when they fit a quarter of the machine's memory and
+    half the free disk; otherwise, or with off, Ray Data encodes rows as they stream to the workers."""
     batch_tokens: int | None = Field(None, ge=8)
     """With batching: tokens, the padded tokens (rows x longest row) of one worker's micro batch; at least data.max_length."""
 
