@@ -256,7 +256,8 @@ def run_hf(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
 
     n = len(ends)
     return {
-        **rates(ends, tokens, warmup), "padding": 1 - sum(tokens[:n]) / sum(padded[:n]), "peak_rss_mib": peak_rss_mib(), "mean_loss": mean_loss,
+        **rates(ends, tokens, warmup, [job.train.micro_batch_size] * n), "padding": 1 - sum(tokens[:n]) / sum(padded[:n]), "peak_rss_mib": peak_rss_mib(),
+        "mean_loss": mean_loss,
         "load_1m": os.getloadavg()[0], "optim": optim, **held_out(model, job, processor, partial(torch.autocast, "cpu", dtype=torch.bfloat16)),
     }
 
