@@ -112,7 +112,7 @@ def main() -> None:
                       "eval": tinymodels.write_parquet(varied(EVAL_ROWS, task, 2), work / f"varied-{task}-eval.parquet")}
     lengths = [len(r["question"].split()) + 16 + 12 for r in varied(TRAIN_ROWS, "english", 1)]  # words ~ tokens here (word-level tokenizer)
     mean_len = int(statistics.mean(lengths))
-    base = train_base(work / "init", data["english"], work, args.epochs)
+    base = train_base(work / "init", data["english"], work, args.epochs) if set(args.methods) - {"full"} else work / "init"
     steps = args.epochs * (TRAIN_ROWS // MICRO)
     results: dict[str, Any] = {}
     summary = []
