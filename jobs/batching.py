@@ -71,12 +71,7 @@ def global_micro_batches(order: np.ndarray, lengths: np.ndarray, data: DataConfi
         if data.batching == "length_grouped":
             pieces.extend(chunk[m * micro : (m + 1) * micro] for m in range(len(chunk) // micro))
         else:
-            assert data.batch_tokens is not None
-            i = 0
-            while i < len(chunk):  # sorted longest first: the first row sets the padded width
-                n = max(1, data.batch_tokens // int(lengths[chunk[i]]))
-                pieces.append(chunk[i : i + n])
-                i += n
+            pieces.extend(_fill_to_budget(chunk, lengths, data))
     if data.batching == "length_grouped":
         # keep each global micro batch's slices adjacent (similar lengths on every worker), shuffle the groups
         groups = [pieces[m * world : (m + 1) * world] for m in range(len(pieces) // world)]
@@ -124,14 +119,20 @@ def eval_batches(rows: np.ndarray, lengths: np.ndarray, data: DataConfig, micro:
     if data.batching != "rows":
         mine = mine[np.argsort(-lengths[mine], kind="stable")]
     if data.batching == "tokens":
-        assert data.batch_tokens is not None
-        out, i = [], 0
-        while i < len(mine):
-            n = max(1, data.batch_tokens // int(lengths[mine[i]]))
-            out.append(rows[mine[i : i + n]])
-            i += n
-        return out
+        return [rows[part] for part in _fill_to_budget(mine, lengths, data)]
     return [rows[mine[i : i + micro]] for i in range(0, len(mine), micro)]
+
+
+def _fill_to_budget(sorted_positions: np.ndarray, lengths: np.ndarray, data: DataConfig) -> list[np.ndarray]:
+    """Cut positions sorted longest first into micro batches of at most data.batch_tokens padded tokens
+    (the first row of each sets its padded width); a row longer than the budget goes alone."""
+    assert data.batch_tokens is not None
+    out, i = [], 0
+    while i < len(sorted_positions):
+        n = max(1, data.batch_tokens // int(lengths[sorted_positions[i]]))
+        out.append(sorted_positions[i : i + n])
+        i += n
+    return out
 
 
 def padding_fraction(batches: list[np.ndarray], length_of: dict[int, int] | np.ndarray) -> float:
