@@ -28,10 +28,10 @@ IGNORE_INDEX = -100
 TOKEN_LEVEL_FILL = {"mm_token_type_ids": 0, "token_type_ids": 1}
 
 
-def columns(cfg: DataConfig, needs_image: bool) -> list[str]:
-    """The columns a job reads from its data files."""
-    text = [cfg.messages] if cfg.messages else [cfg.prompt, cfg.answer]
-    return text + ([cfg.image] if needs_image else [])
+def columns(cfg: DataConfig, needs_image: bool) -> dict[str, str]:
+    """The columns a job reads from its data files, each with the option that names it."""
+    text = {cfg.messages: "data.messages"} if cfg.messages else {cfg.prompt: "data.prompt", cfg.answer: "data.answer"}
+    return {**text, **({cfg.image: "data.image"} if needs_image else {})}
 
 
 def read_table(path: str | Path) -> pa.Table:
@@ -95,10 +95,11 @@ def check_rows(data_file: str | Path, cfg: DataConfig, needs_image: bool) -> int
         raise
     except Exception as e:  # pyarrow's parse errors name the problem; add the file
         raise DataError([f"{data_file}: cannot be read ({e})"]) from None
-    missing = [c for c in columns(cfg, needs_image) if c not in table.column_names]
+    wanted = columns(cfg, needs_image)
+    missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise DataError(
-            [f"{data_file}: missing column `{c}` (has: {', '.join(table.column_names)}); set data.{_key(cfg, c)} to the right column" for c in missing]
+            [f"{data_file}: missing column `{c}` (has: {', '.join(table.column_names)}); set {wanted[c]} to the right column" for c in missing]
         )
     if table.num_rows == 0:
         raise DataError([f"{data_file}: no rows"])
@@ -106,10 +107,6 @@ def check_rows(data_file: str | Path, cfg: DataConfig, needs_image: bool) -> int
     if problems:
         raise DataError(problems)
     return table.num_rows
-
-
-def _key(cfg: DataConfig, column: str) -> str:
-    return next(k for k in ("messages", "image", "prompt", "answer") if getattr(cfg, k) == column)
 
 
 def conversation(row: dict[str, Any], cfg: DataConfig) -> tuple[list[dict[str, str]], str]:

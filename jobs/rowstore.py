@@ -103,11 +103,13 @@ def _key(path: Path, columns: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def build(data_file: str | Path, columns: list[str], cache_root: str | Path, option: str, image_column: str | None) -> Store:
-    """The store of data_file's `columns` under cache_root (built now, or found from an earlier run).
-    option: the job key naming the file (data.train / data.eval), for messages.
+def build(data_file: str | Path, wanted: dict[str, str], cache_root: str | Path, option: str, image_column: str | None) -> Store:
+    """The store of data_file's `wanted` columns (column -> the option naming it, for messages) under
+    cache_root (built now, or found from an earlier run). option: the job key naming the file
+    (data.train / data.eval), for messages.
     Raises DataError: unreadable file, missing column, no rows, or image paths that do not exist."""
     path = Path(data_file)
+    columns = list(wanted)
     root = Path(cache_root) / f"rows-{path.stem}-{_key(path, columns)}"
     if (root / META).is_file():
         meta = json.loads((root / META).read_text())
@@ -120,7 +122,7 @@ def build(data_file: str | Path, columns: list[str], cache_root: str | Path, opt
         raise DataError([f"{path} ({option}): cannot be read ({e})"]) from None
     missing = [c for c in columns if c not in names]
     if missing:
-        raise DataError([f"{path} ({option}): missing column `{c}` (has: {', '.join(names)}); set {_column_option(c, columns, image_column)} to the right column" for c in missing])
+        raise DataError([f"{path} ({option}): missing column `{c}` (has: {', '.join(names)}); set {wanted[c]} to the right column" for c in missing])
     Path(cache_root).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=cache_root))
     problems: list[str] = []
@@ -145,12 +147,6 @@ def build(data_file: str | Path, columns: list[str], cache_root: str | Path, opt
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Store(str(root), str(path), n, tuple(columns))
-
-
-def _column_option(column: str, columns: list[str], image_column: str | None) -> str:
-    if column == image_column:
-        return "data.image"
-    return "data.messages" if len(columns) - (image_column is not None) == 1 else ("data.prompt" if column == columns[0] else "data.answer")
 
 
 def _iter_rechunked(batches):
