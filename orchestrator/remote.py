@@ -27,6 +27,7 @@ from orchestrator.config import JobConfig, to_yaml
 INPUTS_OK = "rayft: inputs ok"
 """The line the entrypoint prints once the model and data are readable on the cluster (submit waits for it)."""
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_RETRIES, AGENT_WAIT_S = 15, 2.0  # a new cluster's Jobs API may lack a dashboard agent for a few seconds
 CODE_PACKAGES = ("orchestrator", "jobs")
 
 
@@ -148,7 +149,7 @@ def client(address: str, token: Token | None) -> Any:
         return JobSubmissionClient(address, headers=headers)
     except Exception as e:
         text = str(e)
-        if "401" in text or "Authentication required" in text:
+        if "401" in text or "Authentication required" in text or "couldn't find an authentication token" in text:
             raise _auth_problem(401, address, token) from None
         if "403" in text or "Authentication failed" in text:
             raise _auth_problem(403, address, token) from None
@@ -231,14 +232,22 @@ def submit(job: JobConfig, address: str, token: Token | None, runtime_env: dict[
     submission_id = f"rayft-{job.name}-{stamp}-{secrets.token_hex(2)}"
     jobs = client(address, token)
     try:
-        jobs.submit_job(
-            entrypoint=entrypoint(package.run_location),
-            submission_id=submission_id,
-            runtime_env=env,
-            metadata={"rayft_job": job.name, "rayft_results": package.run_location},
-        )
-    except Exception as e:
-        raise RemoteError(f"submission to {address} failed: {_redact(str(e), token).splitlines()[0]}") from None
+        for attempt in range(AGENT_RETRIES + 1):
+            try:
+                jobs.submit_job(
+                    entrypoint=entrypoint(package.run_location),
+                    submission_id=submission_id,
+                    runtime_env=env,
+                    metadata={"rayft_job": job.name, "rayft_results": package.run_location},
+                )
+                break
+            except Exception as e:
+                # A cluster just started answers HTTP 500 "No available agent to submit job, please try again
+                # later" until a node's dashboard agent has registered (seen here under load): wait and retry.
+                if "No available agent" in str(e) and attempt < AGENT_RETRIES:
+                    time.sleep(AGENT_WAIT_S)
+                    continue
+                raise RemoteError(f"submission to {address} failed: {_redact(str(e), token).splitlines()[0]}") from None
     finally:
         shutil.rmtree(package.directory, ignore_errors=True)
     return {"job_id": submission_id, "results": package.run_location, "shipped_mib": package.shipped_mib, "address": address}
