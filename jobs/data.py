@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobs.rowstore import DataError
+from jobs.chat import IMAGE_PART, Conversation, RowError, conversation
+from jobs.rowstore import DataError, problem
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
     from orchestrator.config import DataConfig
 
-__all__ = ["DataError"]
+__all__ = ["DataError", "RowError", "conversation"]
 IGNORE_INDEX = -100
 # Token-level tensors a processor may return beside input_ids, and the value answer tokens get:
 # Qwen2-VL's mm_token_type_ids mark image tokens (answer tokens are text: 0); PaliGemma's token_type_ids
@@ -29,9 +30,18 @@ TOKEN_LEVEL_FILL = {"mm_token_type_ids": 0, "token_type_ids": 1}
 
 
 def columns(cfg: DataConfig, needs_image: bool) -> dict[str, str]:
-    """The columns a job reads from its data files, each with the option that names it."""
+    """The columns a job must find in its data files, each with the option that names it."""
     text = {cfg.messages: "data.messages"} if cfg.messages else {cfg.prompt: "data.prompt", cfg.answer: "data.answer"}
-    return {**text, **({cfg.image: "data.image"} if needs_image else {})}
+    if not needs_image:
+        return text
+    if cfg.images:
+        return {**text, cfg.images: "data.images"}
+    return text if cfg.messages else {**text, cfg.image: "data.image"}
+
+
+def optional_columns(cfg: DataConfig, needs_image: bool) -> tuple[str, ...]:
+    """Columns read when a file has them: with data.messages, a row's images may sit in data.image or in its parts."""
+    return (cfg.image,) if needs_image and cfg.messages and not cfg.images else ()
 
 
 def read_table(path: str | Path) -> pa.Table:
@@ -43,21 +53,35 @@ def read_table(path: str | Path) -> pa.Table:
         return pq.ParquetFile(path).read()  # one file; pq.read_table would import pyarrow.dataset and pandas (0.2 s)
     if path.suffix == ".jsonl":
         return pj.read_json(path)
-    raise DataError([f"{path}: unsupported file type (use .parquet or .jsonl)"])
+    raise DataError([problem(str(path), "unsupported file type", "use a .parquet or .jsonl file")])
 
 
 def _image_bytes(value: Any, data_file: Path) -> bytes:
-    """An image cell is encoded bytes, a path relative to the data file, or HF datasets' {bytes, path}."""
+    """An image cell is encoded bytes, a path relative to the data file (or a file:// or base64 data: URI),
+    or HF datasets' {bytes, path}."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, bytes | bytearray):
+        if not value:
+            raise RowError("empty image cell", "give the image's bytes or its path, or null for a text row")
         return bytes(value)
     if isinstance(value, str) and value:
-        path = Path(value) if Path(value).is_absolute() else data_file.parent / value
+        if value.startswith("data:"):
+            import base64
+
+            return base64.b64decode(value.partition(",")[2])
+        if value.startswith(("http://", "https://")):
+            raise RowError(f"image is a remote URL ({value[:60]})", "download the images and give their paths (rayft reads local files only)")
+        path = image_path(value, data_file)
         if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {path}")
+            raise FileNotFoundError(str(path))
         return path.read_bytes()
-    raise ValueError("empty image cell")
+    raise RowError("empty image cell", "give the image's bytes or its path, or null for a text row")
+
+
+def image_path(value: str, data_file: Path) -> Path:
+    value = value.removeprefix("file://")
+    return Path(value) if Path(value).is_absolute() else data_file.parent / value
 
 
 def load_image(value: Any, data_file: Path):
@@ -68,21 +92,29 @@ def load_image(value: Any, data_file: Path):
     return img.convert("RGB")
 
 
-def check_row(row: dict[str, Any], cfg: DataConfig, needs_image: bool, data_file: Path) -> tuple[list[str], Any]:
-    """(what is wrong with one row, empty when nothing; its decoded image, when it has one that decodes)."""
-    problems, image = [], None
+def check_row(
+    row: dict[str, Any], cfg: DataConfig, needs_image: bool, data_file: Path, max_images: int | None = None
+) -> tuple[list[RowError], list[Any]]:
+    """(what is wrong with one row, empty when nothing; its decoded images, in order)."""
     try:
-        conversation(row, cfg)
-    except ValueError as e:
-        problems.append(str(e))
-    if needs_image:
+        conv = conversation(row, cfg, needs_image)
+    except RowError as e:
+        return [e], []
+    problems: list[RowError] = []
+    if max_images is not None and len(conv.images) > max_images:
+        problems.append(RowError(f"{len(conv.images)} images, but the model takes at most {max_images} per row", "split the row into rows of one image each, or drop it"))
+    images = []
+    for k, cell in enumerate(conv.images):
+        which = f"image {k + 1} of {len(conv.images)}" if len(conv.images) > 1 else "image"
         try:
-            image = load_image(row[cfg.image], data_file)
+            images.append(load_image(cell, data_file))
+        except RowError as e:
+            problems.append(RowError(f"{which}: {e.what}", e.fix))
         except FileNotFoundError as e:
-            problems.append(str(e))
+            problems.append(RowError(f"{which} file not found: {e}", "check the path (relative paths resolve against the data file's folder)"))
         except Exception as e:
-            problems.append(f"image does not decode ({type(e).__name__}: {e})")
-    return problems, image
+            problems.append(RowError(f"{which} does not decode ({type(e).__name__}: {e})", "re-encode it as PNG or JPEG, or drop the row"))
+    return problems, images
 
 
 def check_rows(data_file: str | Path, cfg: DataConfig, needs_image: bool) -> int:
@@ -94,43 +126,19 @@ def check_rows(data_file: str | Path, cfg: DataConfig, needs_image: bool) -> int
     except DataError:
         raise
     except Exception as e:  # pyarrow's parse errors name the problem; add the file
-        raise DataError([f"{data_file}: cannot be read ({e})"]) from None
+        raise DataError([problem(str(data_file), f"cannot be read ({e})", "check that it is valid Parquet or JSON Lines")]) from None
     wanted = columns(cfg, needs_image)
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
-        raise DataError(
-            [f"{data_file}: missing column `{c}` (has: {', '.join(table.column_names)}); set {wanted[c]} to the right column" for c in missing]
-        )
+        raise DataError([problem(str(data_file), f"missing column `{c}` (has: {', '.join(table.column_names)})", f"set {wanted[c]} to the right column") for c in missing])
     if table.num_rows == 0:
-        raise DataError([f"{data_file}: no rows"])
-    problems = [f"{data_file} row {i}: {p}" for i, row in enumerate(table.to_pylist()) for p in check_row(row, cfg, needs_image, data_file)[0]]
+        raise DataError([problem(str(data_file), "no rows", "point the option at a file with rows")])
+    problems = [
+        problem(f"{data_file} row {i}", p.what, p.fix) for i, row in enumerate(table.to_pylist()) for p in check_row(row, cfg, needs_image, data_file)[0]
+    ]
     if problems:
         raise DataError(problems)
     return table.num_rows
-
-
-def conversation(row: dict[str, Any], cfg: DataConfig) -> tuple[list[dict[str, str]], str]:
-    """A row as (messages before the answer, answer). Raises ValueError saying what is wrong with the row."""
-    if cfg.messages:
-        messages = row[cfg.messages]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"no messages (column `{cfg.messages}`)")
-        if any(not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str) for m in messages):
-            raise ValueError(f"each message needs a string role and content (column `{cfg.messages}`)")
-        if messages[-1]["role"] != "assistant":
-            raise ValueError(f"the last message must be the assistant's answer (column `{cfg.messages}`)")
-        if not any(m["role"] == "user" for m in messages[:-1]):
-            raise ValueError(f"no user message before the answer (column `{cfg.messages}`)")
-        history = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
-        answer = messages[-1]["content"]
-    else:
-        prompt, answer = row[cfg.prompt], row[cfg.answer]
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"empty prompt (column `{cfg.prompt}`)")
-        history = [{"role": "user", "content": prompt}]
-    if not isinstance(answer, str) or not answer.strip():
-        raise ValueError(f"empty answer (column `{cfg.messages or cfg.answer}`)")
-    return history, answer
 
 
 @dataclass
@@ -141,63 +149,137 @@ class Encoded:
     row: int
 
 
-def prompt_text(processor: Any, history: list[dict[str, str]] | str, with_image: bool) -> str:
-    """The chat-templated prompt up to the assistant's turn; the image goes into the first user message."""
-    if isinstance(history, str):
-        history = [{"role": "user", "content": history}]
+# ---- from a conversation to tokens ----------------------------------------------------------------------
+
+SENTINEL = "\x00rayft-answer-{}\x00"  # stands in for an earlier answer while the chat template renders
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A conversation as the text around its trained answers: pieces[j] (unlabelled) comes before answers[j]."""
+
+    pieces: list[str]
+    answers: list[str]
+    images: list[list[int]]
+    """Which of the conversation's images each piece holds (indices, in order)."""
+
+
+def layout(conv: Conversation, processor: Any, with_image: bool) -> Layout:
+    """Render the conversation with the model's chat template (system messages and every turn included).
+    The last answer follows the generation prompt, as at inference; earlier trained answers are found by
+    rendering them as sentinels. Each answer is then its text + eos (so the template's end-of-turn token
+    right after it is not repeated)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    last = len(conv.messages) - 1
+    marked = [k for k in conv.trained if k != last]
+    history = []
+    for k, m in enumerate(conv.messages[:-1]):
+        content = [{"type": "text", "text": SENTINEL.format(k)}] if k in marked else m["content"]
+        history.append({"role": m["role"], "content": content if with_image else "\n".join(p["text"] for p in content)})
+    per_message = conv.images_per_message()
     if with_image and getattr(processor, "chat_template", None) is None:
         # No chat template, as in PaliGemma's released checkpoints: the processor lays the prompt out itself
         # (PaliGemma: image tokens, bos, prompt, "\n"; the answer then follows as the suffix).
         if len(history) != 1:
-            raise ValueError("the model has no chat template: a row can hold only one user message")
-        return getattr(processor, "image_token", "") + history[0]["content"]
-    messages: list[dict[str, Any]] = []
-    placed = not with_image
-    for m in history:
-        if with_image:  # VLM processors take structured content
-            content: Any = [{"type": "text", "text": m["content"]}]
-            if not placed and m["role"] == "user":
-                content.insert(0, {"type": "image"})
-                placed = True
-            messages.append({"role": m["role"], "content": content})
-        else:
-            messages.append(dict(m))
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            raise RowError("the model has no chat template: a row can hold only one user message and its answer", "give single-turn rows without a system message")
+        text = getattr(processor, "image_token", "") * per_message[0] + conv.text(0)
+        return Layout([text], [conv.text(last)], [list(range(len(conv.images)))])
+    text = processor.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+    pieces, rest = [], text
+    for k in marked:
+        before, found, rest = rest.partition(SENTINEL.format(k))
+        if not found:
+            raise RowError("the model's chat template rewrites earlier assistant messages, so their tokens cannot be found", "set data.train_on: last_turn (loss on the final answer only)")
+        pieces.append(before)
+        eos = tokenizer.eos_token or ""
+        if eos and rest.lstrip().startswith(eos):
+            rest = rest.lstrip()[len(eos) :]
+    pieces.append(rest)
+    images, j, seen = [[] for _ in pieces], 0, 0
+    for k, n in enumerate(per_message):
+        images[j].extend(range(seen, seen + n))
+        seen += n
+        if j < len(marked) and k == marked[j]:
+            j += 1
+    return Layout(pieces, [conv.text(k) for k in (*marked, last)], images)
+
+
+def prompt_text(processor: Any, question: str, with_image: bool) -> str:
+    """The chat-templated prompt for one question (with one image first when with_image), up to the answer."""
+    content = ([dict(IMAGE_PART)] if with_image else []) + [{"type": "text", "text": question}]
+    conv = Conversation([{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": "-"}]}], [None] * with_image, (1,))
+    return layout(conv, processor, with_image).pieces[0]
+
+
+def _tokens(processor: Any, text: str, images: list[Any], first: bool, vlm: bool) -> dict[str, Any]:
+    """One piece tokenized: by the processor when it holds images (which expands their tokens), else by the
+    tokenizer. Special tokens (a bos) only at a VLM row's start, as its processor adds them."""
+    if images:
+        kwargs = {} if first else {"add_special_tokens": False}
+        return processor(images=[images], text=[text], return_tensors="pt", **kwargs)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return tokenizer([text], return_tensors="pt", add_special_tokens=first and vlm)
 
 
 def encode_row(row: dict[str, Any], i: int, cfg: DataConfig, processor: Any, with_image: bool, data_file: Path) -> Encoded:
     """One row tokenized with the model's processor, whatever its length (callers check data.max_length).
-    Raises ValueError (bad conversation) or the image's decoding error."""
+    Raises RowError (bad conversation) or an image's decoding error."""
     import torch
     from PIL import Image
 
     tokenizer = getattr(processor, "tokenizer", processor)
-    history, answer = conversation(row, cfg)
-    text = prompt_text(processor, history, with_image)
-    if with_image:
-        image = load_image(row[cfg.image], data_file)
-        if cfg.blind:  # a uniform grey image of the same size: no information, same token layout
-            image = Image.new("RGB", image.size, (128, 128, 128))
-        enc = processor(images=[image], text=[text], return_tensors="pt")
-    else:
-        enc = tokenizer([text], return_tensors="pt", add_special_tokens=False)
-    prompt_ids = enc["input_ids"][0]
-    answer_ids = torch.tensor(answer_token_ids(tokenizer, answer), dtype=torch.long)
-    extras = {}
-    for key, value in enc.items():
-        # labels: ours (answer tokens only); PaliGemma's processor returns its own prompt-length ones.
-        if key in ("input_ids", "attention_mask", "labels") or not isinstance(value, torch.Tensor):
-            continue
-        if key in TOKEN_LEVEL_FILL:
-            fill = torch.full((len(answer_ids),), TOKEN_LEVEL_FILL[key], dtype=value.dtype)
-            value = torch.cat([value[0], fill])
-        extras[key] = value
-    return Encoded(
-        input_ids=torch.cat([prompt_ids, answer_ids]),
-        labels=torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids]),
-        extras=extras,
-        row=i,
-    )
+    conv = conversation(row, cfg, with_image)
+    lay = layout(conv, processor, with_image)
+    images = [load_image(c, data_file) for c in conv.images]
+    if cfg.blind:  # uniform grey images of the same sizes: no information, same token layout
+        images = [Image.new("RGB", im.size, (128, 128, 128)) for im in images]
+    ids, labels, token_level, image_level = [], [], [], {}
+    for j, piece in enumerate(lay.pieces):
+        enc = _tokens(processor, piece, [images[x] for x in lay.images[j]], j == 0, with_image)
+        piece_ids = enc["input_ids"][0]
+        answer_ids = torch.tensor(answer_token_ids(tokenizer, lay.answers[j]), dtype=torch.long)
+        ids += [piece_ids, answer_ids]
+        labels += [torch.full_like(piece_ids, IGNORE_INDEX), answer_ids]
+        token_level.append({k: v[0] for k, v in enc.items() if k in TOKEN_LEVEL_FILL and isinstance(v, torch.Tensor)})
+        if lay.images[j]:
+            # labels: ours (answer tokens only); PaliGemma's processor returns its own prompt-length ones.
+            image_level = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "labels", *TOKEN_LEVEL_FILL) and isinstance(v, torch.Tensor)}
+    if sum(bool(x) for x in lay.images) > 1:  # images in several pieces: their tensors from one call, in order
+        enc = processor(images=[images], text=["".join(lay.pieces)], return_tensors="pt")
+        image_level = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "labels", *TOKEN_LEVEL_FILL) and isinstance(v, torch.Tensor)}
+    extras = dict(image_level)
+    for key in {k for t in token_level for k in t}:
+        parts = []
+        for j, t in enumerate(token_level):
+            piece_len, answer_len = len(ids[2 * j]), len(ids[2 * j + 1])
+            parts.append(t[key] if key in t else torch.zeros(piece_len, dtype=torch.long))
+            parts.append(torch.full((answer_len,), TOKEN_LEVEL_FILL[key], dtype=parts[-1].dtype))
+        extras[key] = torch.cat(parts)
+    return Encoded(input_ids=torch.cat(ids), labels=torch.cat(labels), extras=extras, row=i)
+
+
+_expansion: dict[tuple[int, int, int], int] = {}  # (processor, width, height) -> tokens an image adds to the text
+
+
+def measure(row: dict[str, Any], cfg: DataConfig, processor: Any, with_image: bool, images: list[Any]) -> int:
+    """A row's encoded length (pieces with image tokens + answers + eos) without the image maths on every row:
+    what an image adds to the tokenized text depends only on its size, so the processor runs once per image
+    size (per process) and other rows only tokenize. images: the row's decoded images (check_row)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    lay = layout(conversation(row, cfg, with_image), processor, with_image)
+    n = 0
+    for j, piece in enumerate(lay.pieces):
+        n += len(tokenizer(piece, add_special_tokens=j == 0 and with_image)["input_ids"]) + len(answer_token_ids(tokenizer, lay.answers[j]))
+    for image in images:
+        key = (id(processor), *image.size)
+        if key not in _expansion:
+            from PIL import Image
+
+            text = prompt_text(processor, "a", True)
+            full = processor(images=[[Image.new("RGB", image.size, (128, 128, 128))]], text=[text], return_tensors="pt")["input_ids"][0]
+            _expansion[key] = len(full) - len(tokenizer(text, add_special_tokens=True)["input_ids"])
+        n += _expansion[key]
+    return n
 
 
 def encode_row_payload(row: dict[str, Any], i: int, cfg: DataConfig, processor: Any, with_image: bool, data_file: Path) -> bytes:
@@ -222,9 +304,10 @@ def answer_token_ids(tokenizer: Any, answer: str) -> list[int]:
 
 
 def too_long_message(data_file: Path | str, i: int, length: int, cfg: DataConfig) -> str:
-    return (
-        f"{data_file} row {i}: longer than data.max_length={cfg.max_length} ({length} tokens, image tokens included); "
-        "raise data.max_length or set data.too_long: drop"
+    return problem(
+        f"{data_file} row {i}",
+        f"longer than data.max_length={cfg.max_length} ({length} tokens, image tokens included)",
+        f"raise data.max_length to at least {length}, or set data.too_long: drop (rows are never truncated)",
     )
 
 
@@ -256,7 +339,8 @@ def encode_rows(
 
 
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad token-level tensors; concatenate the rest (pixel_values, image_grid_thw, ...) along dim 0."""
+    """Right-pad token-level tensors; concatenate the rest (pixel_values, image_grid_thw, ...) along dim 0,
+    from the rows that have them (a text row in a VLM batch adds no image tensors)."""
     import torch
 
     longest = max(len(e.input_ids) for e in examples)
@@ -266,20 +350,22 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         "labels": torch.full((n, longest), IGNORE_INDEX, dtype=torch.long),
         "attention_mask": torch.zeros((n, longest), dtype=torch.long),
     }
-    for key in TOKEN_LEVEL_FILL:
-        if key in examples[0].extras:
-            batch[key] = torch.zeros((n, longest), dtype=examples[0].extras[key].dtype)
+    token_keys = [k for k in TOKEN_LEVEL_FILL if any(k in e.extras for e in examples)]
+    for key in token_keys:
+        batch[key] = torch.zeros((n, longest), dtype=next(e.extras[key].dtype for e in examples if key in e.extras))
     for j, e in enumerate(examples):
         length = len(e.input_ids)
         batch["input_ids"][j, :length] = e.input_ids
         batch["labels"][j, :length] = e.labels
         batch["attention_mask"][j, :length] = 1
-        for key in TOKEN_LEVEL_FILL:
+        for key in token_keys:
             if key in e.extras:
                 batch[key][j, :length] = e.extras[key]
-    for key in examples[0].extras:
-        if key not in TOKEN_LEVEL_FILL:
-            batch[key] = cat_padded([e.extras[key] for e in examples])
+            else:  # a text row beside image rows: prompt tokens 0, answer tokens as encode_row fills them
+                batch[key][j, :length] = (e.labels != IGNORE_INDEX).long() * TOKEN_LEVEL_FILL[key]
+    image_keys = dict.fromkeys(k for e in examples for k in e.extras if k not in TOKEN_LEVEL_FILL)
+    for key in image_keys:
+        batch[key] = cat_padded([e.extras[key] for e in examples if key in e.extras])
     return batch
 
 

@@ -83,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="rayft-run-")) / Path(args.run_dir).name if is_uri else Path(args.run_dir)
     try:
         job, warnings = load_job(args.job_file)
-        launch.preflight(job, launch.data_cache(job, run_dir))
+        launch.preflight(job, launch.data_cache(job, run_dir), strict=True)
     except ConfigError as e:
         print("rayft: the job's inputs are not usable on the cluster:", *(f"  {p}" for p in e.problems), sep="\n", flush=True)
         return 2
     except DataError as e:
-        print(f"rayft: bad data rows:\n{e}", flush=True)
+        print(f"rayft: {len(e.problems)} problem(s) in the job's inputs:\n{e}", flush=True)
         return 2
     for w in warnings:
         print(f"warning: {w}", flush=True)

@@ -17,7 +17,14 @@ from typing import Any
 
 from jobs import data as data_mod
 from jobs.evaluate import answer_stats
-from jobs.model import build_model, load_processor, load_trainable_state, model_class, torch_dtype
+from jobs.model import (
+    build_model,
+    load_processor,
+    load_trainable_state,
+    model_class,
+    save_processor,
+    torch_dtype,
+)
 from jobs.train_loop import WEIGHTS_FILE
 from orchestrator import architectures
 from orchestrator.config import JobConfig
@@ -133,7 +140,7 @@ def export(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> d
     if job.method != "full":
         merged = reference.merge_and_unload()
     merged.to(export_dtype).save_pretrained(tmp_dir, safe_serialization=True, max_shard_size="2GB")
-    processor.save_pretrained(tmp_dir)
+    save_processor(processor, job.model, tmp_dir)
     reloaded = cls.from_pretrained(tmp_dir, dtype=torch.float32).eval()
     diffs, scale, all_positions = [], 0.0, 0.0
     merged_stats, trained_stats = [0, 0], [0, 0]
@@ -214,7 +221,7 @@ def export_zero(job: JobConfig, checkpoint_dir: Path, out_dir: Path, tmp_dir: Pa
     except OSError:
         pass  # the base has no generation config
     processor = load_processor(job.model, arch)
-    processor.save_pretrained(tmp_dir)
+    save_processor(processor, job.model, tmp_dir)
     reloaded, info = model_class(arch).from_pretrained(tmp_dir, dtype=torch.float32, output_loading_info=True)
     missing = [k for k in info["missing_keys"] if k not in _tied_keys(reloaded)]
     if missing:

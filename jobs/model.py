@@ -4,6 +4,7 @@ frozen what must stay frozen. The same functions serve training, merging and rea
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.architectures import Architecture
@@ -66,6 +67,23 @@ def qwen2_vl_image_only_processor(arch_name: str = "qwen2_vl") -> type:
     return ImageOnlyProcessor
 
 
+_WARNED: set[str] = set()
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+
+
+def save_processor(processor: Any, base_dir: str, out_dir: Any) -> None:
+    """Save the processor beside an exported model, keeping the base's own processor config files: where an
+    image-only subclass loaded it (no torchvision), save_pretrained would name that subclass, which plain
+    transformers does not know; the base's files name the stock class."""
+    import shutil
+    from pathlib import Path
+
+    processor.save_pretrained(out_dir)
+    for name in PROCESSOR_FILES:
+        if (Path(base_dir) / name).is_file():
+            shutil.copy2(Path(base_dir) / name, Path(out_dir) / name)
+
+
 def load_processor(model_dir: str, arch: Architecture):
     import importlib.util
 
@@ -74,12 +92,15 @@ def load_processor(model_dir: str, arch: Architecture):
     if arch.kind == "text":
         return AutoTokenizer.from_pretrained(model_dir)
     if arch.name in ("qwen2_vl", "qwen2_5_vl") and importlib.util.find_spec("torchvision") is None:
+        if arch.name not in _WARNED:  # once per process: the controller's reaches the terminal, workers' ray.log
+            _WARNED.add(arch.name)
+            print(f"warning: torchvision is not installed: {arch.name} loads its image processor and tokenizer only (images train; videos cannot)", file=sys.stderr)
         return qwen2_vl_image_only_processor(arch.name).from_pretrained(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
     if not hasattr(processor, "image_processor"):
         raise RuntimeError(
             f"{model_dir}: AutoProcessor returned only a tokenizer ({type(processor).__name__}); the image processor "
-            "could not be built (for Qwen2-VL without torchvision, register an image-only processor)"
+            "could not be built (a processor that needs torchvision, which is not installed?)"
         )
     return processor
 

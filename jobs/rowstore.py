@@ -9,7 +9,7 @@ touches. The copy is keyed by the file's path, size and modification time and th
 every run, resume and search trial that reads the same file.
 
 Needs only pyarrow: the controller builds the store before Ray starts and checks what it can see
-there: the file parses, the columns exist, it has rows, and image paths exist.
+there: the file parses, the columns exist, and it has rows.
 """
 
 from __future__ import annotations
@@ -29,8 +29,13 @@ CHUNK = 256  # rows per chunk: one validation task each
 META = "meta.json"
 
 
+def problem(where: str, what: str, fix: str = "") -> str:
+    """One data problem as the user sees it: where (file, option, row), what is wrong, and the fix."""
+    return f"{where}: {what}" + (f"\n    fix: {fix}" if fix else "")
+
+
 class DataError(ValueError):
-    """Every bad row found, each naming its file and row."""
+    """Every bad row found, each naming its file, option and row, what is wrong and the fix (see problem())."""
 
     MAX_LISTED = 20
 
@@ -94,7 +99,7 @@ def _source_batches(path: Path, columns: list[str]):
         reader = pj.open_json(path)
         names = reader.schema.names
         return names, (b.select([c for c in columns if c in names]) for b in reader)
-    raise DataError([f"{path}: unsupported file type (use .parquet or .jsonl)"])
+    raise DataError([problem(str(path), "unsupported file type", "use a .parquet or .jsonl file")])
 
 
 def _key(path: Path, columns: list[str]) -> str:
@@ -103,38 +108,44 @@ def _key(path: Path, columns: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def build(data_file: str | Path, wanted: dict[str, str], cache_root: str | Path, option: str, image_column: str | None) -> Store:
-    """The store of data_file's `wanted` columns (column -> the option naming it, for messages) under
-    cache_root (built now, or found from an earlier run). option: the job key naming the file
-    (data.train / data.eval), for messages.
-    Raises DataError: unreadable file, missing column, no rows, or image paths that do not exist."""
+def build(
+    data_file: str | Path,
+    wanted: dict[str, str],
+    cache_root: str | Path,
+    option: str,
+    optional: tuple[str, ...] = (),
+) -> Store:
+    """The store of data_file's `wanted` columns (column -> the option naming it, for messages), and of the
+    `optional` ones the file has, under cache_root (built now, or found from an earlier run). option: the
+    job key naming the file (data.train / data.eval), for messages.
+    Raises DataError: unreadable file, missing column, no rows. (Image paths are checked by the validation
+    pass, with every other row problem, so that all are reported at once.)"""
     path = Path(data_file)
-    columns = list(wanted)
-    root = Path(cache_root) / f"rows-{path.stem}-{_key(path, columns)}"
+    requested = [*wanted, *(c for c in optional if c not in wanted)]
+    root = Path(cache_root) / f"rows-{path.stem}-{_key(path, requested)}"
     if (root / META).is_file():
         meta = json.loads((root / META).read_text())
-        return Store(str(root), str(path), meta["n_rows"], tuple(columns))
+        return Store(str(root), str(path), meta["n_rows"], tuple(meta["columns"]))
     try:
-        names, batches = _source_batches(path, columns)
+        names, batches = _source_batches(path, requested)
     except DataError:
         raise
     except Exception as e:  # pyarrow's parse errors name the problem; add the file
-        raise DataError([f"{path} ({option}): cannot be read ({e})"]) from None
-    missing = [c for c in columns if c not in names]
+        raise DataError([problem(f"{path} ({option})", f"cannot be read ({e})", "check that it is valid Parquet or JSON Lines")]) from None
+    missing = [c for c in wanted if c not in names]
+    columns = [c for c in requested if c in names]
     if missing:
-        raise DataError([f"{path} ({option}): missing column `{c}` (has: {', '.join(names)}); set {wanted[c]} to the right column" for c in missing])
+        raise DataError([problem(f"{path} ({option})", f"missing column `{c}` (has: {', '.join(names)})", f"set {wanted[c]} to the right column") for c in missing])
     Path(cache_root).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=cache_root))
     problems: list[str] = []
     try:
         n = 0
         for table in _iter_rechunked(batches):
-            if image_column is not None:
-                problems.extend(_missing_images(table.column(image_column).to_pylist(), path, n, option))
             _write_chunk(tmp / f"chunk-{n // CHUNK:06d}.arrow", table)
             n += table.num_rows
         if n == 0:
-            problems.append(f"{path} ({option}): no rows")
+            problems.append(problem(f"{path} ({option})", "no rows", f"point {option} at a file with rows"))
         if problems:
             raise DataError(problems)
         (tmp / META).write_text(json.dumps({"n_rows": n, "columns": columns, "source": str(path)}))
@@ -170,15 +181,3 @@ def _write_chunk(path: Path, table: pa.Table) -> None:
 
     with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-
-
-def _missing_images(cells: list[Any], data_file: Path, first_row: int, option: str) -> list[str]:
-    """Image cells that are paths to files that do not exist (bytes are checked when decoded)."""
-    out = []
-    for k, cell in enumerate(cells):
-        value = cell.get("path") if isinstance(cell, dict) and not cell.get("bytes") else cell
-        if isinstance(value, str) and value:
-            p = Path(value) if os.path.isabs(value) else data_file.parent / value
-            if not p.is_file():
-                out.append(f"{data_file} ({option}) row {first_row + k}: image file not found: {p}")
-    return out

@@ -1,6 +1,6 @@
 """Rows through Ray Data: the validation pass over every row, and each worker's stream of encoded micro batches.
 
-    controller: data file --rowstore.build--> row store (Arrow chunks; schema, row count, image paths)
+    controller: data file --rowstore.build--> row store (Arrow chunks; schema, row count)
     driver:     Ray Data pass over the chunks: check every row, measure its tokens  -> Index (ids, lengths)
                 Index --batching.build_schedule--> which rows each worker trains on at each step
                 one Dataset per worker: its micro batches in step order --map_batches(encode)-->
@@ -27,16 +27,16 @@ import numpy as np
 from jobs import batching, rowstore
 from jobs.data import (
     DataError,
-    answer_token_ids,
     check_row,
     collate,
     columns,
-    conversation,
     decode_payload,
     encode_row,
-    prompt_text,
+    measure,
+    optional_columns,
     too_long_message,
 )
+from jobs.rowstore import problem
 from orchestrator import architectures
 from orchestrator.config import JobConfig
 
@@ -46,7 +46,7 @@ PREFETCH = 2  # micro batches each worker holds ready beyond the one it trains o
 # item per block capped a stream at ~20-40 micro batches/s and took that CPU from training (10k rows of
 # bench/data_scale.py ran at 12 samples/s against 45 at 1k); 20 per block ran 625 items/s.
 ITEMS_PER_BLOCK = 8
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: chat layouts, several images per row, multi-turn
 
 
 @dataclass(frozen=True)
@@ -66,15 +66,15 @@ class Index:
     """Every row's encoded tensors, written once for a search (jobs/encoded.py); None: encode as it streams."""
 
 
-def build_stores(job: JobConfig, cache_root: Path) -> dict[str, rowstore.Store]:
+def build_stores(job: JobConfig, cache_root: Path, only: str | None = None) -> dict[str, rowstore.Store]:
     """The controller's part (no Ray): each data file's row store, checking what needs no decoding."""
     needs_image = architectures.for_model_dir(job.model).kind == "vlm"
-    cols = columns(job.data, needs_image)
+    cols, optional = columns(job.data, needs_image), optional_columns(job.data, needs_image)
     stores, problems = {}, []
     for which, path in (("train", job.data.train), ("eval", job.data.eval)):
-        if path:
+        if path and only in (None, which):
             try:
-                stores[which] = rowstore.build(path, cols, cache_root, f"data.{which}", job.data.image if needs_image else None)
+                stores[which] = rowstore.build(path, cols, cache_root, f"data.{which}", optional)
             except DataError as e:
                 problems.extend(e.problems)
     if problems:
@@ -105,51 +105,34 @@ def one_thread() -> None:
 
 # ---- the validation pass ------------------------------------------------------------------------------
 
-_expansion: dict[tuple[str, int, int], int] = {}  # (model, width, height) -> tokens the image adds to the text
-
-
-def measure(row: dict[str, Any], cfg: Any, processor: Any, image: Any, data_file: Path, model: str) -> int:
-    """A row's encoded length (prompt with image tokens + answer + eos) without running the image maths on
-    every row: what an image adds to the tokenized text depends only on its size, so the processor runs
-    once per image size (per process) and other rows only decode and tokenize. The stream checks the
-    real length again as it encodes. image: the row's decoded image (None for a text model)."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    history, answer = conversation(row, cfg)
-    text = prompt_text(processor, history, image is not None)
-    n_text = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    n_answer = len(answer_token_ids(tokenizer, answer))
-    if image is None:
-        return n_text + n_answer
-    key = (model, *image.size)
-    if key not in _expansion:
-        full = encode_row(row, -1, cfg, processor, True, data_file)
-        _expansion[key] = len(full.input_ids) - n_answer - n_text
-    return n_text + _expansion[key] + n_answer
-
-
 def _scan_chunk(batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool) -> Any:
     import pyarrow as pa
 
     one_thread()
     job = job_from_json(job_json)
     processor = processor_for(job.model)
+    max_images = architectures.for_model_dir(job.model).max_images
     c = int(batch.column("chunk")[0].as_py())
     data_file = Path(store.data_file)
     ids, lengths, problems = [], [], []
     for j, row in enumerate(store.chunk(c).to_pylist()):
         i = c * rowstore.CHUNK + j
-        found, image = check_row(row, job.data, with_image, data_file)
+        found, images = check_row(row, job.data, with_image, data_file, max_images)
+        said = [problem(f"{data_file} ({option}) row {i}", p.what, p.fix) for p in found]
         length = -1
         if not found:
             try:
-                length = measure(row, job.data, processor, image, data_file, job.model)
-            except Exception as e:  # the processor refused the row
-                found = [f"cannot be encoded ({type(e).__name__}: {e})"]
+                length = measure(row, job.data, processor, with_image, images)
+            except Exception as e:  # the processor or the chat template refused the row
+                fix = getattr(e, "fix", "") or "check the row against the model's chat template and processor, or drop it"
+                said = [problem(f"{data_file} ({option}) row {i}", getattr(e, "what", f"cannot be encoded ({type(e).__name__}: {e})"), fix)]
         ids.append(i)
         lengths.append(length)
-        problems.append("; ".join(f"{data_file} ({option}) row {i}: {p}" for p in found))
+        problems.append(said)
     node = _node_id()
-    return pa.table({"row": pa.array(ids, pa.int64()), "length": pa.array(lengths, pa.int32()), "problem": problems, "node": [node] * len(ids)})
+    return pa.table(
+        {"row": pa.array(ids, pa.int64()), "length": pa.array(lengths, pa.int32()), "problem": pa.array(problems, pa.list_(pa.string())), "node": [node] * len(ids)}
+    )
 
 
 def _node_id() -> str:
@@ -163,7 +146,7 @@ def index_key(job: JobConfig, store: rowstore.Store) -> str:
     model = Path(job.model)
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model.glob("*.json")) if model.is_dir() else []
     d = job.data
-    text = json.dumps([INDEX_VERSION, str(model.resolve()), files, d.messages, d.prompt, d.answer, d.image, store.root])
+    text = json.dumps([INDEX_VERSION, str(model.resolve()), files, d.messages, d.prompt, d.answer, d.image, d.images, d.train_on, store.root])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -188,11 +171,14 @@ def scan(job: JobConfig, store: rowstore.Store, option: str) -> tuple[np.ndarray
     for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         ids.append(b.column("row").to_numpy())
         lengths.append(b.column("length").to_numpy())
-        problems.extend(p for p in b.column("problem").to_pylist() if p)
+        problems.extend(q for p in b.column("problem").to_pylist() for q in p)
         nodes.update(b.column("node").to_pylist())
-    if problems:
-        raise DataError(sorted((q for p in problems for q in p.split("; ")), key=_row_number))
     rows, lens = np.concatenate(ids), np.concatenate(lengths)
+    if problems:  # with the rows too long among the others, so that every problem is named at once
+        if job.data.too_long == "error":
+            long = lens > job.data.max_length
+            problems += [too_long_message(f"{store.data_file} ({option})", int(i), int(n), job.data) for i, n in zip(rows[long], lens[long], strict=True)]
+        raise DataError(sorted(problems, key=_row_number))
     order = np.argsort(rows)
     rows, lens = rows[order], lens[order]
     tmp = cache.with_suffix(f".{os.getpid()}.npz")
@@ -299,7 +285,7 @@ def plan(job: JobConfig, indexes: dict[str, Index], world: int, start_step: int)
     try:
         schedule = batching.build_schedule(train.rows, train.lengths, job.train, job.data, world)
     except ValueError as e:
-        raise DataError([f"{train.store.data_file} (data.train): {e}"]) from None
+        raise DataError([problem(f"{train.store.data_file} (data.train)", str(e), "lower train.micro_batch_size or train.grad_accum, or add rows")]) from None
     datasets = {}
     for r in range(world):
         items = [

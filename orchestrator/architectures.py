@@ -35,6 +35,8 @@ class Architecture:
     """Prefixes of the vision tower and projector."""
     processor_notes: str = ""
     note: str = ""
+    max_images: int | None = None
+    """Most images one row may hold (None: any number, each where its {"type": "image"} part is)."""
 
     def lora_target_regex(self, train_vision: bool) -> str:
         if train_vision and self.vision_lora_targets:
@@ -87,8 +89,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_lora_targets=r"model\.visual\.blocks\.\d+\.(?:attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)",
         keep_out_of_4bit=("model.visual", "lm_head"),
         vision_modules=("model.visual",),
-        processor_notes="Needs an image-only processor registered with AutoProcessor where torchvision is absent; "
-        "returns image_grid_thw and mm_token_type_ids, both passed to the model.",
+        processor_notes="Without torchvision, stock checkpoints load through an image-only subclass of the processor "
+        "(jobs/model.py); returns image_grid_thw and mm_token_type_ids, both passed to the model.",
     ),
     Architecture(
         name="qwen2_5_vl",
@@ -110,7 +112,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_lora_targets=_vit(r"model\.vision_tower"),
         keep_out_of_4bit=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
         vision_modules=("model.vision_tower", "model.multi_modal_projector"),
-        processor_notes="The processor adds 1152 <loc>/<seg> tokens: size the vocabulary from len(tokenizer).",
+        processor_notes="The processor adds 1152 <loc>/<seg> tokens: size the vocabulary from len(tokenizer). No chat "
+        "template: one user message (its image tokens first) and the answer as the suffix.",
+        max_images=1,
     ),
     Architecture(
         name="nvila_lite",

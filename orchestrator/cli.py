@@ -30,6 +30,17 @@ def _config_problems(e: ConfigError) -> NoReturn:
     _fail("\n".join(lines), 2)
 
 
+def _data_problems(e: Exception) -> NoReturn:
+    """A DataError: every problem, each naming the option, the file and the row, what is wrong and the fix."""
+    problems = getattr(e, "problems", [str(e)])
+    lines = [f"{len(problems)} problem(s) found before training (nothing was trained):"]
+    for p in problems[:50]:
+        lines.append("  ✗ " + p.replace("\n", "\n  "))
+    if len(problems) > 50:
+        lines.append(f"  ... and {len(problems) - 50} more")
+    _fail("\n".join(lines), 2)
+
+
 def _load(job_file: str, sets: tuple[str, ...]) -> JobConfig:
     try:
         job, warnings = load_job(job_file, sets)
@@ -88,9 +99,25 @@ def quiet_environment() -> None:
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the resolved config as JSON.")
-def validate(job_file: str, sets: tuple[str, ...], as_json: bool) -> None:
-    """Print the resolved job config, or every problem at once (exit 2)."""
+@click.option("--no-data", is_flag=True, help="Check the job file only: skip the model and data checks (no Ray start).")
+def validate(job_file: str, sets: tuple[str, ...], as_json: bool, no_data: bool) -> None:
+    """Print the resolved job config, or every problem at once (exit 2).
+
+    Unless --no-data, also runs the checks `rayft train` runs before training: the model's processor and
+    chat template load and render, and every row of the data (columns, images, conversation, length with
+    image tokens against data.max_length) passes, on an embedded Ray (a later run reuses the result)."""
     job = _load(job_file, sets)
+    if not no_data:
+        from jobs.data import DataError
+        from orchestrator import launch
+
+        try:
+            summary = launch.validate_data(job)
+        except DataError as e:
+            _data_problems(e)
+        for which, s in summary.items():
+            dropped = f", {s['dropped']} longer than data.max_length dropped" if s["dropped"] else ""
+            click.echo(f"data.{which}: {s['rows']} rows ok, longest {s['longest']} tokens (data.max_length {job.data.max_length}){dropped}", err=True)
     if as_json:
         _print_json(job.model_dump(mode="json"))
     else:
@@ -118,7 +145,7 @@ def train(
     try:
         outcome = launch.train(job, resume=resume, progress=not no_progress, started=launch.process_started())
     except DataError as e:
-        _fail(f"bad data rows:\n{e}", 2)
+        _data_problems(e)
     except launch.Interrupted as e:
         _fail(str(e), 130)
     except launch.RunFailed as e:
@@ -157,7 +184,7 @@ def tune(job_file: str, sets: tuple[str, ...], resume: Path | None, no_fit_check
     except planner.DoesNotFit as e:
         _fail(f"{e}\n(--no-fit-check launches it anyway)", 2)
     except DataError as e:
-        _fail(f"bad data rows:\n{e}", 2)
+        _data_problems(e)
     except KeyboardInterrupt:
         _fail("interrupted; continue with: rayft tune JOB --resume SEARCH_DIR", 130)
     except launch.RunFailed as e:

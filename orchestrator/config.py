@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
+from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -35,14 +37,21 @@ class DataConfig(_Section):
     eval: str | None = None
     """Held-out rows for eval loss and answer accuracy (same layout as train)."""
     image: str = "image"
-    """Column holding the image: encoded bytes, or a path relative to the data file."""
+    """Column holding each row's image (or a list of images): encoded bytes, a path relative to the data file,
+    or Hugging Face datasets' {bytes, path}; a null cell makes a text row. Optional with data.messages."""
+    images: str | None = None
+    """Column holding each row's list of images (same cell kinds as data.image), one per {"type": "image"}
+    part of its messages, in order; used instead of data.image."""
     prompt: str = "question"
     """Column holding the user's question."""
     answer: str = "answer"
     """Column holding the expected answer (loss is computed on these tokens only)."""
     messages: str | None = None
-    """Column of chat messages ([{role, content}, ...]) used instead of prompt/answer; the last message
-    must be the assistant's and is the answer, the image attaches to the first user message."""
+    """Column of chat messages ([{role, content}, ...], role system | user | assistant) used instead of
+    prompt/answer; content is a string or a list of {type: text|image} parts; the last message must be the
+    assistant's. Images come from the parts, data.images or data.image (before the first user text)."""
+    train_on: Literal["all_turns", "last_turn"] = "all_turns"
+    """Which assistant messages of a multi-turn row carry the loss: every one, or the last only."""
     max_length: int = Field(256, ge=8)
     """Longest tokenized example, image tokens included; longer rows are never truncated."""
     too_long: Literal["error", "drop"] = "error"
@@ -310,24 +319,129 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
+# What a value should have been, for each pydantic type error, in the words a job file uses.
+_EXPECTED = {
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_parsing_size": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "dict_type": "a mapping of keys",
+    "model_type": "a section of keys",
+    "model_attributes_type": "a section of keys",
+}
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
 def _pydantic_problems(err: ValidationError) -> list[Problem]:
+    """Each schema error as a Problem that echoes the value given, says what is allowed and how to fix it."""
+    # load_search validates tune: and each searched dimension on their own: their locations start there
+    root = {"TuneConfig": TuneConfig, "Dimension": Dimension}.get(err.title, JobConfig)
     problems = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         path = ".".join(loc) or "(job)"
-        fix = ""
-        if e["type"] == "extra_forbidden":
+        kind = e["type"]
+        if kind == "extra_forbidden":
             known = _known_keys(loc[:-1])
             close = difflib.get_close_matches(loc[-1], known, n=1)
             fix = f"did you mean `{close[0]}`?" if close else f"remove it; known keys: {', '.join(known)}"
             problems.append(Problem(path, "unknown key", fix))
             continue
-        if e["type"] == "literal_error":
-            fix = "use " + e["ctx"]["expected"]
-        elif e["type"] == "missing":
-            fix = "add it to the job file"
-        problems.append(Problem(path, e["msg"], fix))
+        field, section = _schema_at(loc, root)
+        given = _shown(e.get("input"))
+        if kind == "missing":
+            problems.append(Problem(path, e["msg"], "add it to the job file"))
+        elif kind == "literal_error":
+            expected = e["ctx"]["expected"]
+            problems.append(Problem(path, f"got {given}: expected {expected}", f"use {expected}"))
+        elif kind in _RANGE_ERRORS:
+            problems.append(_range_problem(path, field, e["ctx"], given))
+        elif kind in ("model_type", "model_attributes_type") and section is not None:
+            problems.append(_section_problem(path, section, given))
+        elif kind in _EXPECTED:
+            example = _example(field)
+            fix = f"set {path} to {_EXPECTED[kind]}" + (f", e.g. {example}" if example else "")
+            problems.append(Problem(path, f"got {given}: expected {_EXPECTED[kind]}", fix))
+        else:
+            if field is not None:
+                doc = field.description
+            else:  # the whole of `root` (an empty location), or past the schema's named keys
+                doc = section.__doc__ if section is not None else None
+            fix = f"see its doc: {' '.join(doc.split())}" if doc else f"see {path} in the job schema (orchestrator/config.py)"
+            problems.append(Problem(path, e["msg"].replace("Input should be", "should be"), fix))
     return problems
+
+
+def _schema_at(loc: list[str], root: type[BaseModel]) -> tuple[FieldInfo | None, type[BaseModel] | None]:
+    """The field an error location names and, when it is a section, the section's model (`root` for an empty
+    location). Both None once the location leaves named keys (a list index, a dict key, a union member)."""
+    field: FieldInfo | None = None
+    model: type[BaseModel] | None = root
+    for part in loc:
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return None, None
+        # a section may be optional (`DeepSpeedConfig | None`): look inside the union, as _known_keys does
+        sections = [t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)]
+        model = sections[0] if sections else None
+    return field, model
+
+
+def _range_problem(path: str, field: FieldInfo | None, ctx: Mapping[str, Any], given: str) -> Problem:
+    """A number out of range, with the field's whole allowed range read from its Ge/Gt/Le/Lt constraints
+    (pydantic's error names only the bound broken, which is all there is without a field)."""
+    found: dict[str, Any] = dict(ctx)
+    for constraint in field.metadata if field else []:
+        if isinstance(constraint, (Ge, Gt, Le, Lt)):
+            found.update((op, getattr(constraint, op)) for op in _BOUNDS if hasattr(constraint, op))
+    bounds = {op: found[op] for op in _BOUNDS if op in found}  # lower bound first
+    allowed = " and ".join(f"{_BOUNDS[op]} {_number(value)}" for op, value in bounds.items())
+    if set(bounds) == {"ge", "le"}:
+        allowed_words = f"from {_number(bounds['ge'])} to {_number(bounds['le'])}"
+    else:
+        allowed_words = allowed
+    return Problem(path, f"{given} is out of range: must be {allowed}", f"set {path} to {_number_kind(field)} {allowed_words}")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _number_kind(field: FieldInfo | None) -> str:
+    annotation = field.annotation if field else None
+    return "a whole number" if int in (annotation, *get_args(annotation)) else "a number"
+
+
+def _shown(value: Any) -> str:
+    """A value as given, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _example(field: FieldInfo | None) -> str | None:
+    """The field's default as a job file writes it, to show as an example; None when it has none worth showing."""
+    default = None if field is None or field.is_required() else field.default
+    if not isinstance(default, (bool, int, float, str, list)) or default in ("", []):
+        return None
+    return default if isinstance(default, str) else json.dumps(default)
+
+
+def _section_problem(path: str, section: type[BaseModel], given: str) -> Problem:
+    """A section (a mapping of keys) given a scalar or a list: name its keys, never the model behind it."""
+    keys = list(section.model_fields)
+    listed = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+    example = _example(section.model_fields[keys[0]]) or "..."
+    if path == "(job)":  # a searched dimension, validated on its own
+        return Problem(path, f"expected a section of keys ({listed}), got {given}", f"give one of its keys, e.g. {{{keys[0]}: {example}}}")
+    return Problem(path, f"{path} is a section of keys ({listed}), got {given}", f"set one of its keys, e.g. --set {path}.{keys[0]}={example}")
 
 
 def _without(raw: Mapping[str, Any], locs: Iterable[tuple[Any, ...]]) -> dict[str, Any]:

@@ -315,7 +315,7 @@ def process_started() -> float:
 # train(); worker stamps from rank 0's records in metrics.jsonl (the same clock on one machine).
 SPANS = (
     ("startup_s", "started", "train_called"),  # interpreter, imports, job file, fit check
-    ("preflight_s", "train_called", "ray_starting"),  # row stores (schema, row counts, image paths), run directory
+    ("preflight_s", "train_called", "ray_starting"),  # row stores (schema, row counts), model + processor + chat template, run directory
     ("ray_init_s", "ray_starting", "ray_ready"),
     ("validation_s", "ray_ready", "data_checked"),  # the Ray Data pass over every row (cached for resumes and searches)
     ("encode_once_s", "data_checked", "encoded_once"),  # every row encoded once, where it fits the disk (jobs/encoded.py)
@@ -366,13 +366,50 @@ def data_cache(job: JobConfig, run_dir: Path | None = None) -> Path:
     return (run_dir.parent if run_dir is not None else Path(job.output)) / DATA_CACHE
 
 
-def preflight(job: JobConfig, cache: Path) -> dict[str, Any]:
-    """The controller's data check, before Ray starts: each data file parses, has the job's columns and
-    rows, and its image paths exist; returns the row stores (jobs/rowstore.py). Every row is then checked
-    by a Ray Data pass (jobs/stream.py: index) before the first step."""
-    from jobs.stream import build_stores
+def preflight(job: JobConfig, cache: Path, strict: bool = False) -> Any:
+    """The controller's checks, before Ray starts (jobs/preflight.py): each data file parses, has the job's
+    columns and rows; the model's config and processor load and its chat
+    template encodes a row. Returns (row stores, problems of files that have none), or with strict the
+    stores, raising DataError for any problem. Every row is then checked by a Ray Data pass
+    (jobs/stream.py: index) before the first step; checked() reports its problems with these."""
+    from jobs import preflight as checks
 
-    return build_stores(job, cache)
+    return checks.checked_stores(job, cache) if strict else checks.check(job, cache)
+
+
+def checked(job: JobConfig, stores: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The validation pass over the stores, raising DataError with its problems and the preflight's, all at once."""
+    from jobs.data import DataError
+    from jobs.stream import index
+
+    try:
+        indexes = index(job, stores)
+    except DataError as e:
+        raise DataError(problems + e.problems) from None
+    if problems:
+        raise DataError(problems)
+    return indexes
+
+
+def validate_data(job: JobConfig) -> dict[str, dict[str, int]]:
+    """`rayft validate`'s data checks: the same preflight and validation pass as `rayft train` (whose index
+    a later run reuses), on an embedded Ray whose output goes to <output>/.rayft-data/validate.log. Returns
+    per file (train, eval): rows usable, rows dropped (data.too_long: drop) and the longest row in tokens;
+    raises DataError naming every problem."""
+    cache = data_cache(job)
+    stores, problems = preflight(job, cache)
+    resources = resources_for(job)
+    cache.mkdir(parents=True, exist_ok=True)
+    with output_to(cache / "validate.log"):
+        started = ensure_local_ray(resources.cpus_per_worker * job.scaling.workers)
+        try:
+            indexes = checked(job, stores, problems)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    return {which: {"rows": len(ix.rows), "dropped": ix.dropped, "longest": int(ix.lengths.max()) if len(ix.lengths) else 0} for which, ix in indexes.items()}
 
 
 def train(
@@ -391,13 +428,11 @@ def train(
     from jobs.data import DataError
     from jobs.driver import build_trainer
     from jobs.encoded import encode_once
-    from jobs.stream import index
-
     stream = stream or sys.stdout
     t0 = time.time()
     stamps = {"started": started or t0, "train_called": t0}  # wall-clock moments for the manifest's timings
     created = not resume and (run_dir is None or not run_dir.exists())
-    stores = preflight(job, data_cache(job, resume.resolve() if resume else run_dir))
+    stores, problems = preflight(job, data_cache(job, resume.resolve() if resume else run_dir))
     if resume:
         run_dir = resume.resolve()
         if not (run_dir / "job.yaml").is_file():
@@ -428,7 +463,7 @@ def train(
             started_ray = ensure_local_ray(resources.cpus_per_worker * job.scaling.workers, connect=connect)
             stamps["ray_ready"] = time.time()
             try:
-                indexes = index(job, stores)  # every row checked and measured, in parallel, before any worker starts
+                indexes = checked(job, stores, problems)  # every row checked and measured, in parallel, before any worker starts
             except DataError:
                 if created:  # nothing trained: leave nothing behind
                     shutil.rmtree(run_dir, ignore_errors=True)

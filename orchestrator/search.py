@@ -153,9 +153,10 @@ def run(
             # stores); trials read both back, and a trial that changes the model or columns makes its own.
             from jobs.driver import DATA_CACHE
             from jobs.encoded import encode_once
-            from jobs.stream import build_stores, index
+            from jobs.preflight import checked_stores
+            from jobs.stream import index
 
-            for which, said in encode_once(job, index(job, build_stores(job, search_dir / DATA_CACHE)))[1].items():
+            for which, said in encode_once(job, index(job, checked_stores(job, search_dir / DATA_CACHE)))[1].items():
                 print(f"data.{which}: {said}", file=user_stream, flush=True)
             trainable = rt.with_resources(
                 rt.with_parameters(

@@ -300,7 +300,20 @@ def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, hidden: int = 32, la
         vision_end_token_id=ids("<|vision_end|>"),
     )
     torch.manual_seed(seed)
-    return _save(Qwen2VLForConditionalGeneration(config), processor, out_dir)
+    return as_stock_qwen2_vl(_save(Qwen2VLForConditionalGeneration(config), processor, out_dir))
+
+
+def as_stock_qwen2_vl(model_dir: Path) -> Path:
+    """Rewrite processor_config.json as stock transformers 5 writes a Qwen2-VL checkpoint's (the stock class,
+    with its video processor nested), which cannot be saved here: the video processor needs torchvision.
+    AutoProcessor then fails on it without torchvision, exactly as on a released checkpoint."""
+    path = model_dir / "processor_config.json"
+    config = json.loads(path.read_text())
+    image = config["image_processor"]
+    video = {k: v for k, v in image.items() if k != "image_processor_type"}
+    video.update(video_processor_type="Qwen2VLVideoProcessor", do_sample_frames=False, fps=2.0, min_frames=4, max_frames=768)
+    path.write_text(json.dumps({"image_processor": image, "processor_class": "Qwen2VLProcessor", "video_processor": video}, indent=2) + "\n")
+    return model_dir
 
 
 def build_tiny_paligemma(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
@@ -383,6 +396,38 @@ def write_parquet(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def as_chat(row: dict) -> dict:
+    """A colour row in the standard chat layout: content parts and an images list column."""
+    return {
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": row["question"]}]},
+            {"role": "assistant", "content": [{"type": "text", "text": row["answer"]}]},
+        ],
+        "images": [{"bytes": row["image"], "path": None}],
+    }
+
+
+def write_chat_parquet(rows: list[dict], path: str | Path) -> Path:
+    """Chat rows ({messages, images}) written with the schema Hugging Face `datasets` gives such a set:
+    messages as list<struct<role, content: list<struct<type, text>>>> (every part has every key, null where
+    unused) and images as list<struct<bytes: binary, path: string>> (its Image feature's storage)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    part = pa.struct([("type", pa.string()), ("text", pa.string())])
+    schema = pa.schema(
+        [
+            ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.list_(part))]))),
+            ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
+        ]
+    )
+    rows = [{"messages": r["messages"], "images": [{"bytes": i.get("bytes"), "path": i.get("path")} for i in r.get("images") or []]} for r in rows]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return path
 
 

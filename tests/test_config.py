@@ -112,7 +112,7 @@ def test_fp16_on_cpu_warns(world, tmp_path, monkeypatch):
 
 def test_cli_validate_prints_config_or_problems(world, tmp_path):
     runner = CliRunner()
-    ok = runner.invoke(main, ["validate", str(write_job(tmp_path, world)), "--set", "lora.rank=4"], catch_exceptions=False)
+    ok = runner.invoke(main, ["validate", str(write_job(tmp_path, world)), "--set", "lora.rank=4", "--no-data"], catch_exceptions=False)
     assert ok.exit_code == 0
     assert yaml.safe_load(ok.output)["lora"]["rank"] == 4
     bad = runner.invoke(main, ["validate", str(write_job(tmp_path, world, method="full", **{"quantization.type": "nf4", "train.epochs": 0}))], catch_exceptions=False)
@@ -128,3 +128,29 @@ def test_cli_validate_prints_config_or_problems(world, tmp_path):
 def test_build_job_takes_a_mapping(world):
     job, _ = build_job({"model": str(world / "init"), "data": {"train": str(world / "data/english_train.parquet")}})
     assert job.name == "job"
+
+
+def test_schema_errors_echo_the_value_and_say_what_is_allowed(world, tmp_path):
+    path = write_job(tmp_path, world)
+    found = problems(path, "lora.rank=0", "train.lr=-0.1", "train.epochs=abc", "precision=fp64")
+    found.update(problems(path, "lora=8"))
+    assert found["lora.rank"] == "0 is out of range: must be >= 1 and <= 1024 | set lora.rank to a whole number from 1 to 1024"
+    assert found["train.lr"] == "-0.1 is out of range: must be > 0 and <= 1 | set train.lr to a number > 0 and <= 1"
+    assert found["train.epochs"] == "got 'abc': expected a whole number | set train.epochs to a whole number, e.g. 3"
+    assert found["precision"] == "got 'fp64': expected 'bf16', 'fp16' or 'fp32' | use 'bf16', 'fp16' or 'fp32'"
+    assert found["lora"] == "lora is a section of keys (rank, alpha, dropout, ...), got 8 | set one of its keys, e.g. --set lora.rank=16"
+    for text in found.values():
+        message, fix = text.split(" | ")
+        assert message and fix, text
+        assert not any(word in text for word in ("LoraConfig", "TrainConfig", "DataConfig", "Input should be")), text
+
+
+def test_every_schema_error_has_a_fix(world, tmp_path):
+    found = problems(write_job(tmp_path, world), "name=a b", "deepspeed=3", "freeze=x", "data.blind=maybe", "lora.targets=5", "submit.ship=[x]")
+    assert len(found) == 7  # lora.targets fails both members of its union
+    for text in found.values():
+        message, fix = text.split(" | ")
+        assert message and fix, text
+        assert "Config" not in text and "Input should be" not in text, text
+    assert found["name"].endswith("see its doc: Run name: the run directory is <output>/<name>-<timestamp>.")
+    assert "deepspeed is a section of keys (stage, " in found["deepspeed"]
