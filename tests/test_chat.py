@@ -285,12 +285,21 @@ def test_validate_checks_the_data_of_a_good_job_and_train_reuses_the_pass(world,
     assert missing.returncode == 2 and "missing column `pictures`" in missing.stderr and "fix: set data.images to the right column" in missing.stderr
 
 
-def test_stock_qwen2_vl_processor_loads_without_torchvision_with_one_warning(tiny):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_stock_qwen_vl_processors_load_without_torchvision_with_one_warning(tiny, family, tmp_path):
     """The tiny Qwen2-VL's processor_config.json is the stock one (Qwen2VLProcessor + a nested video
-    processor): AutoProcessor refuses it without torchvision; rayft loads its image side, warning once."""
+    processor; for Qwen2.5-VL the same files naming its classes): AutoProcessor refuses it without
+    torchvision; rayft loads its image side, warning once."""
+    import shutil
+
     path, _ = tiny["qwen2_vl"]
+    if family == "qwen2_5_vl":
+        path = Path(shutil.copytree(path, tmp_path / family))
+        for name, key, value in (("config.json", "model_type", "qwen2_5_vl"), ("processor_config.json", "processor_class", "Qwen2_5_VLProcessor")):
+            body = json.loads((path / name).read_text())
+            (path / name).write_text(json.dumps({**body, key: value}))
     config = json.loads((path / "processor_config.json").read_text())
-    assert config["processor_class"] == "Qwen2VLProcessor" and "video_processor" in config
+    assert config["processor_class"] in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor") and "video_processor" in config
     code = f"""
 import sys
 from transformers import AutoProcessor
@@ -307,7 +316,7 @@ print(type(p).__name__, hasattr(p, "image_processor"))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "stock refused: True" in proc.stdout and "Qwen2VLProcessorImageOnly True" in proc.stdout
+    assert "stock refused: True" in proc.stdout and f"{config['processor_class']}ImageOnly True" in proc.stdout
     assert proc.stderr.count("warning: torchvision is not installed") == 1, proc.stderr
 
 
