@@ -109,11 +109,12 @@ def check_row(
         try:
             images.append(load_image(cell, data_file))
         except RowError as e:
-            problems.append(RowError(f"{which}: {e.what}", e.fix))
+            problems.append(RowError(f"{which}: {e.what}" if len(conv.images) > 1 else e.what, e.fix))
         except FileNotFoundError as e:
             problems.append(RowError(f"{which} file not found: {e}", "check the path (relative paths resolve against the data file's folder)"))
         except Exception as e:
-            problems.append(RowError(f"{which} does not decode ({type(e).__name__}: {e})", "re-encode it as PNG or JPEG, or drop the row"))
+            why = "not an image format PIL can read" if type(e).__name__ == "UnidentifiedImageError" else f"{type(e).__name__}: {e}"
+            problems.append(RowError(f"{which} does not decode ({why})", "re-encode it as PNG or JPEG, or drop the row"))
     return problems, images
 
 

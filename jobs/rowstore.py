@@ -126,6 +126,8 @@ def build(
     if (root / META).is_file():
         meta = json.loads((root / META).read_text())
         return Store(str(root), str(path), meta["n_rows"], tuple(meta["columns"]))
+    if path.stat().st_size == 0:
+        raise DataError([problem(f"{path} ({option})", "empty file (no rows)", f"point {option} at a file with rows")])
     try:
         names, batches = _source_batches(path, requested)
     except DataError:
