@@ -2,6 +2,10 @@
 collation with loss on the answer tokens only. These are per-row functions: Ray Data tasks call them
 (`jobs/stream.py`), and so do in-process callers (the merge's parity check, benchmarks, tests).
 
+    row --chat.conversation--> messages (content parts) + images --layout--> text pieces around the trained
+    answers --encode_row--> input_ids, labels (answers only), image tensors; measure() gives the same length
+    without the image maths.
+
 `check_rows` and `read_table` need only pyarrow and PIL; encoding needs the processor.
 """
 

@@ -16,7 +16,7 @@ import torch
 from conftest import RAYFT
 
 from jobs.chat import conversation
-from jobs.data import DataError, check_row, check_rows, collate, encode_row, encode_rows
+from jobs.data import DataError, check_row, check_rows, collate, encode_row, encode_rows, measure
 from jobs.model import load_processor
 from orchestrator import tinymodels
 from orchestrator.architectures import for_model_dir
@@ -111,6 +111,8 @@ def test_two_images_reach_the_processor_in_order(tiny, name, tmp_path):
     pixels = "pixel_values"
     one_a, one_b = (encode_row({"messages": [user(None, Q), assistant("red")], "images": [{"bytes": x}]}, 0, cfg, processor, True, data_file) for x in (a, b))
     both = encode_row(row([a, b]), 0, cfg, processor, True, data_file)
+    problems, decoded = check_row(row([a, b]), cfg, True, data_file)
+    assert not problems and measure(row([a, b]), cfg, processor, True, decoded) == len(both.input_ids)  # the validation pass's length is exact
     swapped = encode_row(row([b, a]), 0, cfg, processor, True, data_file)
     dim = 1 if name == "idefics3" else 0  # Idefics3: (1, images, C, H, W)
     assert torch.equal(both.extras[pixels], torch.cat([one_a.extras[pixels], one_b.extras[pixels]], dim=dim))
