@@ -31,15 +31,7 @@ def run(arch: str, method: str, out: Path) -> dict[str, Any]:
     from orchestrator.config import build_job
 
     s = SETTINGS[method]
-    model = tinymodels.TINY_VLMS[arch](out / "init")
-    train = tinymodels.write_chat_parquet([tinymodels.as_chat(r) for r in tinymodels.colour_rows(512, seed=0)], out / "train.parquet")
-    evals = tinymodels.write_chat_parquet([tinymodels.as_chat(r) for r in tinymodels.colour_rows(128, seed=1)], out / "eval.parquet")
-    raw = {
-        "name": f"chat-{arch}-{method}", "model": str(model), "method": method, "precision": "bf16", "output": str(out / "runs"),
-        "data": {"train": str(train), "eval": str(evals), "messages": "messages", "images": "images", "max_length": 64},
-        "train": {"micro_batch_size": 16, "epochs": s["epochs"], "lr": s["lr"], "eval_every": 32, "checkpoint_every": 10**6},
-        **{k: v for k, v in s.items() if k in ("quantization", "lora")},
-    }
+    raw = tinymodels.chat_colour_job(arch, method, out, s["epochs"], s["lr"], **{k: v for k, v in s.items() if k in ("quantization", "lora")})
     job, _ = build_job(raw)
     t0 = time.time()
     outcome = launch.train(job, progress=False)

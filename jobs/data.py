@@ -226,6 +226,14 @@ def _tokens(processor: Any, text: str, images: list[Any], first: bool, vlm: bool
     return tokenizer([text], return_tensors="pt", add_special_tokens=first and vlm)
 
 
+def _image_tensors(enc: Any) -> dict[str, Any]:
+    """A processor output's per-image tensors (pixel_values, image_grid_thw, ...): not the token-level ones.
+    labels: ours (answer tokens only); PaliGemma's processor returns its own prompt-length ones."""
+    import torch
+
+    return {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "labels", *TOKEN_LEVEL_FILL) and isinstance(v, torch.Tensor)}
+
+
 def encode_row(row: dict[str, Any], i: int, cfg: DataConfig, processor: Any, with_image: bool, data_file: Path) -> Encoded:
     """One row tokenized with the model's processor, whatever its length (callers check data.max_length).
     Raises RowError (bad conversation) or an image's decoding error."""
@@ -247,11 +255,10 @@ def encode_row(row: dict[str, Any], i: int, cfg: DataConfig, processor: Any, wit
         labels += [torch.full_like(piece_ids, IGNORE_INDEX), answer_ids]
         token_level.append({k: v[0] for k, v in enc.items() if k in TOKEN_LEVEL_FILL and isinstance(v, torch.Tensor)})
         if lay.images[j]:
-            # labels: ours (answer tokens only); PaliGemma's processor returns its own prompt-length ones.
-            image_level = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "labels", *TOKEN_LEVEL_FILL) and isinstance(v, torch.Tensor)}
+            image_level = _image_tensors(enc)
     if sum(bool(x) for x in lay.images) > 1:  # images in several pieces: their tensors from one call, in order
         enc = processor(images=[images], text=["".join(lay.pieces)], return_tensors="pt")
-        image_level = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "labels", *TOKEN_LEVEL_FILL) and isinstance(v, torch.Tensor)}
+        image_level = _image_tensors(enc)
     extras = dict(image_level)
     for key in {k for t in token_level for k in t}:
         parts = []

@@ -431,6 +431,21 @@ def write_chat_parquet(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
+def chat_colour_job(arch: str, method: str, root: Path, epochs: int, lr: float, **sections: Any) -> dict[str, Any]:
+    """A raw job training a tiny `arch` from random init on the colour task in the chat layout (512 train /
+    128 held-out rows under root, as HF datasets writes them); sections: top-level keys merged in
+    (quantization, lora, ...)."""
+    model = TINY_VLMS[arch](root / "init")
+    train = write_chat_parquet([as_chat(r) for r in colour_rows(512, seed=0)], root / "train.parquet")
+    evals = write_chat_parquet([as_chat(r) for r in colour_rows(128, seed=1)], root / "eval.parquet")
+    return {
+        "name": f"chat-{arch}-{method}", "model": str(model), "method": method, "precision": "bf16", "output": str(root / "runs"),
+        "data": {"train": str(train), "eval": str(evals), "messages": "messages", "images": "images", "max_length": 64},
+        "train": {"micro_batch_size": 16, "epochs": epochs, "lr": lr, "eval_every": 32, "checkpoint_every": 64},
+        **sections,
+    }
+
+
 def write_jsonl_with_image_files(rows: list[dict], path: str | Path) -> Path:
     """The other accepted layout: JSONL rows whose image column is a path relative to the JSONL file."""
     path = Path(path)

@@ -346,15 +346,8 @@ def test_chat_layout_trains_above_chance(name, tmp_path):
     from orchestrator.config import build_job
 
     method, epochs, overrides = CHAT_RUNS[name]
-    model = tinymodels.TINY_VLMS[name](tmp_path / "init")
-    train = tinymodels.write_chat_parquet([tinymodels.as_chat(r) for r in tinymodels.colour_rows(512, seed=0)], tmp_path / "train.parquet")
-    evals = tinymodels.write_chat_parquet([tinymodels.as_chat(r) for r in tinymodels.colour_rows(128, seed=1)], tmp_path / "eval.parquet")
-    raw = {
-        "name": f"chat-{name}", "model": str(model), "method": method, "precision": "bf16", "output": str(tmp_path / "runs"),
-        "data": {"train": str(train), "eval": str(evals), "messages": "messages", "images": "images", "max_length": 64},
-        "train": {"micro_batch_size": 16, "epochs": epochs, "lr": 3e-3 if method == "full" else 5e-3, "eval_every": 32, "checkpoint_every": 64},
-        **overrides,
-    }
+    raw = tinymodels.chat_colour_job(name, method, tmp_path, epochs, 3e-3 if method == "full" else 5e-3, **overrides)
+    model = Path(raw["model"])
     job, _ = build_job(raw)
     outcome = launch.train(job, progress=False)
     accuracy = outcome.manifest["metrics"]["eval_accuracy"]
