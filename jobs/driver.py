@@ -24,6 +24,17 @@ class Resources:
     cpus_per_worker: int
 
 
+def registered_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """step -> directory of every checkpoint Ray Train registered in run_dir (it registers one only after
+    its copy into storage is complete; a directory left by a kill during the copy is not among them)."""
+    snapshot = run_dir / CHECKPOINTS / SNAPSHOT
+    if not snapshot.is_file():
+        return {}
+    results = json.loads(snapshot.read_text()).get("checkpoint_results") or []
+    found = {int(r["metrics"]["step"]): run_dir / CHECKPOINTS / r["checkpoint_dir_name"] for r in results if "step" in (r.get("metrics") or {})}
+    return {step: path for step, path in found.items() if path.is_dir()}
+
+
 def resume_step(run_dir: Path) -> int:
     """The step of the checkpoint Ray Train restores in run_dir (its latest registered one), or 0."""
     snapshot = run_dir / CHECKPOINTS / SNAPSHOT
@@ -34,19 +45,32 @@ def resume_step(run_dir: Path) -> int:
     return int(json.loads(meta.read_text())["step"]) if meta and meta.is_file() else 0
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The registered checkpoint of the highest step (full, LoRA and ZeRO alike), or None."""
+    registered = registered_checkpoints(run_dir)
+    return registered[max(registered)] if registered else None
+
+
 def build_trainer(
-    job: JobConfig, run_dir: Path, resources: Resources, indexes: dict[str, Any], callbacks: list[Any] | None = None, keep_best: str | None = None
+    job: JobConfig,
+    run_dir: Path,
+    resources: Resources,
+    indexes: dict[str, Any],
+    callbacks: list[Any] | None = None,
+    keep_best: str | None = None,
+    max_failures: int | None = None,
 ) -> Any:
     """A TorchTrainer whose storage is <run_dir>/checkpoints, fed by one Ray Data stream per worker
     (jobs/stream.py) from the data's validated `indexes`. Building it again with the same run_dir resumes
     from the newest checkpoint there (Ray reuses the run name), and the streams start at that step.
     keep_best ("metric:max|min") keeps the best checkpoints rather than the newest (a Tune trial's best
-    is what a search exports)."""
+    is what a search exports). max_failures: restarts after a lost worker (default scaling.max_failures)."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs import stream
+    from jobs.failure_recorder import FailureRecorder
     from jobs.train_loop import train_fn_per_worker
 
     plan = stream.plan(job, indexes, job.scaling.workers, resume_step(run_dir))
@@ -58,6 +82,8 @@ def build_trainer(
             "cpus_per_worker": resources.cpus_per_worker,
             # a fault drill: RAYFT_FAULT_AT_STEP=N makes the workers fail after step N (rehearse --resume)
             "fault_at_step": int(os.environ.get("RAYFT_FAULT_AT_STEP") or 0),
+            # RAYFT_KILL_IN_CHECKPOINT=N: rank 0 dies (SIGKILL) halfway through copying step N's checkpoint into storage
+            "kill_in_checkpoint_at": int(os.environ.get("RAYFT_KILL_IN_CHECKPOINT") or 0),
             "data": {
                 "total_steps": plan.total_steps,
                 "epoch_starts": plan.epoch_starts,
@@ -89,18 +115,25 @@ def build_trainer(
                 checkpoint_score_attribute=keep_best.split(":")[0] if keep_best else None,
                 checkpoint_score_order=keep_best.split(":")[1] if keep_best else "max",
             ),
-            failure_config=FailureConfig(max_failures=0),
-            callbacks=callbacks or [],
+            failure_config=FailureConfig(max_failures=job.scaling.max_failures if max_failures is None else max_failures),
+            callbacks=[FailureRecorder(str(run_dir)), *(callbacks or [])],
         ),
     )
 
 
 def tune_trial(
-    overrides: dict[str, Any], base: dict[str, Any], search_dir: str, resources: Resources, keep_best: str, budget: Budget | None = None
+    overrides: dict[str, Any],
+    base: dict[str, Any],
+    search_dir: str,
+    resources: Resources,
+    keep_best: str,
+    budget: Budget | None = None,
+    max_failures: int = 1,
 ) -> None:
     """One Ray Tune trial: the job with the trial's dotted overrides applied by the same function as --set,
     trained by the same TorchTrainer as `rayft train`, its reports forwarded to Tune (ASHA decides on them).
-    budget (planner.Budget): a trial predicted not to fit in it is recorded as skipped and never launched."""
+    budget (planner.Budget): a trial predicted not to fit in it is recorded as skipped and never launched.
+    max_failures (tune.max_failures): restarts of the trial's workers after one is lost."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -123,7 +156,10 @@ def tune_trial(
 
     try:  # a trial's bad rows (its max_length, say) fail that trial alone
         indexes = attach(job, stream.index(job, stream.build_stores(job, Path(search_dir) / DATA_CACHE)))
-        build_trainer(job, trial_dir, resources, indexes, callbacks=[TuneReportCallback()], keep_best=keep_best).fit()
+        trainer = build_trainer(
+            job, trial_dir, resources, indexes, callbacks=[TuneReportCallback()], keep_best=keep_best, max_failures=max_failures
+        )
+        trainer.fit()
     except Exception as e:  # recorded for the results table; Tune marks the trial errored and goes on
         from orchestrator.launch import _root_message
 

@@ -2,9 +2,12 @@
 processor, then reloaded with plain transformers and checked against the adapter model's logits.
 
 Why the dequantized base: the adapter was trained against dequant(W4), not the original W16; merging into
-the original weights (or into 4-bit layers) changes logits by ~0.5 (PLATFORM.md). The merged model is
-written to a temporary directory and renamed into place only after the parity check passes, so a
-`model/` directory is always complete.
+the original weights (or into 4-bit layers) changes logits by ~0.5 (PLATFORM.md).
+
+This module alone owns the write-beside-then-rename step: the model is written to `<out>.partial`
+(model.partial beside model/) and renamed into place only once it is checked and readable, so `model/`
+is always complete, a failed or killed export leaves the previous `model/` as it was plus at most
+`model.partial`, and the next export removes that.
 """
 
 from __future__ import annotations
@@ -88,8 +91,53 @@ def _logits(model: Any, batch: dict[str, Any], autocast: Any = None) -> Any:
         return model(**inputs).logits.float()
 
 
+def partial_dir(out_dir: Path) -> Path:
+    """Where an export is written before it becomes out_dir: `<out_dir>.partial`, emptied first. Also
+    removes `<out_dir>.partial.partial`, which earlier versions left (they wrote it twice over)."""
+    tmp_dir = out_dir.with_name(out_dir.name + ".partial")
+    for stale in (tmp_dir, tmp_dir.with_name(tmp_dir.name + ".partial")):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+    return tmp_dir
+
+
+def _umask() -> int:
+    """The process umask, read from /proc where Linux reports it: os.umask can only read it by setting it,
+    which races with files other threads create meanwhile."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(root: Path) -> None:
+    """Give every file under root mode 0o666 & ~umask and every directory 0o777 & ~umask, as a plain open()
+    or mkdir leaves them (config.json, tokenizer files), so another user's serving process can read the model.
+    Needed because safetensors >= 0.8 writes each file to a temporary file, mode 0600 whatever the umask,
+    and renames it into place (safetensors/safetensors#782): model*.safetensors from save_pretrained, and the
+    ZeRO path's shards, came out 0600."""
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _publish(tmp_dir: Path, out_dir: Path) -> None:
+    """The checked export becomes out_dir: the previous out_dir is removed only now, after every check."""
+    make_readable(tmp_dir)
+    if out_dir.is_dir():
+        shutil.rmtree(out_dir)
+    tmp_dir.rename(out_dir)
+
+
 def export(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Write the standalone model to out_dir; returns the parity record for the manifest."""
+    """Write the standalone model to out_dir (through `<out_dir>.partial`, renamed into place once it passes
+    the parity check); returns the parity record for the manifest."""
     from functools import partial
 
     import torch
@@ -97,8 +145,7 @@ def export(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> d
 
     t0 = time.time()
     out_dir = Path(out_dir)
-    tmp_dir = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir = partial_dir(out_dir)
     if not Path(checkpoint_dir, WEIGHTS_FILE).is_file():
         return export_zero(job, Path(checkpoint_dir), out_dir, tmp_dir)
     arch = architectures.for_model_dir(job.model)
@@ -178,8 +225,7 @@ def export(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> d
             f"merged model differs from the adapter model by {max_diff:.3g} in logits (tolerance {tolerance:.3g}); "
             f"the unverified export is kept at {failed}"
         )
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp_dir.rename(out_dir)
+    _publish(tmp_dir, out_dir)
     return record
 
 
@@ -230,8 +276,7 @@ def export_zero(job: JobConfig, checkpoint_dir: Path, out_dir: Path, tmp_dir: Pa
     for batch in _parity_batches(job, processor, arch):
         _, _, c, n = answer_stats(_logits(reloaded.eval(), batch), batch["labels"])
         correct, count = correct + c, count + n
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp_dir.rename(out_dir)
+    _publish(tmp_dir, out_dir)
     return {
         "compared": "full fine-tuning under ZeRO: shards consolidated; every weight reloaded by plain transformers",
         "batches": PARITY_BATCHES,

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import resource
-import tempfile
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from jobs import stream, zero
+from jobs import attempts, stream, zero
 from jobs.batching import epoch_of
 from jobs.evaluate import evaluate
 from jobs.model import (
@@ -154,7 +154,25 @@ def optimizer_step(training: Training, batches: list[dict[str, Any]], device: An
     return float(step_loss)
 
 
+class InjectedFault(RuntimeError):
+    """The fault drill RAYFT_FAULT_AT_STEP: fails the run for good, as a bug would (rehearses --resume)."""
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """An error that would repeat on a restart (a NaN loss, a row that went bad after validation, the fault
+    drill) is recorded in the run directory: the restarts Ray Train makes (scaling.max_failures) then fail
+    at once with it instead of loading the model to fail again at the same step. A lost worker (SIGKILL,
+    the OOM killer, a lost node) is not recorded: its restart continues from the latest checkpoint."""
+    from jobs.data import DataError
+
+    try:
+        _train(config)
+    except (FloatingPointError, DataError, InjectedFault) as e:
+        attempts.record_fatal(Path(config["run_dir"]), "\n".join(e.problems) if isinstance(e, DataError) else str(e))
+        raise
+
+
+def _train(config: dict[str, Any]) -> None:
     # Wall-clock stamps (time.time(): comparable with the driver's on one machine) for the start-up breakdown
     # in the manifest: worker started -> data encoded -> model loaded -> first optimizer step done.
     clock = {"worker_started": time.time()}
@@ -187,6 +205,16 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     rows_log = run_dir / "rows" / f"rank-{rank}.jsonl"  # which rows each step trained on (exactly-once checks)
     rows_log.parent.mkdir(exist_ok=True)
+    previous = fatal_error = None
+    attempt = 0  # rank 0 writes the record
+    if rank == 0:
+        attempts.sweep_staging()  # checkpoint copies of workers killed while writing one
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] if (run_dir / "metrics.jsonl").is_file() else []
+        attempt = attempts.next_attempt(records)
+        previous = max((r.get("step") or 0 for r in records), default=0) if records else None
+        fatal_error = attempts.fatal(run_dir)
+    if fatal_error:  # an error that would repeat: this restart fails at once, without loading the model again
+        raise RuntimeError(fatal_error)
     clock["data_encoded"] = time.time()
     warmup = int(job.train.warmup_ratio * total_steps)
     schedule = partial(lr_lambda, total=total_steps, warmup=warmup, schedule=job.train.schedule)
@@ -221,13 +249,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     def log(record: dict[str, Any]) -> None:
         if rank == 0:
             with (run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, "attempt": attempt, "time": record.get("time", time.time())}) + "\n")
 
     def save_checkpoint(step: int, metrics: dict[str, Any]) -> Any:
         """Plain runs: rank 0 writes trainable weights + optimizer state. ZeRO: every rank writes its shard
         and Ray merges the ranks' directories into one checkpoint. Adapters are also written whole by rank 0
         (they are small and unpartitioned below ZeRO-3), so every adapter run merges the same way."""
-        ckpt_dir = tempfile.mkdtemp(prefix=f"rayft-ckpt-{step}-")
+        ckpt_dir = attempts.staging_dir(step)
         if ds_config:
             model.save_checkpoint(ckpt_dir, tag=f"step_{step}", client_state={"step": step})
         if rank == 0:
@@ -239,15 +267,67 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     os.path.join(ckpt_dir, STATE_FILE),
                 )
             Path(ckpt_dir, META_FILE).write_text(json.dumps(metrics))
-        return ray.train.Checkpoint.from_directory(ckpt_dir) if rank == 0 or ds_config else None
+        if rank == 0 or ds_config:
+            return ray.train.Checkpoint.from_directory(ckpt_dir)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return None
+
+    def report(metrics: dict[str, Any], step: int | None) -> None:
+        """Report to Ray Train, with a checkpoint of `step` if given. Ray Train copies the staged checkpoint
+        into storage and registers it only once the copy is complete; the staged copy is removed either way."""
+        nonlocal last_checkpoint
+        checkpoint = save_checkpoint(step, metrics) if step is not None else None
+        try:
+            drill = step is not None and step == config.get("kill_in_checkpoint_at") and attempt == 1  # the first attempt only
+            upload = kill_during_upload if drill else None
+            ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload)
+        finally:
+            if checkpoint is not None:
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
+        if step is not None:
+            last_checkpoint = step
+
+    def kill_during_upload(checkpoint: Any, dir_name: str) -> Any:
+        """The fault drill RAYFT_KILL_IN_CHECKPOINT=N: in a run's first attempt, copy half of step N's
+        checkpoint into storage, then die as a SIGKILL would (rehearses a kill during a checkpoint write)."""
+        import signal
+
+        dest = run_dir / "checkpoints" / dir_name
+        dest.mkdir(parents=True, exist_ok=True)
+        files = sorted(p for p in Path(checkpoint.path).rglob("*") if p.is_file())
+        for f in files[: max(1, len(files) // 2)]:
+            (dest / f.relative_to(checkpoint.path)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dest / f.relative_to(checkpoint.path))
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("unreachable")
 
     node_ids = [ray.get_runtime_context().get_node_id()] * world
     if world > 1:  # which Ray nodes the workers landed on (placement: pack | spread)
         dist.all_gather_object(node_ids, node_ids[0])
+    last_checkpoint = start_step
+    last_eval: dict[str, Any] = {}
+    preemption_saved = False
+
+    def stop_reason() -> str | None:
+        """Why the driver asked to stop (SIGTERM, Ctrl-C), agreed by every rank after the same step."""
+        reason = attempts.stop_request(run_dir) if rank == 0 else None
+        if world > 1:
+            flag = torch.tensor([1.0 if reason else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            reason = reason or ("stop requested" if flag.item() else None)
+        return reason
+
+    def preemption() -> list[str] | None:
+        """The nodes Ray is draining (a spot reclaim, an autoscaler scale-down, KubeRay), agreed by every rank."""
+        info = ray.train.get_preemption_info()
+        return info.preempted_node_ids if info is not None else None
     log(
         {
             "event": "start",
             "step": start_step,
+            # a later attempt (a restart after a lost worker, or --resume) takes over at start_step; steps
+            # start_step+1 .. previous_reached were run before by an attempt whose work after its last checkpoint is lost
+            "previous_reached": previous,
             "total_steps": total_steps,
             "rows": plan["rows"],
             "zero_stage": job.deepspeed.stage if job.deepspeed else None,
@@ -265,7 +345,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if start_step == 0 and has_eval:  # the "before" number
         before = evaluate(model, eval_batches(), device, training.autocast, training.input_dtype)
         log({"event": "eval", "step": 0, **before})
-        ray.train.report({"step": 0, **before})
+        last_eval = {**before, "eval_step": 0}
+        report({"step": 0, **before}, None)
 
     # ---- optimizer steps --------------------------------------------------------------------------
     model.train()
@@ -304,14 +385,27 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
         done = step + 1
         if done == config["fault_at_step"]:
-            raise RuntimeError(f"RAYFT_FAULT_AT_STEP={done}: fault injected after step {done}")
+            raise InjectedFault(f"RAYFT_FAULT_AT_STEP={done}: fault injected after step {done}")
+        # Ray's preemption notice is a collective through Ray (6.6 ms a call here, 1 worker): asked every log_every steps
+        stop, preempted = stop_reason(), preemption() if done % job.train.log_every == 0 else None
+        if (stop or (preempted and not preemption_saved)) and done != last_checkpoint and done != total_steps:
+            # a checkpoint of this step now, unless the newest is of it (the last step checkpoints below)
+            # with the newest eval's numbers (a search's checkpoint ranking and its scheduler need its metric)
+            now = {"step": done, "epoch": round(epoch_of(done, epoch_starts, total_steps), 3), "train_loss": window_loss / max(1, window_steps)}
+            report({**last_eval, **now}, done)
+        if preempted and not preemption_saved:  # a node is being drained: Ray Train restarts from this checkpoint
+            preemption_saved = True
+            log({"event": "preemption", "step": done, "nodes": preempted, "checkpoint_step": last_checkpoint})
+        if stop and done != total_steps:
+            log({"event": "stopped", "step": done, "reason": stop, "checkpoint_step": last_checkpoint})
+            return
         is_last = done == total_steps
         do_eval = has_eval and (done % job.train.eval_every == 0 or is_last)
         do_ckpt = done % job.train.checkpoint_every == 0 or is_last
         if done % job.train.log_every == 0 or do_eval or do_ckpt:
             elapsed = time.time() - window_t0
             # the loss of the global batch: the mean over workers of each worker's mean
-            sums = torch.tensor([window_tokens, window_samples, window_loss, window_padded], dtype=torch.float64)
+            sums = torch.tensor([window_tokens, window_samples, window_loss, window_padded], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
             if world > 1:
                 dist.all_reduce(sums)
             metrics = {
@@ -333,8 +427,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 memory_logged = True
             if do_eval:
                 metrics.update(evaluate(model, eval_batches(), device, training.autocast, training.input_dtype))
+                last_eval = {k: v for k, v in metrics.items() if k.startswith("eval_")} | {"eval_step": done}
             log({"event": "eval" if do_eval else "train", **metrics})
             if do_eval or do_ckpt:
-                ray.train.report(metrics, checkpoint=save_checkpoint(done, metrics) if do_ckpt else None)
+                report(metrics, done if do_ckpt else None)
             window_t0 = time.time()
     log({"event": "end", "step": total_steps, "steps_s": steps_s, "data_wait_s": round(data_wait_s, 3), "encode_nodes": len(encode_nodes), "time": time.time()})

@@ -143,11 +143,11 @@ def train(
     if not no_fit_check:
         _fit_check(job, memory_limit)
     try:
-        outcome = launch.train(job, resume=resume, progress=not no_progress, started=launch.process_started())
+        outcome = launch.train(job, resume=resume, progress=not no_progress, started=launch.process_started(), job_file=job_file)
     except DataError as e:
         _data_problems(e)
     except launch.Interrupted as e:
-        _fail(str(e), 130)
+        _fail(str(e), e.exit_code)
     except launch.RunFailed as e:
         _fail(str(e), 1)
     if as_json:
@@ -179,14 +179,19 @@ def tune(job_file: str, sets: tuple[str, ...], resume: Path | None, no_fit_check
         _config_problems(e)
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
+    from orchestrator.signals import sigterm_as_sigint
+
     try:
-        summary = search.run(job, base, resume=resume, stream=sys.stdout, fit_check=not no_fit_check, memory_limit=memory_limit)
+        with sigterm_as_sigint() as got:
+            summary = search.run(job, base, resume=resume, stream=sys.stdout, fit_check=not no_fit_check, memory_limit=memory_limit)
     except planner.DoesNotFit as e:
         _fail(f"{e}\n(--no-fit-check launches it anyway)", 2)
     except DataError as e:
         _data_problems(e)
-    except KeyboardInterrupt:
-        _fail("interrupted; continue with: rayft tune JOB --resume SEARCH_DIR", 130)
+    except (KeyboardInterrupt, launch.Interrupted) as e:
+        name = "SIGTERM" if got.get("signal") == 15 else "SIGINT (Ctrl-C)"
+        where = getattr(e, "directory", None) or "SEARCH_DIR"
+        _fail(f"stopped by {name}; continue with: rayft tune {job_file} --resume {where}", 128 + got.get("signal", 2))
     except launch.RunFailed as e:
         _fail(str(e), 1)
     if as_json:
@@ -241,14 +246,20 @@ def plan(
 
 
 @main.command()
-@click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("directory", type=click.Path(path_type=Path))
 def report(directory: Path) -> None:
-    """Regenerate results.csv, results.md and metrics.png for a search directory."""
-    from orchestrator import search
+    """Regenerate the report of a search directory (results.csv, results.md, metrics.png) or of a run
+    directory (a table of its attempts, and metrics.png with one curve per attempt)."""
+    from orchestrator import run_report, search
 
-    if not (directory / "tune.yaml").is_file():
-        _fail(f"{directory}: not a search directory (no tune.yaml)", 2)
-    click.echo(search.report(directory))
+    if (directory / "tune.yaml").is_file():
+        click.echo(search.report(directory))
+    elif run_report.is_run_dir(directory):
+        click.echo(run_report.report(directory))
+    else:
+        what = "not a directory" if not directory.is_dir() else "neither kind of directory"
+        _fail(f"{directory}: {what}; rayft report takes a search directory (with tune.yaml, from rayft tune) "
+              "or a run directory (with job.yaml and metrics.jsonl, from rayft train)", 2)
     click.echo(f"plot: {directory / 'metrics.png'}")
 
 
@@ -320,13 +331,16 @@ def cluster() -> None:
 @click.option("--cpus-per-node", type=int, help="Default: this machine's cores split among the nodes.")
 @click.option("--port", default=6379, show_default=True, help="GCS port.")
 @click.option("--dashboard-port", default=8265, show_default=True, help="Dashboard / Jobs API port.")
-def cluster_up(directory: Path | None, nodes: int, cpus_per_node: int | None, port: int, dashboard_port: int) -> None:
-    """Start the cluster; prints the address to submit to and where the token is (never the token)."""
+@click.option("--timeout", "timeout_s", default=300, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait until every node is up. 2 nodes take ~10 s on an idle 2-core machine and have taken ~160 s on a busy one.")
+def cluster_up(directory: Path | None, nodes: int, cpus_per_node: int | None, port: int, dashboard_port: int, timeout_s: float) -> None:
+    """Start the cluster; prints the address to submit to and where the token is (never the token).
+    If a node is not up in time, stops everything it started and prints that node's log."""
     from orchestrator import cluster as local
 
     directory = directory or local.default_dir()
     try:
-        state = local.up(directory, nodes=nodes, cpus_per_node=cpus_per_node, port=port, dashboard_port=dashboard_port)
+        state = local.up(directory, nodes=nodes, cpus_per_node=cpus_per_node, port=port, dashboard_port=dashboard_port, timeout_s=timeout_s)
     except (local.ClusterError, OSError) as e:
         _fail(str(e), 1)
     click.echo(f"Ray cluster up in {state['up_s']}s: {nodes} node(s) on 127.0.0.1")
@@ -360,14 +374,14 @@ def cluster_status(directory: Path | None, as_json: bool) -> None:
 @cluster.command("down")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), help=CLUSTER_DIR_HELP)
 def cluster_down(directory: Path | None) -> None:
-    """Stop exactly the processes `cluster up` started."""
+    """Stop exactly the processes `cluster up` started (SIGTERM, then SIGKILL after 15 s); returns once all have exited."""
     from orchestrator import cluster as local
 
     try:
-        groups = local.down(directory or local.default_dir())
+        out = local.down(directory or local.default_dir())
     except local.ClusterError as e:
         _fail(str(e), 1)
-    click.echo(f"stopped {len(groups)} Ray node(s) (process groups {', '.join(map(str, groups))})")
+    click.echo(f"stopped {out['nodes']} Ray node(s) in {out['down_s']}s; all {out['processes']} processes exited ({out['killed']} needed SIGKILL)")
 
 
 def _connection(address: str | None, insecure: bool):  # -> (address, token)

@@ -145,6 +145,13 @@ class ScalingConfig(_Section):
     """CPU cores reserved per worker (torch threads follow it); null = the machine's cores split among workers."""
     placement: Literal["pack", "spread"] = "pack"
     """Put workers on as few Ray nodes as possible (pack) or on different nodes (spread)."""
+    max_failures: int = Field(2, ge=-1)
+    """Times Ray Train restarts the workers from the latest checkpoint after a worker is lost (killed, out of
+    memory, its node gone); -1 = without limit, 0 = never. An error that would repeat (a NaN loss, a bad row)
+    is not retried. Node preemptions Ray announces (spot reclaim, drain) are retried without limit."""
+    stop_grace_s: float = Field(120.0, gt=0)
+    """On SIGTERM or Ctrl-C: how long the workers get to finish their step and write a checkpoint before
+    they are stopped anyway (set a pod's terminationGracePeriodSeconds above it)."""
 
 
 class Dimension(_Section):
@@ -189,6 +196,9 @@ class TuneConfig(_Section):
     """Trials at once; null = as many as the machine's CPUs (or GPUs) fit, given each trial's workers."""
     seed: int = 0
     """Seed of the random search."""
+    max_failures: int = Field(1, ge=-1)
+    """Per trial: times its workers are restarted from the trial's latest checkpoint after one is lost; a
+    trial whose failures are used up is recorded as failed with its reason, and the search goes on."""
     space: dict[str, Dimension] = {}
     """Dotted job keys to search, e.g. lora.rank: {choice: [8, 16]}, train.lr: {loguniform: [1e-5, 1e-3]}."""
 
@@ -209,6 +219,9 @@ class SubmitConfig(_Section):
     shipped must be readable at the same path on the cluster, which the job checks before training."""
     max_ship_mib: int = Field(100, ge=1)
     """Largest submission package; bigger inputs belong on storage the cluster reads."""
+    driver_retries: int = Field(2, ge=0)
+    """Times the job's driver on the cluster is started again when it dies (killed, out of memory); each
+    new driver resumes from the run directory's latest checkpoint. A run that fails or is stopped is not retried."""
 
 
 class JobConfig(_Section):

@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -31,7 +32,11 @@ class RunFailed(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    pass
+    """Stopped by a signal (Ctrl-C, SIGTERM); exit_code is 128 + the signal's number."""
+
+    def __init__(self, message: str, exit_code: int = 130, directory: Path | None = None):
+        super().__init__(message)
+        self.exit_code, self.directory = exit_code, directory
 
 
 @dataclass(frozen=True)
@@ -84,13 +89,19 @@ def ensure_local_ray(num_cpus: int, dashboard: bool = False, connect: bool = Fal
     ASHA stopped are never released."""
     import ray
 
+    from orchestrator import processes
+
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home
+    # ray.init replaces the SIGTERM handler with sys.exit; a handler rayft installed (orchestrator/signals.py) comes back after it
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # workers inherit this: no bars in ray.log
     if connect:
         ray.init(address="auto", log_to_driver=True, logging_level="WARNING")
+        _restore_sigterm(sigterm)
         return True
+    processes.sweep()  # the Ray processes of an earlier rayft command that was killed
     # Ray Train's controller polls its workers every 2 s by default: fit() returns only after the poll that
     # sees the workers done (4-5 s after the last step here), and a report waits while the previous one is
     # still queued. On one machine a poll is cheap; 0.5 s cut that tail to ~1.6 s (bench/overhead.py).
@@ -99,7 +110,7 @@ def ensure_local_ray(num_cpus: int, dashboard: bool = False, connect: bool = Fal
     # API) fail with "Found multiple active Ray instances" when another Ray runs on the machine, and then
     # never release a stopped trial's placement group. So the GCS port is chosen here and every worker of
     # this job is told it (RAY_ADDRESS in the job's runtime_env).
-    port = _free_port()
+    port = processes.free_port()
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     try:
@@ -117,20 +128,30 @@ def ensure_local_ray(num_cpus: int, dashboard: bool = False, connect: bool = Fal
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = previous
+    processes.record_local_ray()
+    _restore_sigterm(sigterm)
     return True
+
+
+def _restore_sigterm(handler: Any) -> None:
+    if callable(handler):
+        signal.signal(signal.SIGTERM, handler)
+
+
+def shutdown_ray() -> None:
+    """Stop the embedded Ray, and then whatever of its processes is still running (its agents can linger)."""
+    import ray
+
+    from orchestrator import processes
+
+    processes.record_local_ray(update_only=True)  # the workers started since Ray came up
+    ray.shutdown()
+    processes.release_local_ray()
 
 
 def data_cpus() -> int:
     """Logical CPUs an embedded Ray adds for Ray Data beside the training reservation: the machine's cores."""
     return os.cpu_count() or 1
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -252,9 +273,10 @@ def finished(run_dir: Path) -> bool:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    root = run_dir / "checkpoints"
-    found = sorted(root.rglob("weights.safetensors"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
-    return found[-1].parent if found else None
+    """The registered checkpoint of the highest step (jobs/driver.py), or None."""
+    from jobs.driver import latest_checkpoint as newest
+
+    return newest(run_dir)
 
 
 def export_run(job: JobConfig, run_dir: Path, checkpoint: Path, extra: dict[str, Any] | None = None, out_dir: Path | None = None) -> RunOutcome:
@@ -263,12 +285,9 @@ def export_run(job: JobConfig, run_dir: Path, checkpoint: Path, extra: dict[str,
 
     out_dir = out_dir or run_dir
     model_dir = out_dir / MODEL_DIR
-    # Written beside, then renamed: a run killed mid-export leaves model.partial, never a half-written model/.
-    partial = out_dir / f"{MODEL_DIR}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    parity = export(job, checkpoint, partial)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    partial.rename(model_dir)
+    # export writes model.partial and renames it to model/ once checked (it alone owns that step): a failed or
+    # killed export leaves the previous model/ untouched and at most model.partial, which the next export removes.
+    parity = export(job, checkpoint, model_dir)
     records = read_metrics(run_dir)
     evals = [r for r in records if r.get("event") == "eval"]
     start = next((r for r in records if r.get("event") == "start"), {})
@@ -406,9 +425,7 @@ def validate_data(job: JobConfig) -> dict[str, dict[str, int]]:
             indexes = checked(job, stores, problems)
         finally:
             if started:
-                import ray
-
-                ray.shutdown()
+                shutdown_ray()
     return {which: {"rows": len(ix.rows), "dropped": ix.dropped, "longest": int(ix.lengths.max()) if len(ix.lengths) else 0} for which, ix in indexes.items()}
 
 
@@ -421,13 +438,36 @@ def train(
     run_dir: Path | None = None,
     connect: bool = False,
     started: float | None = None,
+    job_file: str | None = None,
 ) -> RunOutcome:
     """Run one job on an embedded local Ray, or (connect) on the cluster this process was submitted to.
     run_dir: where the run directory goes (default <output>/<name>-<timestamp>).
-    started: when the user's command started (time.time()); the manifest's timings count from it."""
+    started: when the user's command started (time.time()); the manifest's timings count from it.
+    job_file: named in the resume command that a stop or a failure prints.
+    SIGTERM and Ctrl-C stop the run gracefully (orchestrator/signals.py) and raise Interrupted."""
+    from orchestrator.signals import GracefulStop
+
+    stopper = GracefulStop(Path(job.output), job.scaling.stop_grace_s)
+    with stopper.installed():
+        return _train(job, stopper, resume, stream, progress, run_dir, connect, started, job_file)
+
+
+def _train(
+    job: JobConfig,
+    stopper: Any,
+    resume: Path | None,
+    stream: IO[str] | None,
+    progress: bool,
+    run_dir: Path | None,
+    connect: bool,
+    started: float | None,
+    job_file: str | None,
+) -> RunOutcome:
+    from jobs import attempts
     from jobs.data import DataError
-    from jobs.driver import build_trainer
+    from jobs.driver import build_trainer, resume_step
     from jobs.encoded import encode_once
+
     stream = stream or sys.stdout
     t0 = time.time()
     stamps = {"started": started or t0, "train_called": t0}  # wall-clock moments for the manifest's timings
@@ -450,6 +490,11 @@ def train(
     (run_dir / "job.yaml").write_text(to_yaml(job))
     resources = resources_for(job)
     print(f"run directory: {run_dir}", file=stream, flush=True)
+    resume_command = f"rayft train {job_file or 'JOB'} --resume {run_dir}"
+    stopper.run_dir = run_dir
+    attempts.clear(run_dir)  # no stop request or recorded fatal error of an earlier invocation
+    attempts.record_invocation(run_dir, stamps["started"])
+    outcome_said = "failed"
 
     started_ray = False
     with output_to(run_dir / "ray.log") as user_stream:
@@ -477,15 +522,21 @@ def train(
             with ProgressView(run_dir, user_stream, enabled=progress):
                 try:
                     trainer = build_trainer(job, run_dir, resources, indexes)
+                    stopper.hook(trainer)
                     stamps["trainer_built"] = time.time()
-                    result = trainer.fit()
+                    try:
+                        result = trainer.fit()
+                    finally:
+                        stopper.after_fit()
                 except SystemExit:  # Ray Train's own SIGINT handler aborts the run and exits
                     raise KeyboardInterrupt from None
                 except Exception as e:  # Ray Train V2 raises the workers' error from fit()
-                    raise RunFailed(f"training failed: {_root_message(e)}\n(logs: {run_dir / 'ray.log'})") from e
+                    if stopper.received:
+                        raise KeyboardInterrupt from None
+                    raise RunFailed(failure_message(job, run_dir, e, resume_command)) from e
             stamps["fit_returned"] = time.time()
             if result.error is not None:
-                raise RunFailed(f"training failed: {_root_message(result.error)}\n(logs: {run_dir / 'ray.log'})")
+                raise RunFailed(failure_message(job, run_dir, result.error, resume_command))
             if not finished(run_dir):  # aborted (Ctrl-C) without an error: never export a partial run
                 raise KeyboardInterrupt
             checkpoint = Path(result.checkpoint.path) if result.checkpoint else latest_checkpoint(run_dir)
@@ -499,13 +550,40 @@ def train(
             stamps["exported"] = time.time()
         except KeyboardInterrupt:
             started_ray = True
-            raise Interrupted(f"interrupted; continue with: rayft train JOB --resume {run_dir}") from None
+            name = {2: "SIGINT (Ctrl-C)", 15: "SIGTERM"}.get(stopper.received or 2, f"signal {stopper.received}")
+            outcome_said = f"stopped by {name}"
+            step = resume_step(run_dir)
+            saved = f"the newest checkpoint is of step {step}" if step else "no checkpoint was written yet"
+            raise Interrupted(f"stopped by {name}; {saved}; continue with: {resume_command}", stopper.exit_code) from None
         finally:
             if started_ray:
-                import ray
-
-                ray.shutdown()
+                shutdown_ray()
+            if run_dir.exists():  # (a run that found bad data before training is removed)
+                attempts.record_invocation(run_dir, stamps["started"], "exported" if "exported" in stamps else outcome_said)
     stamps["finished"] = time.time()
-    outcome.manifest["timings"] = timeline(stamps, read_metrics(run_dir))
+    records = read_metrics(run_dir)
+    outcome.manifest["timings"] = timeline(stamps, records)
+    ran = attempts.invocations(run_dir, records)
+    outcome.manifest["attempts"] = attempts.summary(records, attempts.failures(run_dir))
+    outcome.manifest["invocations"] = ran
+    outcome.manifest["timings"]["all_attempts_wall_s"] = round(sum(r["wall_s"] for r in ran), 1)  # every invocation, this one included
     (run_dir / MANIFEST).write_text(json.dumps(outcome.manifest, indent=2))
     return outcome
+
+
+def failure_message(job: JobConfig, run_dir: Path, error: BaseException, resume_command: str) -> str:
+    """Why the run failed in a sentence (a lost worker: which and why, from jobs/attempts' record; an
+    error: the worker's own message), how many attempts it made, and how to continue it. Ray's raw
+    text stays in ray.log."""
+    from jobs import attempts
+    from jobs.driver import resume_step
+
+    failures = attempts.failures(run_dir)
+    lost = failures[-1]["reason"] if failures and "was lost" in failures[-1]["reason"] else None
+    why = lost or _root_message(error)
+    tries = len(failures)
+    limit = job.scaling.max_failures
+    tried = f"\n{tries} attempt(s) failed (scaling.max_failures: {limit})" if tries > 1 or lost else ""
+    step = resume_step(run_dir)
+    again = f"\nthe newest checkpoint is of step {step}; continue with: {resume_command}" if step else ""
+    return f"training failed: {why}{tried}{again}\n(logs: {run_dir / 'ray.log'})"

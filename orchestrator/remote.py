@@ -227,7 +227,10 @@ def submit(job: JobConfig, address: str, token: Token | None, runtime_env: dict[
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     package = build_package(job, stamp)
     env = dict(runtime_env or {})
-    env_vars = {**env.get("env_vars", {}), "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    # `rayft stop` (Ray's stop_job) SIGTERMs the driver and SIGKILLs it 3 s later unless told otherwise: give
+    # it the run's grace period to checkpoint its current step
+    grace = {"RAY_JOB_STOP_WAIT_TIME_S": str(int(job.scaling.stop_grace_s) + 30)}
+    env_vars = {**grace, **env.get("env_vars", {}), "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     env = {**env, "working_dir": str(package.directory), "env_vars": env_vars}
     submission_id = f"rayft-{job.name}-{stamp}-{secrets.token_hex(2)}"
     jobs = client(address, token)

@@ -14,7 +14,6 @@ A search directory:
 from __future__ import annotations
 
 import csv
-import io
 import itertools
 import json
 import os
@@ -25,6 +24,7 @@ from typing import IO, Any
 from orchestrator import planner
 from orchestrator.config import JobConfig, TuneConfig, apply_overrides, build_job, load_raw, to_yaml
 from orchestrator.launch import (
+    Interrupted,
     RunFailed,
     data_cpus,
     ensure_local_ray,
@@ -32,6 +32,7 @@ from orchestrator.launch import (
     output_to,
     read_metrics,
     resources_for,
+    shutdown_ray,
 )
 
 TUNER_DIR = "tuner"
@@ -145,6 +146,9 @@ def run(
     resources = resources_for(job)
     print(f"search directory: {search_dir}", file=stream, flush=True)
     t0 = time.time()
+    from jobs import attempts
+
+    attempts.record_invocation(search_dir, t0)
     started = False
     with output_to(search_dir / "ray.log") as user_stream:
         try:
@@ -160,7 +164,13 @@ def run(
                 print(f"data.{which}: {said}", file=user_stream, flush=True)
             trainable = rt.with_resources(
                 rt.with_parameters(
-                    tune_trial, base=base, search_dir=str(search_dir), resources=resources, keep_best=f"{tune.metric}:{mode}", budget=budget
+                    tune_trial,
+                    base=base,
+                    search_dir=str(search_dir),
+                    resources=resources,
+                    keep_best=f"{tune.metric}:{mode}",
+                    budget=budget,
+                    max_failures=tune.max_failures,
                 ),
                 {"cpu": 0, "memory": 1},  # the trial only drives its TorchTrainer; the Train workers carry the CPUs
             )
@@ -197,18 +207,26 @@ def run(
                     run_config=rt.RunConfig(name=TUNER_DIR, storage_path=str(search_dir), verbose=0),
                 )
             grid = tuner.fit()
+            if grid.num_terminated + grid.num_errors < len(grid):  # Tune's own Ctrl-C handling returns, with trials unfinished
+                raise KeyboardInterrupt
             # Tune's own verdict: an ASHA-stopped trial's fit() may also raise (its workers are torn down),
             # so error.txt alone cannot tell a failure from an early stop.
             verdicts = {Path(r.path).name: ("error" if r.error else "ok") for r in grid}
             (search_dir / TUNE_STATUS).write_text(json.dumps(verdicts, indent=2))
         except KeyboardInterrupt:
             started = True
-            raise
+            attempts.record_invocation(search_dir, t0, "interrupted")
+            raise Interrupted("search interrupted", directory=search_dir) from None
         finally:
             if started:
-                ray.shutdown()
+                shutdown_ray()
     summary = summarize(search_dir)
-    summary["wall_s"] = round(time.time() - t0, 1)
+    # every invocation of the search (an interrupted one and its --resume), each also on its own
+    trial_records = [r for trial in (search_dir / "trials").glob("*") for r in read_metrics(trial)]
+    earlier = attempts.invocations(search_dir, trial_records)[:-1]
+    summary["invocations"] = [*earlier, {"started": t0, "wall_s": round(time.time() - t0, 1), "outcome": "this invocation"}]
+    summary["wall_s"] = round(sum(i["wall_s"] for i in summary["invocations"]), 1)
+    attempts.record_invocation(search_dir, t0, "completed")
     best = summary["best"]
     if best is None:
         raise RunFailed(f"no trial reported {tune.metric} with a checkpoint; see {search_dir / 'results.md'}")
@@ -268,6 +286,7 @@ def summarize(search_dir: Path) -> dict[str, Any]:
                 "best_step": best_eval["step"] if best_eval else None,
                 "checkpoint": checkpoints.get(best_eval["step"]) if best_eval else None,
                 "curve": [(r["step"], r[tune.metric]) for r in evals],
+                "segments": _segments(records, tune.metric),
                 "wall_s": _wall(trial_dir),
             }
         )
@@ -275,6 +294,18 @@ def summarize(search_dir: Path) -> dict[str, Any]:
     best = better(candidates, key=lambda t: t["best_metric"]) if candidates else None
     return {"metric": tune.metric, "mode": mode, "scheduler": tune.scheduler, "trials": trials, "best": best,
             "trial_steps": sum(t["steps"] for t in trials)}
+
+
+def _segments(records: list[dict[str, Any]], metric: str) -> list[list[tuple[int, float]]]:
+    """The eval curve split per attempt (a restarted trial runs some steps again)."""
+    from orchestrator.run_report import split_by_attempt
+
+    out = []
+    for rs in split_by_attempt(records).values():
+        points = [(r["step"], r[metric]) for r in rs if r.get("event") == "eval" and metric in r]
+        if points:
+            out.append(points)
+    return out
 
 
 def _wall(trial_dir: Path) -> float | None:
@@ -310,53 +341,30 @@ def _fmt(v: Any) -> str:
 
 def plot(summary: dict[str, Any], path: Path, size: tuple[int, int] = (800, 480)) -> None:
     """Every trial's eval metric over steps (PIL, no plotting dependency): early-stopped trials dashed,
-    failed trials red, the winner thick and black."""
+    failed trials red, the winner thick and black. A trial that ran in several attempts draws each attempt's
+    points as its own line, so steps run again after a restart do not zigzag back."""
     from PIL import Image, ImageDraw
+
+    from orchestrator.run_report import PALETTE, frame, polyline, save_png, span
 
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     left, top, right, bottom = 60, 30, size[0] - 160, size[1] - 40
     curves = [t for t in summary["trials"] if t["curve"]]
     steps = [s for t in curves for s, _ in t["curve"]] or [0, 1]
-    values = [v for t in curves for _, v in t["curve"]] or [0, 1]
     x0, x1 = min(steps), max(steps) or 1
-    y0, y1 = min(values), max(values)
-    y0, y1 = (y0 - 0.05, y1 + 0.05) if y1 - y0 < 1e-9 else (y0, y1)
-    sx = lambda s: left + (s - x0) / max(x1 - x0, 1e-9) * (right - left)  # noqa: E731
-    sy = lambda v: bottom - (v - y0) / (y1 - y0) * (bottom - top)  # noqa: E731
-    d.rectangle((left, top, right, bottom), outline="black")
-    d.text((left, 8), f"{summary['metric']} by step ({summary['scheduler']}; dashed = stopped early)", fill="black")
-    for frac in (0.0, 0.5, 1.0):
-        v = y0 + frac * (y1 - y0)
-        d.text((5, sy(v) - 6), f"{v:.3f}", fill="black")
-    d.text((left, bottom + 8), f"step {x0}", fill="black")
-    d.text((right - 60, bottom + 8), f"step {x1}", fill="black")
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+    title = f"{summary['metric']} by step ({summary['scheduler']}; dashed = stopped early)"
+    sx, sy = frame(d, (left, top, right, bottom), (x0, x1), span([v for t in curves for _, v in t["curve"]]), title)
     best = summary["best"]["trial"] if summary["best"] else None
     for i, t in enumerate(curves):
-        colour = "black" if t["trial"] == best else ("red" if t["status"] == "failed" else palette[i % len(palette)])
+        colour = "black" if t["trial"] == best else ("red" if t["status"] == "failed" else PALETTE[i % len(PALETTE)])
         width = 4 if t["trial"] == best else 2
-        pts = [(sx(s), sy(v)) for s, v in t["curve"]]
-        for a, b in zip(pts, pts[1:], strict=False):
-            if t["status"] == "stopped early":
-                _dashed(d, a, b, colour, width)
-            else:
-                d.line([a, b], fill=colour, width=width)
+        for segment in t.get("segments") or [t["curve"]]:
+            polyline(d, [(sx(s), sy(v)) for s, v in segment], colour, width, dashed=t["status"] == "stopped early")
         y = top + 16 * i
         d.line([(right + 10, y + 6), (right + 30, y + 6)], fill=colour, width=width)
         d.text((right + 35, y), t["trial"][-12:] + (" *best" if t["trial"] == best else ""), fill="black")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    path.write_bytes(buf.getvalue())
-
-
-def _dashed(d: Any, a: tuple[float, float], b: tuple[float, float], colour: str, width: int, dash: float = 6.0) -> None:
-    (xa, ya), (xb, yb) = a, b
-    length = max(((xb - xa) ** 2 + (yb - ya) ** 2) ** 0.5, 1e-9)
-    n = int(length // dash)
-    for k in range(0, n, 2):
-        f0, f1 = k * dash / length, min((k + 1) * dash / length, 1.0)
-        d.line([(xa + (xb - xa) * f0, ya + (yb - ya) * f0), (xa + (xb - xa) * f1, ya + (yb - ya) * f1)], fill=colour, width=width)
+    save_png(img, path)
 
 
 def report(search_dir: Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import time
@@ -24,7 +25,7 @@ def rayft(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     directory = tmp_path_factory.mktemp("cluster")
-    up = rayft("cluster", "up", "--dir", str(directory), "--nodes", "2", "--cpus-per-node", "1", "--port", "6391", "--dashboard-port", "8275", timeout=180)
+    up = rayft("cluster", "up", "--dir", str(directory), "--nodes", "2", "--cpus-per-node", "1", "--port", "6391", "--dashboard-port", "8275", timeout=360)
     assert up.returncode == 0, up.stderr + up.stdout
     token_path = directory / "auth_token"
     env = {"RAY_AUTH_TOKEN_PATH": str(token_path)}
@@ -32,13 +33,14 @@ def cluster(tmp_path_factory):
     state = json.loads((directory / "cluster.json").read_text())
     down = rayft("cluster", "down", "--dir", str(directory), timeout=120)
     assert down.returncode == 0, down.stderr
-    groups = {p["pgid"] for p in state["processes"]}
-    left = [pid for pid, fields in running().items() if int(fields[2]) in groups]
-    assert not left, f"processes of the cluster's groups still running: {left}"
+    left = cluster_processes(directory, {p["pid"] for p in state["processes"]})  # the moment down returned
+    assert not left, f"processes of the cluster still running after `cluster down`: {left}\n{down.stdout}"
+    assert re.fullmatch(r"stopped 2 Ray node\(s\) in [\d.]+s; all \d+ processes exited \(\d+ needed SIGKILL\)\n", down.stdout), down.stdout
+    assert not (directory / "cluster.json").exists()
 
 
 def running() -> dict[int, list[str]]:
-    """pid -> /proc stat fields (state, ppid, pgrp, ...) of every process that is not a zombie."""
+    """pid -> /proc stat fields (state, ppid, pgrp, session, ...) of every process that is not a zombie."""
     out = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -48,6 +50,41 @@ def running() -> dict[int, list[str]]:
         if fields[0] != "Z":
             out[int(proc.name)] = fields
     return out
+
+
+def cluster_processes(directory: Path, sessions: set[int]) -> dict[int, str]:
+    """Running processes of the cluster in directory: those in one of its sessions or process groups (a
+    node's `ray start` leads one; Ray's workers make their own group but keep the session) and those whose
+    environment names the cluster's token file (a job's driver, in a session of its own) -> command."""
+    tag = f"RAY_AUTH_TOKEN_PATH={directory / 'auth_token'}".encode()
+    found = {}
+    for pid, fields in running().items():
+        try:
+            marked = tag in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if marked or int(fields[2]) in sessions or int(fields[3]) in sessions:
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+        except OSError:  # it has just exited
+            continue
+    return found
+
+
+def test_up_that_times_out_stops_what_it_started_and_shows_the_failing_nodes_log(tmp_path):
+    directory = tmp_path / "cluster"
+    sessions_before = {int(fields[3]) for fields in running().values()}
+    t0 = time.time()
+    up = rayft("cluster", "up", "--dir", str(directory), "--cpus-per-node", "1", "--port", "6393", "--dashboard-port", "8277", "--timeout", "1", timeout=120)
+    took = time.time() - t0
+    assert up.returncode == 1, up.stdout + up.stderr
+    assert "head did not come up within 1s" in up.stderr and "--timeout" in up.stderr
+    log = directory / "head.log"
+    assert f"{log} ends:" in up.stderr  # names the node's log file, then shows its tail
+    last = log.read_text().strip().splitlines()[-1:] or ["(empty)"]
+    assert up.stderr.rstrip().endswith(last[0]), up.stderr
+    # no process of it is left: not in a session started since (each node leads one), nor carrying its token path
+    new_sessions = {int(fields[3]) for fields in running().values()} - sessions_before
+    assert not cluster_processes(directory, new_sessions), up.stderr
+    assert not (directory / "cluster.json").exists()
+    assert took < 60, f"`cluster up --timeout 1` took {took:.0f}s"
 
 
 def job_file(quickstart_run, tmp_path: Path, epochs: int = 1) -> Path:
@@ -120,6 +157,49 @@ def test_stop_mid_run_leaves_no_half_written_model(cluster, quickstart_run, tmp_
     assert not (run_dir / "model").exists() and not (run_dir / "manifest.json").exists()
 
 
+@pytest.mark.slow
+def test_a_killed_driver_is_started_again_and_resumes_from_its_checkpoint(cluster, quickstart_run, tmp_path):
+    """SIGKILL the job's driver process on the cluster after its step-8 checkpoint: the entrypoint starts a
+    new driver (submit.driver_retries), which resumes the run directory instead of starting over."""
+    path = job_file(quickstart_run, tmp_path, epochs=1)
+    sub = rayft("submit", str(path), "--address", ADDRESS, "--json", env=cluster["env"])
+    assert sub.returncode == 0, sub.stderr + sub.stdout
+    job = json.loads(sub.stdout)
+    run_dir = Path(job["results"])
+
+    def registered() -> list[int]:
+        snap = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
+        try:
+            return [r["metrics"]["step"] for r in json.loads(snap.read_text())["checkpoint_results"]]
+        except (OSError, ValueError, KeyError):
+            return []
+
+    def driver() -> int | None:
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if b"RAYFT_DRIVER_ATTEMPT=1" in (proc / "environ").read_bytes() and b"jobs.entrypoint" in (proc / "cmdline").read_bytes():
+                    return int(proc.name)
+            except OSError:
+                pass
+        return None
+
+    deadline = time.time() + 300
+    while 8 not in registered():
+        assert time.time() < deadline, "no step-8 checkpoint in time"
+        time.sleep(0.5)
+    pid = driver()
+    assert pid is not None
+    os.kill(pid, 9)
+    follow = rayft("logs", job["job_id"], "--follow", "--address", ADDRESS, env=cluster["env"], timeout=600)
+    assert "the driver died (exit -9); starting it again" in follow.stdout, follow.stdout[-3000:]
+    assert "already holds this run: resuming from the checkpoint of step" in follow.stdout
+    status = json.loads(rayft("status", job["job_id"], "--address", ADDRESS, "--json", env=cluster["env"]).stdout)
+    assert status["status"] == "SUCCEEDED", follow.stdout[-3000:]
+    starts = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"event": "start"' in x]
+    assert starts[0]["step"] == 0 and starts[-1]["step"] >= 8 and starts[-1]["attempt"] == len(starts)
+    assert (run_dir / "manifest.json").is_file()
+
+
 def test_a_wrong_or_missing_token_is_refused_naming_the_fix(cluster, tmp_path):
     wrong = rayft("list", "--address", ADDRESS, env={"RAY_AUTH_TOKEN": "0" * 64})
     assert wrong.returncode == 1
@@ -183,6 +263,7 @@ def test_a_uri_run_directory_is_uploaded_whole(tmp_path):
     (local / "checkpoints" / "checkpoint_1").mkdir(parents=True)
     (local / "checkpoints" / "checkpoint_1" / "weights.safetensors").write_bytes(b"w" * 1000)
     (local / "manifest.json").write_text('{"ok": true}')
+    (local / "job.yaml").write_text("name: run-1\n")
     (local / "model.partial").mkdir()  # a leftover of an interrupted export is not uploaded
     upload(local, f"file://{tmp_path}/bucket/prefix/run-1")
     remote = tmp_path / "bucket" / "prefix" / "run-1"
@@ -190,3 +271,11 @@ def test_a_uri_run_directory_is_uploaded_whole(tmp_path):
     assert (remote / "checkpoints" / "checkpoint_1" / "weights.safetensors").stat().st_size == 1000
     assert json.loads((remote / "manifest.json").read_text()) == {"ok": True}
     assert not (remote / "model.partial").exists()
+    # a driver started again for the URI takes the run back, without the model it will export again
+    from jobs.entrypoint import download
+
+    back = tmp_path / "scratch2" / "run-1"
+    assert download(f"file://{tmp_path}/bucket/prefix/run-1", back)
+    assert (back / "checkpoints" / "checkpoint_1" / "weights.safetensors").stat().st_size == 1000
+    assert not (back / "model").exists() and not (back / "manifest.json").exists()
+    assert not download(f"file://{tmp_path}/bucket/prefix/run-2", tmp_path / "scratch3")  # nothing there: a new run

@@ -117,9 +117,10 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(quickstart_r
             break
         time.sleep(0.5)
     assert finished, "no trial finished in time"
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=180)
+    proc.send_signal(signal.SIGTERM)  # what Kubernetes and Slurm send: handled as Ctrl-C
+    _, err = proc.communicate(timeout=180)
     search_dir = finished[0].parents[1]
+    assert proc.returncode == 143 and f"stopped by SIGTERM; continue with: rayft tune {path} --resume {search_dir}" in err, err[-3000:]
     trials_before = {p.name for p in (search_dir / "trials").glob("*")}
     resumed = subprocess.run([RAYFT, "tune", str(path), "--resume", str(search_dir), "--json"], capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -133,6 +134,9 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(quickstart_r
         # resumes from its final checkpoint with nothing left to do
         assert all(r["step"] == r["total_steps"] for r in records[1:] if r.get("event") == "start"), trial_dir.name
     assert trials_before <= {t["trial"] for t in summary["trials"]}
+    # the wall time counts both invocations
+    assert [i["outcome"] for i in summary["invocations"]] == ["interrupted", "this invocation"]
+    assert summary["wall_s"] == round(sum(i["wall_s"] for i in summary["invocations"]), 1) > summary["invocations"][-1]["wall_s"]
 
 
 @pytest.mark.slow
