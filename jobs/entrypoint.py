@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rayft: {args.run_dir} already holds this run: resuming from the checkpoint of step {resume_step(run_dir)}", flush=True)
     print(f"rayft: run directory {args.run_dir}", flush=True)
     try:
-        outcome = launch.train(job, run_dir=None if resume else run_dir, resume=resume, connect=True, progress=True)
+        outcome = launch.train(job, run_dir=None if resume else run_dir, resume=resume, connect=True, progress=True, job_file=args.job_file)
     except launch.RunFailed as e:
         print(f"rayft: {e}", flush=True)
         return 1

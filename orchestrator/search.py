@@ -17,6 +17,8 @@ import csv
 import itertools
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -206,9 +208,7 @@ def run(
                     ),
                     run_config=rt.RunConfig(name=TUNER_DIR, storage_path=str(search_dir), verbose=0),
                 )
-            grid = tuner.fit()
-            if grid.num_terminated + grid.num_errors < len(grid):  # Tune's own Ctrl-C handling returns, with trials unfinished
-                raise KeyboardInterrupt
+            grid = _fit(tuner)
             # Tune's own verdict: an ASHA-stopped trial's fit() may also raise (its workers are torn down),
             # so error.txt alone cannot tell a failure from an early stop.
             verdicts = {Path(r.path).name: ("error" if r.error else "ok") for r in grid}
@@ -238,6 +238,28 @@ def run(
     summary["best_manifest"] = outcome.manifest
     write_report(search_dir, summary)
     return summary
+
+
+def _fit(tuner: Any) -> Any:
+    """tuner.fit(), raising KeyboardInterrupt if Ctrl-C (or SIGTERM, which `rayft tune` turns into one)
+    ended it: Tune's own handler then returns from fit() with trials unfinished. Tune saves the SIGINT
+    handler it finds and puts it back when a signal comes, and only then, so a marker installed before
+    fit() and in place again after it means Tune was interrupted."""
+
+    def marker(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread() or int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")):
+        return tuner.fit()
+    previous = signal.signal(signal.SIGINT, marker)
+    try:
+        grid = tuner.fit()
+        interrupted = signal.getsignal(signal.SIGINT) is marker
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+    return grid
 
 
 def summarize(search_dir: Path) -> dict[str, Any]:

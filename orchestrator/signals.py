@@ -55,6 +55,8 @@ class GracefulStop:
     def hook(self, trainer: Any) -> None:
         """Take Ctrl-C and SIGTERM over from Ray Train once its fit() has installed its SIGINT handler (kept
         as the abort). A Ray without that hook keeps its own Ctrl-C (abort at once); SIGTERM stays graceful."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only
         register = getattr(trainer, "_register_sigint_handler", None)
         signal.signal(signal.SIGTERM, self._during_fit)
         if register is None:

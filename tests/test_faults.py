@@ -18,8 +18,10 @@ from conftest import RAYFT
 
 pytestmark = pytest.mark.slow
 
-STEPS = 24  # 512 rows / 16 a step = 32 an epoch; max_steps 24, a checkpoint every 8
-SETS = {"train.max_steps": STEPS, "train.checkpoint_every": 8, "train.eval_every": 8, "train.log_every": 1, "data.eval": None}
+# 512 rows / 16 a step = 32 an epoch; 96 steps, a checkpoint every 8. A step takes ~25 ms here: the steps
+# after 11 (where SIGTERM is sent) must outlast the signal's way to the workers (~0.4 s)
+STEPS = 96
+SETS = {"train.epochs": 3, "train.max_steps": STEPS, "train.checkpoint_every": 8, "train.eval_every": 8, "train.log_every": 1, "data.eval": None}
 
 
 def rayft_train(world: Path, out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
