@@ -292,6 +292,13 @@ def _train(config: dict[str, Any]) -> None:
         checkpoint into storage, then die as a SIGKILL would (rehearses a kill during a checkpoint write)."""
         import signal
 
+        from jobs.driver import registered_checkpoints
+
+        # Ray Train registers a report when its controller next polls the workers (every 0.5 s): wait for the
+        # one before, so the drill always kills the write of the newest checkpoint, not of one Ray never saw
+        deadline = time.time() + 30
+        while not registered_checkpoints(run_dir) and time.time() < deadline:
+            time.sleep(0.1)
         dest = run_dir / "checkpoints" / dir_name
         dest.mkdir(parents=True, exist_ok=True)
         files = sorted(p for p in Path(checkpoint.path).rglob("*") if p.is_file())
