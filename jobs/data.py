@@ -323,6 +323,27 @@ def too_long_message(data_file: Path | str, i: int, length: int, cfg: DataConfig
     )
 
 
+def read_head(path: str | Path, n: int) -> pa.Table:
+    """The first n rows of a data file, reading no more of it than that (a few parquet row groups, or the
+    first lines of a JSONL file)."""
+    from itertools import islice
+
+    import pyarrow as pa
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if path.suffix == ".parquet":
+        batches = pq.ParquetFile(path).iter_batches(batch_size=n)
+        first = next(batches, None)
+        return pa.Table.from_batches([first]) if first is not None else read_table(path).slice(0, 0)
+    if path.suffix == ".jsonl":
+        with path.open("rb") as f:
+            head = b"".join(islice(f, n))
+        return pj.read_json(pa.BufferReader(head)) if head.strip() else read_table(path).slice(0, 0)
+    return read_table(path)  # its error names the supported types
+
+
 def encode_rows(
     data_file: str | Path,
     cfg: DataConfig,

@@ -28,11 +28,13 @@ from orchestrator.remote import INPUTS_OK
 
 def upload(local: Path, uri: str) -> None:
     """Copy the run directory to a pyarrow filesystem URI: everything but the model first, then model/,
-    then manifest.json (last: its presence means the model above it is complete). model.partial stays."""
+    then manifest.json (last: its presence means the model above it is complete). Never an unfinished or
+    unverified export: model.partial (being written) and model.failed (failed its parity check) stay local."""
     from pyarrow import fs
 
     target, root = fs.FileSystem.from_uri(uri)
-    first = [p for p in local.iterdir() if p.name not in ("model", "manifest.json", "model.partial")]
+    unexported = ("model", "manifest.json", "model.partial", "model.failed")
+    first = [p for p in local.iterdir() if p.name not in unexported and not p.name.endswith((".partial", ".failed"))]
     for top in [*first, local / "model", local / "manifest.json"]:
         if not top.exists():
             continue

@@ -1,5 +1,9 @@
-"""Checkpoint -> standalone model: adapter merged into the dequantized base, saved as safetensors with its
-processor, then reloaded with plain transformers and checked against the adapter model's logits.
+"""Checkpoint -> standalone model: adapter merged into the dequantized base, saved as safetensors shards with
+the config and processor, then checked. The merge streams shard by shard (jobs/export_stream.py, the
+default) or runs in memory (export.merge: in_memory, peft's merge_and_unload). The checks, recorded in the
+manifest's `parity`: per merged layer, probe vectors (streamed); end to end, the reloaded model's logits
+against the unmerged adapter model's, where the model fits export.parity_memory; for ZeRO exports, every
+weight present with its shape, and a reload where it fits.
 
 Why the dequantized base: the adapter was trained against dequant(W4), not the original W16; merging into
 the original weights (or into 4-bit layers) changes logits by ~0.5 (PLATFORM.md).
@@ -21,6 +25,7 @@ from typing import Any
 from jobs import data as data_mod
 from jobs.evaluate import answer_stats
 from jobs.model import (
+    WEIGHTS_FILE,
     build_model,
     load_processor,
     load_trainable_state,
@@ -28,7 +33,6 @@ from jobs.model import (
     save_processor,
     torch_dtype,
 )
-from jobs.train_loop import WEIGHTS_FILE
 from orchestrator import architectures
 from orchestrator.config import JobConfig
 
@@ -136,43 +140,142 @@ def _publish(tmp_dir: Path, out_dir: Path) -> None:
 
 
 def export(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Write the standalone model to out_dir (through `<out_dir>.partial`, renamed into place once it passes
-    the parity check); returns the parity record for the manifest."""
+    """Write the standalone model to out_dir (through `<out_dir>.partial`, renamed into place once every check
+    that ran passed); returns the parity record for the manifest: which checks ran, and their figures."""
+    t0 = time.time()
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    tmp_dir = partial_dir(out_dir)
+    if not (checkpoint_dir / WEIGHTS_FILE).is_file():
+        record = export_zero(job, checkpoint_dir, tmp_dir)
+    elif job.export.merge == "in_memory":
+        record = export_in_memory(job, checkpoint_dir, tmp_dir)
+    else:
+        record = export_streamed(job, checkpoint_dir, tmp_dir)
+    record["export_s"] = round(time.time() - t0, 2)
+    ran = [check for check in record["checks"].values() if check.get("ran")]
+    record["merged_accuracy"] = next((c["merged_accuracy"] for c in ran if "merged_accuracy" in c), None)
+    failed = [name for name, check in record["checks"].items() if check.get("ran") and not check["passed"]]
+    record["passed"] = not failed
+    if failed:
+        kept = out_dir.with_name(out_dir.name + ".failed")
+        shutil.rmtree(kept, ignore_errors=True)
+        tmp_dir.rename(kept)
+        raise ParityError(f"{'; '.join(describe(record['checks'][name]) for name in failed)}; the unverified export is kept at {kept}")
+    _publish(tmp_dir, out_dir)
+    return record
+
+
+def describe(check: dict[str, Any]) -> str:
+    """One line for a check's outcome (rayft merge prints these)."""
+    if not check.get("ran"):
+        return f"{check['name']}: not run ({check['reason']})"
+    if check["name"] == "layers":
+        worst = f", worst {check['worst_layer']}" if check["worst_layer"] else ""
+        return (f"layers: {check['layers']} merged layers, max relative probe difference {check['max_rel_diff']:.3g} "
+                f"(tolerance {check['tolerance']:.3g}{worst})" + ("" if check["passed"] else f": FAILED at {check['failed'][0]['layer']}"))
+    if check["name"] == "end_to_end":
+        return (f"end_to_end: max |logit diff| {check['max_abs_logit_diff']:.3g} (tolerance {check['tolerance']:.3g}), "
+                f"accuracy merged {check['merged_accuracy']:.1%} vs as trained {check['as_trained_accuracy']:.1%}"
+                + ("" if check["passed"] else ": FAILED"))
+    if check["name"] == "weights":
+        return f"weights: {check['tensors']} tensors, every weight of the model present with its shape" + (
+            "" if check["passed"] else f": FAILED, missing {check['missing'][:5]}, wrong shape {check['wrong_shape'][:5]}")
+    if check["name"] == "reload":
+        return f"reload: plain transformers loads it; answer accuracy {check['merged_accuracy']:.1%}" + ("" if check["passed"] else ": FAILED")
+    return f"{check['name']}: {'passed' if check['passed'] else 'FAILED'}"
+
+
+def end_to_end_bytes(fp32_bytes: int) -> int:
+    """Host memory the end-to-end check needs: the as-trained model and the fp32 dequantized base it yields,
+    a fresh fp32 model with the adapter, then the reloaded export (measured ~2.2x on the tiny models)."""
+    return int(2.5 * fp32_bytes) + 2**30
+
+
+def parity_allowance(job: JobConfig) -> tuple[int, str]:
+    """(bytes the end-to-end check may use, where that figure came from)."""
+    from orchestrator.planner import host_available
+
+    limit = job.export.parity_bytes()
+    if limit is not None:
+        return limit, f"export.parity_memory: {job.export.parity_memory}"
+    free = host_available() or 0
+    return free, f"host MemAvailable {free / 2**30:.1f} GiB (export.parity_memory: auto)"
+
+
+def _end_to_end_or_skip(job: JobConfig, checkpoint_dir: Path, model_dir: Path, fp32_bytes: int) -> dict[str, Any]:
+    need = end_to_end_bytes(fp32_bytes)
+    allowed, source = parity_allowance(job)
+    if need > allowed:
+        return {"name": "end_to_end", "ran": False, "needs_bytes": need, "allowed_bytes": allowed,
+                "reason": f"the logits check needs ~{need / 2**30:.1f} GiB of host memory; {source}"}
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint_dir / WEIGHTS_FILE))
+    arch = architectures.for_model_dir(job.model)
+    processor = load_processor(job.model, arch)
+    batches = _parity_batches(job, processor, arch)
+    trained_logits, reference_logits, _ = _as_trained_and_reference(job, arch, weights, batches)
+    return _compare(job, model_dir, batches, reference_logits, trained_logits)
+
+
+def export_streamed(job: JobConfig, checkpoint_dir: Path, tmp_dir: Path) -> dict[str, Any]:
+    """Shard by shard (jobs/export_stream.py), then the layer check's record, the side files, and the
+    end-to-end check where the model fits export.parity_memory."""
+    from jobs.export_stream import ExportError, merge_streamed
+
+    write_side_files(job, tmp_dir)
+    try:
+        layers = merge_streamed(job, checkpoint_dir, tmp_dir)
+    except ExportError as e:
+        raise ParityError(str(e)) from e
+    fp32_bytes = layers.pop("fp32_bytes")
+    record: dict[str, Any] = {"merge": "streamed", "export_dtype": job.precision, "fp32_bytes": fp32_bytes,
+                              "shards": layers.pop("shards"), "merge_s": layers.pop("merge_s"), "checks": {}}
+    if job.method == "full":
+        record["checks"]["layers"] = {"name": "layers", "ran": False, "reason": "full fine-tuning: no adapter was merged"}
+    else:
+        record["checks"]["layers"] = {"name": "layers", **layers}
+    record["checks"]["end_to_end"] = _end_to_end_or_skip(job, checkpoint_dir, tmp_dir, fp32_bytes)
+    return record
+
+
+def write_side_files(job: JobConfig, out_dir: Path) -> None:
+    """config.json (dtype: the export's), generation config and processor beside the weights."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(job.model)
+    config.dtype = torch_dtype(job.precision)
+    config.save_pretrained(out_dir)
+    try:
+        GenerationConfig.from_pretrained(job.model).save_pretrained(out_dir)
+    except OSError:
+        pass  # the base has no generation config
+    save_processor(load_processor(job.model, architectures.for_model_dir(job.model)), job.model, out_dir)
+
+
+def _as_trained_and_reference(
+    job: JobConfig, arch: architectures.Architecture, weights: dict[str, Any], batches: list[dict[str, Any]], keep: bool = False
+) -> tuple[list[Any], list[Any], Any]:
+    """Logits of the model as trained (4-bit base for qlora) and of the unmerged reference (the same adapter
+    over the dequantized base, all fp32); the reference model itself when keep (the in-memory merge uses it).
+    One model at a time is alive besides the fp32 base state the reference is built from."""
     from functools import partial
 
     import torch
-    from safetensors.torch import load_file
 
-    t0 = time.time()
-    out_dir = Path(out_dir)
-    tmp_dir = partial_dir(out_dir)
-    if not Path(checkpoint_dir, WEIGHTS_FILE).is_file():
-        return export_zero(job, Path(checkpoint_dir), out_dir, tmp_dir)
-    arch = architectures.for_model_dir(job.model)
-    cpu = torch.device("cpu")
-    weights = load_file(os.path.join(checkpoint_dir, WEIGHTS_FILE))
-    export_dtype = torch_dtype(job.precision)
-
-    processor = load_processor(job.model, arch)
-    parity_batches = _parity_batches(job, processor, arch)
     autocast = partial(torch.autocast, "cpu", dtype=torch_dtype(job.precision), enabled=job.precision != "fp32")
-
-    # 1. The model as trained (4-bit base for qlora) with the checkpoint's weights.
-    trained = build_model(job, arch, cpu)
+    trained = build_model(job, arch, torch.device("cpu"))
     load_trainable_state(trained, weights)
     trained.eval()
-    trained_logits = [_logits(trained, b, autocast) for b in parity_batches]
-
-    # 2. The unmerged reference: the same adapter over the dequantized base, all fp32.
-    cls = model_class(arch)
+    trained_logits = [_logits(trained, b, autocast) for b in batches]
     if job.method == "full":
         reference = trained.float()
-        merged = reference
     else:
         base_state = dequantized_state(trained.get_base_model())
         del trained
-        fresh = cls.from_pretrained(job.model, dtype=torch.float32)
+        fresh = model_class(arch).from_pretrained(job.model, dtype=torch.float32)
         missing, unexpected = fresh.load_state_dict(base_state, strict=False)
+        del base_state
         missing = [k for k in missing if k not in _tied_keys(fresh)]
         if missing or unexpected:
             raise ParityError(f"dequantized base does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -181,17 +284,18 @@ def export(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> d
         reference = attach_lora(fresh, job, arch)
         load_trainable_state(reference, weights)
         reference.eval()
-    reference_logits = [_logits(reference, b) for b in parity_batches]
+    reference_logits = [_logits(reference, b) for b in batches]
+    return trained_logits, reference_logits, reference if keep else None
 
-    # 3. Merge, save in the run's precision, reload with plain transformers, compare.
-    if job.method != "full":
-        merged = reference.merge_and_unload()
-    merged.to(export_dtype).save_pretrained(tmp_dir, safe_serialization=True, max_shard_size="2GB")
-    save_processor(processor, job.model, tmp_dir)
-    reloaded = cls.from_pretrained(tmp_dir, dtype=torch.float32).eval()
+
+def _compare(job: JobConfig, model_dir: Path, batches: list[dict[str, Any]], reference_logits: list[Any], trained_logits: list[Any]) -> dict[str, Any]:
+    """Reload the written model with plain transformers (fp32) and compare its logits with the reference's."""
+    import torch
+
+    reloaded = model_class(architectures.for_model_dir(job.model)).from_pretrained(model_dir, dtype=torch.float32).eval()
     diffs, scale, all_positions = [], 0.0, 0.0
     merged_stats, trained_stats = [0, 0], [0, 0]
-    for batch, ref, tr in zip(parity_batches, reference_logits, trained_logits, strict=True):
+    for batch, ref, tr in zip(batches, reference_logits, trained_logits, strict=True):
         got = _logits(reloaded, batch)
         diff, batch_scale = parity_diff(got, ref, batch["labels"])
         diffs.append(diff)
@@ -203,10 +307,12 @@ def export(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> d
             stats[1] += count
     max_diff = max(diffs) if diffs else 0.0
     tolerance = PARITY_RTOL[job.precision] * max(scale, 1.0)
-    record = {
+    return {
+        "name": "end_to_end",
+        "ran": True,
         "compared": "reloaded merged model vs unmerged adapter over the dequantized base (fp32 maths), "
         "logits at the positions that predict answer tokens",
-        "batches": len(parity_batches),
+        "batches": len(batches),
         "max_abs_logit_diff": max_diff,
         "max_abs_logit": scale,
         "max_abs_logit_diff_all_positions": all_positions,
@@ -214,19 +320,28 @@ def export(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> d
         "passed": max_diff <= tolerance,
         "merged_accuracy": merged_stats[0] / max(merged_stats[1], 1),
         "as_trained_accuracy": trained_stats[0] / max(trained_stats[1], 1),
-        "export_dtype": job.precision,
-        "export_s": round(time.time() - t0, 2),
     }
-    if not record["passed"]:
-        failed = out_dir.with_name(out_dir.name + ".failed")
-        shutil.rmtree(failed, ignore_errors=True)
-        tmp_dir.rename(failed)
-        raise ParityError(
-            f"merged model differs from the adapter model by {max_diff:.3g} in logits (tolerance {tolerance:.3g}); "
-            f"the unverified export is kept at {failed}"
-        )
-    _publish(tmp_dir, out_dir)
-    return record
+
+
+def export_in_memory(job: JobConfig, checkpoint_dir: Path, tmp_dir: Path) -> dict[str, Any]:
+    """The whole model in memory: peft's merge_and_unload on the fp32 reference, save_pretrained, reload and
+    compare. Holds the model several times over; the reference the streamed export is tested against."""
+    from safetensors.torch import load_file
+
+    t0 = time.time()
+    arch = architectures.for_model_dir(job.model)
+    weights = load_file(str(checkpoint_dir / WEIGHTS_FILE))
+    processor = load_processor(job.model, arch)
+    batches = _parity_batches(job, processor, arch)
+    trained_logits, reference_logits, reference = _as_trained_and_reference(job, arch, weights, batches, keep=True)
+    merged = reference if job.method == "full" else reference.merge_and_unload()
+    fp32_bytes = sum(p.numel() * 4 for p in merged.state_dict().values())
+    merged.to(torch_dtype(job.precision)).save_pretrained(tmp_dir, safe_serialization=True, max_shard_size="2GB")
+    del merged, reference
+    save_processor(processor, job.model, tmp_dir)
+    merge_s = round(time.time() - t0, 2)
+    return {"merge": "in_memory", "export_dtype": job.precision, "fp32_bytes": fp32_bytes, "merge_s": merge_s,
+            "checks": {"end_to_end": _compare(job, tmp_dir, batches, reference_logits, trained_logits)}}
 
 
 def _tied_keys(model: Any) -> set[str]:
@@ -235,55 +350,73 @@ def _tied_keys(model: Any) -> set[str]:
 
 
 def _parity_batches(job: JobConfig, processor: Any, arch: architectures.Architecture) -> list[dict[str, Any]]:
-    """A few eval batches (train rows when there is no eval file)."""
-    source = job.data.eval or job.data.train
-    n = min(data_mod.read_table(source).num_rows, PARITY_BATCHES * job.train.micro_batch_size)
-    rows, _ = data_mod.encode_rows(source, job.data, processor, arch.kind == "vlm", list(range(n)))
+    """A few eval batches (train rows when there is no eval file): its first rows, read alone, whatever the
+    file's size; a row longer than data.max_length is left out."""
+    source = Path(job.data.eval or job.data.train)
+    head = data_mod.read_head(source, PARITY_BATCHES * job.train.micro_batch_size).to_pylist()
+    encoded = [data_mod.encode_row(row, i, job.data, processor, arch.kind == "vlm", source) for i, row in enumerate(head)]
+    rows = [e for e in encoded if len(e.input_ids) <= job.data.max_length]
     pad_id = getattr(processor, "tokenizer", processor).pad_token_id or 0
     mbs = job.train.micro_batch_size
     return [data_mod.collate(rows[i : i + mbs], pad_id) for i in range(0, len(rows), mbs)]
 
 
-def export_zero(job: JobConfig, checkpoint_dir: Path, out_dir: Path, tmp_dir: Path) -> dict[str, Any]:
-    """Full fine-tuning under ZeRO: consolidate the ranks' shards into safetensors shards, add config and
-    processor, and check that plain transformers loads every weight."""
+def export_zero(job: JobConfig, checkpoint_dir: Path, tmp_dir: Path) -> dict[str, Any]:
+    """Full fine-tuning under ZeRO: DeepSpeed consolidates the ranks' shards into safetensors shards, tensor by
+    tensor; config and processor are added. Checked: every weight of the model is present with its shape
+    (from the shards' headers, no load); and, where the model fits export.parity_memory, plain transformers
+    reloads it and answers the eval rows (there is no unmerged model to compare logits with)."""
     import torch
-    from transformers import AutoConfig, GenerationConfig
 
     from jobs.zero import consolidate
 
-    t0 = time.time()
     if not (checkpoint_dir / "latest").is_file():
         raise ParityError(f"{checkpoint_dir}: neither {WEIGHTS_FILE} nor a DeepSpeed checkpoint (no `latest` file)")
+    t0 = time.time()
     arch = architectures.for_model_dir(job.model)
-    export_dtype = torch_dtype(job.precision)
     assert job.deepspeed is not None
-    consolidate(checkpoint_dir, tmp_dir, export_dtype, job.deepspeed.stage)
-    config = AutoConfig.from_pretrained(job.model)
-    config.dtype = export_dtype
-    config.save_pretrained(tmp_dir)
-    try:
-        GenerationConfig.from_pretrained(job.model).save_pretrained(tmp_dir)
-    except OSError:
-        pass  # the base has no generation config
+    consolidate(checkpoint_dir, tmp_dir, torch_dtype(job.precision), job.deepspeed.stage)
+    write_side_files(job, tmp_dir)
+    weights, fp32_bytes = _weights_check(job, arch, tmp_dir)
+    record: dict[str, Any] = {"merge": "zero_consolidation", "export_dtype": job.precision, "fp32_bytes": fp32_bytes,
+                              "merge_s": round(time.time() - t0, 2), "checks": {"weights": weights}}
+    need, (allowed, source) = int(1.2 * fp32_bytes) + 2**30, parity_allowance(job)
+    if need > allowed:
+        record["checks"]["reload"] = {"name": "reload", "ran": False,
+                                      "reason": f"reloading needs ~{need / 2**30:.1f} GiB of host memory; {source}"}
+        return record
+    reloaded = model_class(arch).from_pretrained(tmp_dir, dtype=torch.float32).eval()
     processor = load_processor(job.model, arch)
-    save_processor(processor, job.model, tmp_dir)
-    reloaded, info = model_class(arch).from_pretrained(tmp_dir, dtype=torch.float32, output_loading_info=True)
-    missing = [k for k in info["missing_keys"] if k not in _tied_keys(reloaded)]
-    if missing:
-        raise ParityError(f"consolidated checkpoint misses weights: {missing[:5]} (kept at {tmp_dir})")
     correct = count = 0
     for batch in _parity_batches(job, processor, arch):
-        _, _, c, n = answer_stats(_logits(reloaded.eval(), batch), batch["labels"])
+        _, _, c, n = answer_stats(_logits(reloaded, batch), batch["labels"])
         correct, count = correct + c, count + n
-    _publish(tmp_dir, out_dir)
-    return {
-        "compared": "full fine-tuning under ZeRO: shards consolidated; every weight reloaded by plain transformers",
-        "batches": PARITY_BATCHES,
-        "max_abs_logit_diff": 0.0,
-        "tolerance": 0.0,
-        "passed": True,
-        "merged_accuracy": correct / max(count, 1),
-        "export_dtype": job.precision,
-        "export_s": round(time.time() - t0, 2),
-    }
+    record["checks"]["reload"] = {"name": "reload", "ran": True, "passed": True, "merged_accuracy": correct / max(count, 1),
+                                  "compared": "plain transformers reloads the export; answer accuracy on the eval rows"}
+    return record
+
+
+def _weights_check(job: JobConfig, arch: architectures.Architecture, model_dir: Path) -> tuple[dict[str, Any], int]:
+    """Every weight of the model (built on the meta device) is in the written shards with its shape."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    with torch.device("meta"):
+        meta = model_class(arch).from_config(AutoConfig.from_pretrained(job.model))
+    wanted = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    index = model_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    written: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        with safe_open(str(model_dir / name), "pt") as f:
+            written.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    tied = _tied_keys(meta)
+    missing = sorted(k for k in wanted if k not in written and k not in tied)
+    wrong = sorted(k for k in wanted if k in written and written[k] != wanted[k])
+    check = {"name": "weights", "ran": True, "tensors": len(written), "missing": missing, "wrong_shape": wrong,
+             "passed": not missing and not wrong,
+             "compared": "the written shards' headers vs the model's state dict (built on the meta device)"}
+    return check, sum(4 * torch.Size(s).numel() for s in wanted.values())

@@ -224,6 +224,9 @@ def parameter_bytes(model: Any) -> int:
     return total
 
 
+WEIGHTS_FILE = "weights.safetensors"  # a lora/qlora/full (non-ZeRO) checkpoint's trained weights
+
+
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
     """The weights a checkpoint must hold: adapters for lora/qlora, every weight for full."""
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}

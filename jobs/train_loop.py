@@ -23,6 +23,7 @@ from jobs import attempts, stream, zero
 from jobs.batching import epoch_of
 from jobs.evaluate import evaluate
 from jobs.model import (
+    WEIGHTS_FILE,
     build_model,
     count_parameters,
     load_trainable_state,
@@ -32,7 +33,6 @@ from jobs.model import (
 from orchestrator import architectures
 from orchestrator.config import JobConfig
 
-WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "train_state.pt"
 META_FILE = "metrics.json"  # the step and metrics at which the checkpoint was taken
 

@@ -103,14 +103,26 @@ def consolidate(checkpoint_dir: str | Path, out_dir: Path, dtype: Any, stage: in
     consolidation, tensor by tensor, so the driver never holds more than one copy of the model. Stage 0
     has no partitions: the module's weights are whole in the model-states file."""
     if stage == 0:
-        import torch
-        from huggingface_hub import save_torch_state_dict
+        import json
 
+        import torch
+        from huggingface_hub import split_torch_state_dict_into_shards
+        from safetensors.torch import save_file
+
+        # Memory-mapped, and converted one output shard at a time: at most one shard in the export dtype.
         tag = (Path(checkpoint_dir) / "latest").read_text().strip()
-        states = torch.load(Path(checkpoint_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in states["module"].items()}
+        states = torch.load(Path(checkpoint_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+        module = states["module"]
+        split = split_torch_state_dict_into_shards(module, max_shard_size="2GB")
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_torch_state_dict(weights, str(out_dir), max_shard_size="2GB")
+        for filename, keys in split.filename_to_tensors.items():
+            # copies (copy=True): tied weights share storage, which safetensors refuses to write twice
+            shard = {k: module[k].to(dtype=dtype if module[k].is_floating_point() else None, copy=True) for k in keys}
+            save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
+            del shard
+        if split.is_sharded:
+            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+            (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         return
     from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
 

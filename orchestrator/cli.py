@@ -52,7 +52,7 @@ def _load(job_file: str, sets: tuple[str, ...]) -> JobConfig:
 
 
 def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    from orchestrator.planner import parse_size
+    from orchestrator.config import parse_size
 
     if value is None:
         return None
@@ -266,28 +266,35 @@ def report(directory: Path) -> None:
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--checkpoint", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Default: the newest.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override the run's job.yaml, e.g. export.parity_memory=0.")
 @click.option("--json", "as_json", is_flag=True)
-def merge(run_dir: Path, checkpoint: Path | None, as_json: bool) -> None:
+def merge(run_dir: Path, checkpoint: Path | None, sets: tuple[str, ...], as_json: bool) -> None:
     """(Re)export RUN_DIR's checkpoint as a merged standalone model under RUN_DIR/model."""
+    import contextlib
+
     from orchestrator import launch
 
     try:
-        job, _ = build_job(load_raw(run_dir / "job.yaml"))
+        job, _ = build_job(load_raw(run_dir / "job.yaml"), sets)
     except ConfigError as e:
         _config_problems(e)
     checkpoint = checkpoint or launch.latest_checkpoint(run_dir)
     if checkpoint is None:
         _fail(f"{run_dir}: no checkpoint found under {run_dir / 'checkpoints'}", 2)
     try:
-        outcome = launch.export_run(job, run_dir.resolve(), checkpoint.resolve())
+        with contextlib.redirect_stdout(sys.stderr):  # libraries' progress prints (DeepSpeed's) stay off stdout
+            outcome = launch.export_run(job, run_dir.resolve(), checkpoint.resolve())
     except Exception as e:
         _fail(f"export failed: {e}", 1)
     if as_json:
         _print_json(outcome.manifest)
         return
+    from jobs.merge import describe
+
     parity = outcome.manifest["parity"]
-    click.echo(f"merged model: {outcome.model_dir}")
-    click.echo(f"parity: max |logit diff| {parity['max_abs_logit_diff']:.3g} (tolerance {parity['tolerance']:.3g})")
+    click.echo(f"merged model: {outcome.model_dir} ({parity['merge']} export, {parity['export_dtype']}, {parity['export_s']:.1f} s)")
+    for check in parity["checks"].values():
+        click.echo(f"parity check {describe(check)}")
 
 
 @main.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,13 +19,23 @@ from typing import Any, Literal, get_args
 
 import yaml
 from annotated_types import Ge, Gt, Le, Lt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["bf16", "fp16", "fp32"]
 QuantType = Literal["nf4", "fp4", "none"]
 DATA_SUFFIXES = (".parquet", ".jsonl")
+
+
+def parse_size(text: str) -> int:
+    """`24GiB`, `80GB`, `512MiB` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"{text!r}: give a size with a unit, e.g. 24GiB, 80GB, 512MiB")
+    unit = m.group(2).upper()
+    power = " KMGT".index(unit[0]) if unit != "B" else 0
+    return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
 
 
 class _Section(BaseModel):
@@ -224,6 +235,34 @@ class SubmitConfig(_Section):
     new driver resumes from the run directory's latest checkpoint. A run that fails or is stopped is not retried."""
 
 
+class ExportConfig(_Section):
+    """How a finished run becomes a standalone model (`model/` in the run directory)."""
+
+    merge: Literal["streamed", "in_memory"] = "streamed"
+    """streamed: the base is read one safetensors shard at a time and each merged shard written before the next
+    is read, so host memory stays near one input shard + one output shard + the adapter at any model size.
+    in_memory: load the whole model, merge with peft's merge_and_unload, save (several copies of the model in
+    host memory; the reference the streamed export is tested against)."""
+    on: Literal["driver", "worker"] = "driver"
+    """driver: export in the process that ran the job. worker: export as a Ray task on a cluster node with
+    enough free memory (a GPU node's host RAM is usually the largest), writing to the run's storage."""
+    parity_memory: str = "auto"
+    """Host memory the end-to-end logits check may use (it holds the model in fp32 about 2.5 times over):
+    a size such as 64GiB, 0 to skip it, or auto = what the host has free when the export starts. A model too
+    large for it is checked layer by layer only, and the manifest says so."""
+
+    @field_validator("parity_memory")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if value not in ("auto", "0"):
+            parse_size(value)
+        return value
+
+    def parity_bytes(self) -> int | None:
+        """The limit in bytes; None for auto."""
+        return None if self.parity_memory == "auto" else 0 if self.parity_memory == "0" else parse_size(self.parity_memory)
+
+
 class JobConfig(_Section):
     name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name: the run directory is <output>/<name>-<timestamp>."""
@@ -253,6 +292,8 @@ class JobConfig(_Section):
     """Directory that receives run directories."""
     submit: SubmitConfig = SubmitConfig()
     """Running on a Ray cluster with `rayft submit` (ignored by `rayft train`)."""
+    export: ExportConfig = ExportConfig()
+    """The merged standalone model written at the end of a run (and by `rayft merge`)."""
 
     @model_validator(mode="before")
     @classmethod

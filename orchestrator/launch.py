@@ -279,15 +279,40 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return newest(run_dir)
 
 
-def export_run(job: JobConfig, run_dir: Path, checkpoint: Path, extra: dict[str, Any] | None = None, out_dir: Path | None = None) -> RunOutcome:
-    """Merge/export a checkpoint into <out_dir or run_dir>/model and write manifest.json beside it."""
+def _export_on_worker(job: JobConfig, run_dir: Path, checkpoint: Path, model_dir: Path) -> dict[str, Any]:
+    """export.on: worker: the export as a Ray task on a node with the memory it needs (jobs/export_task.py), on
+    the Ray this process already runs (rayft train, a submitted job's driver), else on the cluster at RAY_ADDRESS
+    (a GCS address, HOST:PORT), else on an embedded local Ray started for it (its output goes to run_dir/ray.log)."""
+    import ray
+
+    from jobs.export_task import export_on_worker as on_worker
+
+    if ray.is_initialized():
+        return on_worker(job, checkpoint, model_dir)
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):
+        raise RunFailed(f"export.on: worker joins the cluster's GCS (RAY_ADDRESS=HOST:6379), not its Jobs API ({address}); "
+                        "set RAY_ADDRESS to the GCS address, unset it to export on a local Ray, or set export.on: driver")
+    with output_to(run_dir / "ray.log"):
+        ensure_local_ray(1, connect=bool(address))
+        try:
+            return on_worker(job, checkpoint, model_dir)
+        finally:
+            shutdown_ray()
+
+
+def export_run(
+    job: JobConfig, run_dir: Path, checkpoint: Path, extra: dict[str, Any] | None = None, out_dir: Path | None = None, write: bool = True
+) -> RunOutcome:
+    """Merge/export a checkpoint into <out_dir or run_dir>/model and write manifest.json beside it (write=False:
+    the caller adds to the manifest and writes it once, at its end, with write_manifest)."""
     from jobs.merge import export
 
     out_dir = out_dir or run_dir
     model_dir = out_dir / MODEL_DIR
     # export writes model.partial and renames it to model/ once checked (it alone owns that step): a failed or
     # killed export leaves the previous model/ untouched and at most model.partial, which the next export removes.
-    parity = export(job, checkpoint, model_dir)
+    parity = export(job, checkpoint, model_dir) if job.export.on == "driver" else _export_on_worker(job, run_dir, checkpoint, model_dir)
     records = read_metrics(run_dir)
     evals = [r for r in records if r.get("event") == "eval"]
     start = next((r for r in records if r.get("event") == "start"), {})
@@ -316,8 +341,26 @@ def export_run(job: JobConfig, run_dir: Path, checkpoint: Path, extra: dict[str,
         "job": job.model_dump(mode="json"),
         **(extra or {}),
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if write:
+        manifest = write_manifest(out_dir / MANIFEST, manifest)
     return RunOutcome(run_dir, model_dir, manifest)
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write the manifest, keeping what an earlier one recorded that this one does not say (a re-export by
+    `rayft merge` keeps the run's timings, attempts and search). Written through a temporary file and
+    renamed, so a reader sees the old manifest or the new one, never half of one."""
+    earlier: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            earlier = json.loads(path.read_text())
+        except ValueError:
+            earlier = {}
+    merged = {**earlier, **manifest}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=2))
+    tmp.rename(path)
+    return merged
 
 
 def process_started() -> float:
@@ -543,7 +586,7 @@ def _train(
             if checkpoint is None:
                 raise RunFailed(f"training produced no checkpoint (run directory: {run_dir})")
             try:
-                outcome = export_run(job, run_dir, checkpoint)
+                outcome = export_run(job, run_dir, checkpoint, write=False)  # the manifest is written once, below
             except Exception as e:
                 traceback.print_exc()  # into ray.log
                 raise RunFailed(f"export failed: {e}\n(checkpoint kept: {checkpoint}; retry with: rayft merge {run_dir})") from e
@@ -567,7 +610,7 @@ def _train(
     outcome.manifest["attempts"] = attempts.summary(records, attempts.failures(run_dir))
     outcome.manifest["invocations"] = ran
     outcome.manifest["timings"]["all_attempts_wall_s"] = round(sum(r["wall_s"] for r in ran), 1)  # every invocation, this one included
-    (run_dir / MANIFEST).write_text(json.dumps(outcome.manifest, indent=2))
+    write_manifest(run_dir / MANIFEST, outcome.manifest)
     return outcome
 
 

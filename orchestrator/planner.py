@@ -738,16 +738,6 @@ def change_text(overrides: dict[str, Any]) -> str:
 # Memory available, and the fit check
 
 
-def parse_size(text: str) -> int:
-    """`24GiB`, `80GB`, `512MiB` -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)\s*", text, flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"{text!r}: give a size with a unit, e.g. 24GiB, 80GB, 512MiB")
-    unit = m.group(2).upper()
-    power = " KMGT".index(unit[0]) if unit != "B" else 0
-    return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
-
-
 def host_available() -> int | None:
     """MemAvailable from /proc/meminfo (Linux), in bytes."""
     try:

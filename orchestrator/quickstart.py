@@ -112,7 +112,7 @@ def run(root: str | Path, stream: IO[str]) -> dict[str, Any]:
         "after_accuracy_french": metrics["eval_accuracy"],
         "merged_model": str(adapted.model_dir),
         "sample": {"question": row["question"], "expected": row["answer"], "merged_model_answer": reply},
-        "parity_max_abs_logit_diff": adapted.manifest["parity"]["max_abs_logit_diff"],
+        "parity_max_abs_logit_diff": adapted.manifest["parity"]["checks"]["end_to_end"].get("max_abs_logit_diff"),
         "wall_s": round(time.time() - t0, 1),
     }
     return summary

@@ -254,6 +254,25 @@ def build_tiny_idefics3(
     return _save(Idefics3ForConditionalGeneration(config), processor, out_dir)
 
 
+def build_tiny_text(out_dir: str | Path, arch: str = "llama", seed: int = 0, hidden: int = 32, layers: int = 2, max_shard_size: str | None = None) -> Path:
+    """A text-only decoder (Llama or Qwen2) over the colour task's tokenizer, random weights, saved with the
+    tokenizer; max_shard_size (e.g. "200MB") saves it in several safetensors shards, as hub checkpoints are."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer()
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**_small_text(tokenizer, hidden, layers)))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @functools.cache
 def qwen2_vl_image_processor_class() -> type:
     """Qwen2VLProcessor without its video processor, which needs torchvision (not installable here);

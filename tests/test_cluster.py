@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -265,12 +266,14 @@ def test_a_uri_run_directory_is_uploaded_whole(tmp_path):
     (local / "manifest.json").write_text('{"ok": true}')
     (local / "job.yaml").write_text("name: run-1\n")
     (local / "model.partial").mkdir()  # a leftover of an interrupted export is not uploaded
+    (local / "model.failed").mkdir()  # nor an export that failed its parity check
+    (local / "model.failed" / "model.safetensors").write_bytes(b"bad")
     upload(local, f"file://{tmp_path}/bucket/prefix/run-1")
     remote = tmp_path / "bucket" / "prefix" / "run-1"
     assert (remote / "model" / "config.json").read_text() == "{}"
     assert (remote / "checkpoints" / "checkpoint_1" / "weights.safetensors").stat().st_size == 1000
     assert json.loads((remote / "manifest.json").read_text()) == {"ok": True}
-    assert not (remote / "model.partial").exists()
+    assert not (remote / "model.partial").exists() and not (remote / "model.failed").exists()
     # a driver started again for the URI takes the run back, without the model it will export again
     from jobs.entrypoint import download
 
@@ -279,3 +282,149 @@ def test_a_uri_run_directory_is_uploaded_whole(tmp_path):
     assert (back / "checkpoints" / "checkpoint_1" / "weights.safetensors").stat().st_size == 1000
     assert not (back / "model").exists() and not (back / "manifest.json").exists()
     assert not download(f"file://{tmp_path}/bucket/prefix/run-2", tmp_path / "scratch3")  # nothing there: a new run
+
+
+HOLD_HEAD = r"""
+import json, sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+nodes = {n["NodeName"]: n for n in ray.nodes() if n["Alive"]}
+head = nodes["head"]
+
+
+@ray.remote(num_cpus=0)
+class Holder:
+    def ready(self):
+        return True
+
+
+# all of the head's `memory` resource but sys.argv[2] bytes, for as long as this process lives
+hold = int(head["Resources"]["memory"]) - int(sys.argv[2])
+holder = Holder.options(memory=hold, scheduling_strategy=NodeAffinitySchedulingStrategy(head["NodeID"], soft=False)).remote()
+ray.get(holder.ready.remote())
+print(json.dumps({name: {"id": n["NodeID"], "memory": n["Resources"]["memory"]} for name, n in nodes.items()}), flush=True)
+sys.stdin.read()
+"""
+
+
+RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_ADDRESS": "127.0.0.1:6391"}  # a driver joining the test cluster's GCS
+
+
+@contextlib.contextmanager
+def head_memory_taken(cluster, leave: int = 256 << 20):
+    """An actor on the head node reserving all of its `memory` resource but `leave` bytes (less than any export
+    needs), for the block's duration; yields node name -> {id, memory}."""
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_HEAD, RAY_ENV["RAY_ADDRESS"], str(leave)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **cluster["env"], **RAY_ENV})
+    try:
+        line = holder.stdout.readline()
+        assert line, holder.stderr.read()[-3000:]
+        yield json.loads(line)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+def assert_exported_on(run_dir: Path, node: dict) -> dict:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    parity = manifest["parity"]
+    assert parity["passed"] and parity["checks"]["end_to_end"]["ran"] and parity["checks"]["end_to_end"]["passed"], parity
+    ran_on = parity["ran_on"]
+    assert ran_on["node_id"] == node["id"] and ran_on["node_name"] == "node-1" and ran_on["node_ip"] == "127.0.0.1", (ran_on, node)
+    assert 256 << 20 < ran_on["memory_requested_bytes"] <= node["memory"]
+    assert (run_dir / "model" / "config.json").is_file() and not (run_dir / "model.partial").exists()
+    return manifest
+
+
+def test_export_on_worker_runs_where_the_memory_is_and_lands_in_the_run(cluster, quickstart_run, tmp_path):
+    """`export.on: worker` on the two-node cluster (`rayft merge` joining it through RAY_ADDRESS): with the head's
+    memory taken, Ray places the export on node-1, and the checked model lands in the run directory."""
+    import shutil
+
+    source = Path(quickstart_run["merged_model"]).parent
+    run_dir = tmp_path / source.name
+    shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("model", "model.*", "manifest.json"))
+    job = yaml.safe_load((run_dir / "job.yaml").read_text())
+    job["export"] = {**job.get("export", {}), "on": "worker", "parity_memory": "4GiB"}  # reserved with the export
+    (run_dir / "job.yaml").write_text(yaml.safe_dump(job))
+    with head_memory_taken(cluster) as nodes:
+        out = rayft("merge", str(run_dir), "--json", env={**cluster["env"], **RAY_ENV})
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    assert_exported_on(run_dir, nodes["node-1"])
+
+
+@pytest.mark.slow
+def test_a_submitted_job_whose_head_is_small_exports_on_a_worker(cluster, quickstart_run, tmp_path):
+    """The issue's case: a job submitted with export.on: worker while the head (where its driver runs) has no
+    memory to spare trains, exports on node-1, and its model and manifest land in storage."""
+    path = job_file(quickstart_run, tmp_path)
+    with head_memory_taken(cluster) as nodes:
+        sub = rayft("submit", str(path), "--address", ADDRESS, "--set", "export.on=worker", "--json", env=cluster["env"])
+        assert sub.returncode == 0, sub.stderr + sub.stdout
+        submitted = json.loads(sub.stdout)
+        follow = rayft("logs", submitted["job_id"], "--follow", "--address", ADDRESS, env=cluster["env"], timeout=600)
+    assert "rayft: merged model" in follow.stdout, follow.stdout[-3000:]
+    assert_exported_on(Path(submitted["results"]), nodes["node-1"])
+
+
+EXPORT_ON_SMALL_RAY = r"""
+import json, shutil, sys, time
+from pathlib import Path
+import ray
+from safetensors.torch import load_file, save_file
+from jobs.export_task import ExportPlacementError, export_on_worker, memory_request
+from jobs.merge import ParityError
+from orchestrator.config import build_job, load_raw
+from orchestrator.launch import latest_checkpoint
+
+run_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+raw = load_raw(run_dir / "job.yaml")
+checkpoint = latest_checkpoint(run_dir)
+ray.init(address="local", num_cpus=1, _memory=3 << 29, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+said = {}
+# 1. more than the only node offers (the end-to-end check reserved on top): refused before Ray sees it
+job, _ = build_job({**raw, "export": {"on": "worker", "parity_memory": "4GiB"}})
+t0 = time.time()
+try:
+    export_on_worker(job, checkpoint, out / "model")
+except ExportPlacementError as e:
+    said["infeasible"] = {"message": str(e), "took": time.time() - t0, "need": memory_request(job, checkpoint)}
+# 2. fits: runs as a task, and a failed check comes back as the ParityError it raised there
+bad = out / "bad_checkpoint"
+shutil.copytree(checkpoint, bad)
+weights = load_file(str(bad / "weights.safetensors"))
+weights.update({k.replace("layers.0.", "layers.9."): v.clone() for k, v in weights.items() if "layers.0.mlp.up_proj" in k})
+save_file(weights, str(bad / "weights.safetensors"))
+job, _ = build_job({**raw, "export": {"on": "worker", "parity_memory": "0"}})
+try:
+    export_on_worker(job, bad, out / "model")
+except ParityError as e:
+    said["parity"] = {"message": str(e), "type": type(e).__module__ + "." + type(e).__name__}
+print(json.dumps(said))
+"""
+
+
+def test_export_on_worker_refuses_what_no_node_holds_and_reraises_a_failed_check(quickstart_run, tmp_path):
+    """A real local Ray whose only node offers 1.5 GiB of `memory`. An export that needs more would wait forever
+    as infeasible: it is refused at once, naming export.on and both sizes. One that fits runs as a Ray task, and
+    its failed check comes back as a ParityError with the task's message, not as Ray's RayTaskError."""
+    import sys
+
+    run_dir = Path(quickstart_run["merged_model"]).parent
+    proc = subprocess.run([sys.executable, "-c", EXPORT_ON_SMALL_RAY, str(run_dir), str(tmp_path)], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = json.loads(proc.stdout.strip().splitlines()[-1])
+    infeasible = said["infeasible"]
+    message = infeasible["message"]
+    # the sizing (imports, a meta-device model), never a wait in Ray's queue of infeasible tasks (which is forever)
+    assert infeasible["took"] < 180, infeasible
+    assert "export.on: worker" in message and f"{infeasible['need'] / 2**30:.1f} GiB" in message and "1.5 GiB" in message, message
+    assert "export.parity_memory: 4GiB" in message and "export.on: driver" in message, message
+    parity = said["parity"]
+    assert parity["type"] == "jobs.merge.ParityError" and "layers.9.mlp.up_proj" in parity["message"], parity
+    assert "RayTaskError" not in parity["message"] and "Traceback" not in parity["message"]
+    assert not (tmp_path / "model").exists()  # neither the refused export nor the failed one published a model

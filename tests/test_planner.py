@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 from conftest import RAYFT
 
-from orchestrator import planner, tinymodels
+from orchestrator import config, planner, tinymodels
 from orchestrator.cli import main
 from orchestrator.config import apply_overrides, build_job
 
@@ -306,11 +306,11 @@ def test_a_trial_predicted_not_to_fit_is_recorded_as_skipped(world, tmp_path):
 
 
 def test_sizes_parse():
-    assert planner.parse_size("24GiB") == 24 * 2**30
-    assert planner.parse_size("80 GB") == 80 * 10**9
-    assert planner.parse_size("1.5mib") == int(1.5 * 2**20)
+    assert config.parse_size("24GiB") == 24 * 2**30
+    assert config.parse_size("80 GB") == 80 * 10**9
+    assert config.parse_size("1.5mib") == int(1.5 * 2**20)
     with pytest.raises(ValueError):
-        planner.parse_size("24")
+        config.parse_size("24")
 
 
 # Published config.json files as they are on the hub: sparse (keys left at transformers' defaults) and, for
