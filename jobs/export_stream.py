@@ -13,10 +13,12 @@ so the two write the same bits:
 - full (a weights.safetensors of every trained weight): the trained fp32 value, or the base's for frozen ones;
 then the adapter's delta (fp32, peft's own order: (B @ A) * scale), then the cast to the export dtype.
 
-The per-layer parity check reads each output shard back and, for every merged layer, sends probe vectors
-through the written weight and through dequantized base + adapter computed the other way round
-(x @ W^T + ((x @ A^T) @ B^T) * scale); a merge into the wrong weights (W16 instead of dequant(W4): ~0.07
-of the output's range) fails it, bf16 rounding (~0.003) does not.
+The per-layer parity check sends probe vectors through each merged weight as written (in the export dtype)
+and through the base as trained plus the adapter computed the other way round, x @ W^T + ((x @ A^T) @ B^T)
+* scale; each written shard is then read back and compared with what was checked. A merge into the wrong
+weights (W16 instead of dequant(W4): ~0.1 of the output's range) fails it, bf16 rounding (~0.003) does not.
+The merge checks as it goes (the 4-bit round trip, the slow part on a CPU, runs once per weight);
+verify_layers checks any export directory from the files alone (the in-memory export's, and tests').
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +58,7 @@ class BaseLayout:
     files: list[tuple[str, list[str]]]  # shard file name -> its keys, in the index's order
     numel: dict[str, int]  # shard file name -> elements in it
     to_model: dict[str, str]  # checkpoint key -> the model's state-dict key (transformers' renamings)
+    rename: Callable[[str], str]  # the same, for any key (an export's, written with other names)
     quantized: set[str] = field(default_factory=set)  # model keys bitsandbytes stores in 4 bits (qlora)
     fp32_bytes: int = 0  # the model's size in fp32
 
@@ -95,19 +99,20 @@ def read_layout(job: JobConfig, arch: architectures.Architecture) -> BaseLayout:
     conversions = get_model_conversion_mapping(meta)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
-    to_model: dict[str, str] = {}
-    for _, keys in files:
-        for key in keys:
-            renamed, converted = rename_source_key(key, renamings, converters, meta.base_model_prefix, meta_state)
-            if converted is not None:
-                raise ExportError(f"{key}: transformers converts this weight while loading ({converted}); the streamed "
-                                  "export copies weights one to one (set export.merge: in_memory)")
-            to_model[key] = renamed
+
+    def rename(key: str) -> str:
+        renamed, converted = rename_source_key(key, renamings, converters, meta.base_model_prefix, meta_state)
+        if converted is not None:
+            raise ExportError(f"{key}: transformers converts this weight while loading ({converted}); the streamed "
+                              "export copies weights one to one (set export.merge: in_memory)")
+        return renamed
+
+    to_model = {key: rename(key) for _, keys in files for key in keys}
     numel = {}
     for name, keys in files:
         with safe_open(root / name, "pt") as f:
             numel[name] = sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
-    layout = BaseLayout(files, numel, to_model, fp32_bytes=sum(t.numel() * 4 for t in meta_state.values()))
+    layout = BaseLayout(files, numel, to_model, rename, fp32_bytes=sum(t.numel() * 4 for t in meta_state.values()))
     if job.quantized:
         layout.quantized = four_bit_keys(meta, job, arch)
     return layout
@@ -213,8 +218,10 @@ def _trained_inputs(job: JobConfig, checkpoint_dir: Path, layout: BaseLayout) ->
 
 
 def merge_streamed(job: JobConfig, checkpoint_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Write the merged model's shards (and index) into out_dir, one input shard at a time; then the layer
-    check reads them back. Returns the layer check's record with the export's shape (shards, fp32 size)."""
+    """Write the merged model's shards (and index) into out_dir, one input shard at a time, checking each merged
+    layer as it is made (probes, with the base as trained computed once) and each written shard read back.
+    Returns the layer check's record with the export's shape (shards, fp32 size)."""
+    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -226,6 +233,7 @@ def merge_streamed(job: JobConfig, checkpoint_dir: Path, out_dir: Path) -> dict[
     out_dir.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
     total_size = merged = 0
+    check = LayerCheck(job)
     n = len(layout.files)
     for i, (name, keys) in enumerate(layout.files):
         out_name = output_name(i, n)
@@ -242,11 +250,16 @@ def merge_streamed(job: JobConfig, checkpoint_dir: Path, out_dir: Path) -> dict[
                 else:
                     value = as_trained(f.get_tensor(key), model_key, job, layout)
                 if model_key in adapters:
-                    value += delta(*adapters[model_key], job)
+                    a, b = adapters[model_key]
+                    tensors[key] = (value + delta(a, b, job)).to(export_dtype)
+                    check.layer(key, tensors[key].float(), value, a, b)  # the base as trained: computed once
                     merged += 1
-                tensors[key] = value.to(export_dtype)
+                else:
+                    tensors[key] = value.to(export_dtype)
         save_file(tensors, str(out_dir / out_name), metadata={"format": "pt"})
         total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+        with safe_open(str(out_dir / out_name), "pt") as written:  # the file holds exactly what was checked
+            check.missing += [k for k in tensors if k not in written.keys() or not torch.equal(written.get_tensor(k), tensors[k])]
         del tensors
         print(f"export: shard {i + 1}/{n} written ({merged} of {len(adapters)} adapters merged; host memory {_rss_text()})", file=sys.stderr, flush=True)
     if n > 1:
@@ -254,11 +267,8 @@ def merge_streamed(job: JobConfig, checkpoint_dir: Path, out_dir: Path) -> dict[
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     if merged != len(adapters):
         raise ExportError(f"{len(adapters) - merged} adapters found no base weight in {job.model}")
-    merge_s = round(time.time() - t0, 2)
-    any_adapters = bool(adapters)
-    del adapters, trained  # the check reads its own copy: one adapter in memory at a time
-    record = verify_layers(job, checkpoint_dir, out_dir, layout) if any_adapters else {}
-    return {**record, "shards": n, "merge_s": merge_s, "fp32_bytes": layout.fp32_bytes}
+    record = {**check.record(), "written_back": "every written tensor read back and equal to the one checked"} if adapters else {}
+    return {**record, "shards": n, "merge_s": round(time.time() - t0, 2), "fp32_bytes": layout.fp32_bytes}
 
 
 def _rss_text() -> str:
@@ -272,16 +282,21 @@ def _rss_text() -> str:
 
 
 def verify_layers(job: JobConfig, checkpoint_dir: Path, model_dir: Path, layout: BaseLayout | None = None) -> dict[str, Any]:
-    """The per-layer parity check of an export in model_dir: for every adapted layer, probes through the
-    written weight vs through the base as trained (recomputed from the base's shard) plus the adapter.
-    Reads one base shard at a time and the written tensors one at a time, whatever the model's size."""
+    """The per-layer parity check of any export in model_dir (the in-memory one's too, whose keys may be named
+    otherwise): for every adapted layer, probes through the written weight vs through the base as trained
+    (recomputed from the base's shard) plus the adapter. Reads one base shard and one written tensor at a
+    time, whatever the model's size."""
     from safetensors import safe_open
 
     t0 = time.time()
     layout = layout or read_layout(job, architectures.for_model_dir(job.model))
     adapters, _ = _trained_inputs(job, checkpoint_dir, layout)
     index = model_dir / INDEX_FILE
-    where = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    where: dict[str, tuple[str, str]] = {}  # model key -> (file, key as written): an export may name keys otherwise
+    for out_file in files:
+        with safe_open(str(model_dir / out_file), "pt") as written:
+            where.update({layout.rename(k): (out_file, k) for k in written.keys()})
     check = LayerCheck(job)
     for name, keys in layout.files:
         wanted = [k for k in keys if layout.to_model[k] in adapters]
@@ -289,15 +304,12 @@ def verify_layers(job: JobConfig, checkpoint_dir: Path, model_dir: Path, layout:
             continue
         with safe_open(str(Path(job.model) / name), "pt") as f:
             for key in wanted:
-                out_file = where.get(key) if where is not None else "model.safetensors"
-                if out_file is None or not (model_dir / out_file).is_file():
+                if layout.to_model[key] not in where:
                     check.missing.append(key)
                     continue
+                out_file, out_key = where[layout.to_model[key]]
                 with safe_open(str(model_dir / out_file), "pt") as written:
-                    if key not in written.keys():
-                        check.missing.append(key)
-                        continue
-                    got = written.get_tensor(key).float()
+                    got = written.get_tensor(out_key).float()
                 model_key = layout.to_model[key]
                 check.layer(key, got, as_trained(f.get_tensor(key), model_key, job, layout), *adapters[model_key])
     return {**check.record(), "check_s": round(time.time() - t0, 2)}

@@ -340,8 +340,13 @@ def export_in_memory(job: JobConfig, checkpoint_dir: Path, tmp_dir: Path) -> dic
     del merged, reference
     save_processor(processor, job.model, tmp_dir)
     merge_s = round(time.time() - t0, 2)
-    return {"merge": "in_memory", "export_dtype": job.precision, "fp32_bytes": fp32_bytes, "merge_s": merge_s,
-            "checks": {"end_to_end": _compare(job, tmp_dir, batches, reference_logits, trained_logits)}}
+    checks: dict[str, Any] = {}
+    if job.method != "full":
+        from jobs.export_stream import verify_layers
+
+        checks["layers"] = {"name": "layers", **verify_layers(job, checkpoint_dir, tmp_dir)}
+    checks["end_to_end"] = _compare(job, tmp_dir, batches, reference_logits, trained_logits)
+    return {"merge": "in_memory", "export_dtype": job.precision, "fp32_bytes": fp32_bytes, "merge_s": merge_s, "checks": checks}
 
 
 def _tied_keys(model: Any) -> set[str]:

@@ -90,6 +90,7 @@ def test_streamed_export_equals_the_in_memory_export(bases, rows, tmp_path, arch
     streamed = export(job, ckpt, tmp_path / "streamed")
     in_memory = export(job.model_copy(update={"export": job.export.model_copy(update={"merge": "in_memory"})}), ckpt, tmp_path / "in_memory")
     assert streamed["merge"] == "streamed" and in_memory["merge"] == "in_memory"
+    assert in_memory["checks"]["layers"]["passed"]  # the same layer check, reading the in-memory export's files
     got, want = tensors(tmp_path / "streamed"), tensors(tmp_path / "in_memory")
     assert got.keys() == want.keys()
     # Bit for bit: both take the same dtype steps (run dtype, 4-bit round trip, fp32, peft's (B @ A) * scale,
