@@ -57,6 +57,7 @@ class BaseLayout:
 
     files: list[tuple[str, list[str]]]  # shard file name -> its keys, in the index's order
     numel: dict[str, int]  # shard file name -> elements in it
+    largest: int  # elements of the largest tensor
     to_model: dict[str, str]  # checkpoint key -> the model's state-dict key (transformers' renamings)
     rename: Callable[[str], str]  # the same, for any key (an export's, written with other names)
     quantized: set[str] = field(default_factory=set)  # model keys bitsandbytes stores in 4 bits (qlora)
@@ -108,11 +109,12 @@ def read_layout(job: JobConfig, arch: architectures.Architecture) -> BaseLayout:
         return renamed
 
     to_model = {key: rename(key) for _, keys in files for key in keys}
-    numel = {}
+    numel, largest = {}, 0
     for name, keys in files:
         with safe_open(root / name, "pt") as f:
-            numel[name] = sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
-    layout = BaseLayout(files, numel, to_model, rename, fp32_bytes=sum(t.numel() * 4 for t in meta_state.values()))
+            sizes = [math.prod(f.get_slice(k).get_shape()) for k in keys]
+        numel[name], largest = sum(sizes), max([largest, *sizes])
+    layout = BaseLayout(files, numel, largest, to_model, rename, fp32_bytes=sum(t.numel() * 4 for t in meta_state.values()))
     if job.quantized:
         layout.quantized = four_bit_keys(meta, job, arch)
     return layout
@@ -124,13 +126,15 @@ RUNTIME_BYTES = 1 << 30  # the export process before it reads a weight: Python, 
 def memory_needed(job: JobConfig, checkpoint_dir: Path) -> int:
     """Host memory the streamed export needs, from the shards' headers: the largest input shard (its pages
     are mapped while it is read), the largest output shard twice (the tensors, and safetensors' serialized
-    copy), the adapter, and the runtime. The end-to-end check comes on top where it runs."""
+    copy), four fp32 copies of the largest tensor (base as trained, delta, merged, the check's), the adapter,
+    and the runtime. An upper bound: bench/export_scale.py measured 54-73% of it. The end-to-end check
+    comes on top where it runs."""
     layout = read_layout(job, architectures.for_model_dir(job.model))
-    export_size = torch_dtype(job.precision).itemsize
+    export_size = torch_dtype(job.export.precision(job.precision)).itemsize
     largest_in = max((Path(job.model) / name).stat().st_size for name, _ in layout.files)
     largest_out = max(n * export_size for n in layout.numel.values())
     adapter = 0 if job.method == "full" else (checkpoint_dir / WEIGHTS_FILE).stat().st_size
-    return largest_in + 2 * largest_out + adapter + RUNTIME_BYTES
+    return largest_in + 2 * largest_out + 16 * layout.largest + adapter + RUNTIME_BYTES
 
 
 def four_bit_keys(meta: Any, job: JobConfig, arch: architectures.Architecture) -> set[str]:
@@ -227,7 +231,7 @@ def merge_streamed(job: JobConfig, checkpoint_dir: Path, out_dir: Path) -> dict[
 
     t0 = time.time()
     layout = read_layout(job, architectures.for_model_dir(job.model))
-    export_dtype = torch_dtype(job.precision)
+    export_dtype = torch_dtype(job.export.precision(job.precision))
     adapters, trained = _trained_inputs(job, checkpoint_dir, layout)
     trained_keys = set(trained.keys()) if trained is not None else set()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -320,7 +324,7 @@ class LayerCheck:
 
     def __init__(self, job: JobConfig) -> None:
         self.job = job
-        self.tolerance = LAYER_RTOL[job.precision]
+        self.tolerance = LAYER_RTOL[job.export.precision(job.precision)]
         self.names: list[str] = []
         self.missing: list[str] = []
         self.worst = (0.0, "")

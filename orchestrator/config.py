@@ -243,11 +243,15 @@ class ExportConfig(_Section):
     is read, so host memory stays near one input shard + one output shard + the adapter at any model size.
     in_memory: load the whole model, merge with peft's merge_and_unload, save (several copies of the model in
     host memory; the reference the streamed export is tested against)."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Dtype of the exported weights: auto = the run's precision. fp32 keeps an adapter's update that bf16
+    cannot hold (a short or low-learning-rate run moves weights by less than bf16's ~0.4% step), at twice
+    the size on disk."""
     on: Literal["driver", "worker"] = "driver"
     """driver: export in the process that ran the job. worker: export as a Ray task on a cluster node with
     enough free memory (a GPU node's host RAM is usually the largest), writing to the run's storage."""
     parity_memory: str = "auto"
-    """Host memory the end-to-end logits check may use (it holds the model in fp32 about 2.5 times over):
+    """Host memory the end-to-end logits check may use (it holds the model in fp32 about 2.8 times over):
     a size such as 64GiB, 0 to skip it, or auto = what the host has free when the export starts. A model too
     large for it is checked layer by layer only, and the manifest says so."""
 
@@ -257,6 +261,10 @@ class ExportConfig(_Section):
         if value not in ("auto", "0"):
             parse_size(value)
         return value
+
+    def precision(self, run_precision: str) -> str:
+        """The exported weights' precision: export.dtype, or the run's for auto."""
+        return run_precision if self.dtype == "auto" else self.dtype
 
     def parity_bytes(self) -> int | None:
         """The limit in bytes; None for auto."""

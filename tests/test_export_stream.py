@@ -226,3 +226,18 @@ def test_streamed_export_memory_does_not_grow_with_the_model(rows, tmp_path):
     assert large["growth"] < 0.3 * large["fp32"], results
     assert large["growth"] < 1.5 * small["growth"] + (16 << 20), results  # not ~10x
     assert large["growth"] < large["needed"], results  # the prediction Ray's scheduler is given is an upper bound
+
+
+def test_export_dtype_fp32_keeps_what_a_bf16_export_would_round_away(bases, rows, tmp_path):
+    """A bf16 run exported in fp32 (export.dtype): the weights are written in fp32, and the merged update is the
+    adapter's exactly (a bf16 export rounds an update below its ~0.4% step away)."""
+    job = job_for(bases["llama"], rows, "qlora", "bf16", "nf4", dtype="fp32")
+    ckpt = checkpoint(job, tmp_path / "ckpt")
+    record = export(job, ckpt, tmp_path / "fp32")
+    bf16 = export(job.model_copy(update={"export": job.export.model_copy(update={"dtype": "auto"})}), ckpt, tmp_path / "bf16")
+    assert record["export_dtype"] == "fp32" and bf16["export_dtype"] == "bf16"
+    wide, narrow = tensors(tmp_path / "fp32"), tensors(tmp_path / "bf16")
+    assert {t.dtype for t in wide.values() if t.is_floating_point()} == {torch.float32}
+    assert all(torch.equal(wide[k].to(torch.bfloat16), narrow[k]) for k in narrow)  # the same merge, rounded once more
+    assert record["checks"]["layers"]["max_rel_diff"] < 1e-5 < bf16["checks"]["layers"]["max_rel_diff"]
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
