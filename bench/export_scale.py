@@ -284,7 +284,8 @@ def seventy_b(adapter_bytes_per_param: float, fit: dict[str, float] | None, runt
     lora_params = sum(job.lora.rank * (t.linear[0] + t.linear[1]) for t in targets if t.linear)
     adapter = int(lora_params * adapter_bytes_per_param)
     largest = max(shards)  # bf16 in, bf16 out: the output shard has the input's elements at the same size
-    streamed = largest + 2 * largest + adapter + RUNTIME_BYTES
+    # memory_needed's formula (jobs/export_stream.py): input shard + 2 x output shard + 4 fp32 copies of the largest tensor
+    streamed = largest + 2 * largest + 16 * max(t.numel for t in shape.tensors) + adapter + RUNTIME_BYTES
     fp32 = 4 * shape.total_params
     out = {"params": shape.total_params, "fp32_gb": fp32 / 1e9, "hub_shards": len(shards), "largest_shard_gb": largest / 1e9,
            "lora_targets": len(targets), "adapter_params": lora_params, "adapter_gb": adapter / 1e9,

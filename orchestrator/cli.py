@@ -516,3 +516,7 @@ def list_(address: str | None, insecure: bool, as_json: bool) -> None:
         return
     for r in rows:
         click.echo(f"{r['job_id']:48} {r['status']:10} {r['name'] or '-':20} {r['results'] or ''}")
+
+
+if __name__ == "__main__":  # python -m orchestrator.cli, as the console script
+    main()
