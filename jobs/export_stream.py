@@ -127,7 +127,7 @@ def memory_needed(job: JobConfig, checkpoint_dir: Path) -> int:
     """Host memory the streamed export needs, from the shards' headers: the largest input shard (its pages
     are mapped while it is read), the largest output shard twice (the tensors, and safetensors' serialized
     copy), four fp32 copies of the largest tensor (base as trained, delta, merged, the check's), the adapter,
-    and the runtime. An upper bound: bench/export_scale.py measured 54-73% of it. The end-to-end check
+    and the runtime. An upper bound: bench/export_scale.py measured 45-54% of it. The end-to-end check
     comes on top where it runs."""
     layout = read_layout(job, architectures.for_model_dir(job.model))
     export_size = torch_dtype(job.export.precision(job.precision)).itemsize
