@@ -42,7 +42,8 @@ def build(root: Path, size: str) -> Path:
 
 
 def train(job: Path, out: Path, *extra: str) -> subprocess.Popen:
-    sets = {"output": str(out / "runs"), "train.max_steps": 24, "train.checkpoint_every": 8, "train.eval_every": 8, "train.log_every": 1, "data.eval": "null"}
+    """`rayft train` of 96 steps (a tiny step is ~25 ms: fewer end before a signal sent after step 11 arrives)."""
+    sets = {"output": str(out / "runs"), "train.max_steps": 96, "train.checkpoint_every": 8, "train.eval_every": 8, "train.log_every": 1, "data.eval": "null"}
     args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
     env = {**os.environ, "RAYFT_HOME": str(out / "home")}
     return subprocess.Popen([RAYFT, "train", str(job), *args, "--no-progress", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -105,7 +106,9 @@ def sigterm(job: Path, out: Path) -> dict[str, Any]:
     sent = time.time()
     _, err = proc.communicate()
     exit_s = time.time() - sent
-    stopped = next(r for r in records(out) if r.get("event") == "stopped")
+    stopped = next((r for r in records(out) if r.get("event") == "stopped"), None)
+    if stopped is None:  # the run ended before the signal reached it
+        return {"exit": proc.returncode, "step_at_signal": sent_at_step, "finished_before_the_signal": True}
     run_dir = next(p for p in (out / "runs").iterdir() if not p.name.startswith("."))
     t0 = time.time()
     resumed = train(job, out, "--resume", str(run_dir))
