@@ -271,6 +271,60 @@ class ExportConfig(_Section):
         return None if self.parity_memory == "auto" else 0 if self.parity_memory == "0" else parse_size(self.parity_memory)
 
 
+class GenerateConfig(_Section):
+    """Generation-based evaluation: greedy generate() on eval rows, compared with the expected answer."""
+
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    """Tokens generated per row at most (the answer's length in tokens, plus its end-of-turn token, is enough)."""
+    samples: int = Field(8, ge=1)
+    """Eval rows generated for at each eval (the first ones of data.eval); exact match on normalized text
+    (lower case, whitespace collapsed, trailing punctuation dropped)."""
+
+
+class EvalConfig(_Section):
+    """What an eval measures besides teacher-forced loss and answer accuracy."""
+
+    generate: GenerateConfig | None = None
+    """Generate answers for a few eval rows (eval_generated_accuracy) at each eval and with the merged model
+    after export; null: teacher-forced metrics only."""
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str
+    """The MLflow tracking server, e.g. http://mlflow.internal:5000 (or file:/path). Credentials come from the
+    environment only: MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."""
+    experiment: str = "rayft"
+    """Experiment the run is logged under (created if missing)."""
+    run_name: str | None = None
+    """The MLflow run's name (default: the run directory's name)."""
+    log_model: bool = False
+    """Also upload the merged model as an artifact (it is as large as the model)."""
+
+
+class WandbConfig(_Section):
+    project: str
+    """Weights & Biases project."""
+    entity: str | None = None
+    """Team or user the project belongs to (default: the API key's)."""
+    mode: Literal["online", "offline"] = "online"
+    """offline: write the run under RUN_DIR/wandb/ for a later `wandb sync`, with no network. The API key
+    comes from the environment only (WANDB_API_KEY)."""
+    log_model: bool = False
+    """Also store the merged model as an artifact."""
+
+
+class TrackingConfig(_Section):
+    """Where every reported metric goes besides metrics.jsonl. Only one process per run logs (the driver,
+    from the metrics rank 0 writes); a tracker that is down warns once and the run goes on."""
+
+    tensorboard: bool = True
+    """TensorBoard events under RUN_DIR/tb/ (tensorboard --logdir RUN_DIR/tb)."""
+    mlflow: MlflowConfig | None = None
+    """Log params, metrics and artifacts to an MLflow tracking server (pip install 'rayft[mlflow]')."""
+    wandb: WandbConfig | None = None
+    """Log to Weights & Biases (pip install 'rayft[wandb]')."""
+
+
 class JobConfig(_Section):
     name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name: the run directory is <output>/<name>-<timestamp>."""
@@ -302,6 +356,10 @@ class JobConfig(_Section):
     """Running on a Ray cluster with `rayft submit` (ignored by `rayft train`)."""
     export: ExportConfig = ExportConfig()
     """The merged standalone model written at the end of a run (and by `rayft merge`)."""
+    eval: EvalConfig = EvalConfig()
+    """Generation-based evaluation, besides the teacher-forced metrics every eval reports."""
+    tracking: TrackingConfig = TrackingConfig()
+    """TensorBoard, MLflow and Weights & Biases tracking of every run and search."""
 
     @model_validator(mode="before")
     @classmethod
