@@ -25,8 +25,17 @@ $(STAMP): pyproject.toml scripts/build_ds_ops.py
 quickstart: setup
 	$(VENV)/bin/rayft quickstart ./quickstart
 
+# The tests' MLflow tracking server, in a venv of its own: the full mlflow package pins pyarrow<26, while
+# rayft (and its client, mlflow-skinny) use pyarrow 26.
+MLFLOW_SERVER := $(VENV)/mlflow-server/bin/mlflow
+export RAYFT_MLFLOW_SERVER ?= $(CURDIR)/$(MLFLOW_SERVER)
+
+$(MLFLOW_SERVER):
+	$(PYTHON) -m venv $(VENV)/mlflow-server
+	$(VENV)/mlflow-server/bin/pip install -q "mlflow==3.17.2"
+
 # Ray-using tests run inside a private network + pid namespace: only loopback exists and no process outlives the run.
-test: setup
+test: setup $(MLFLOW_SERVER)
 	scripts/netns.sh $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Benchmarks (not tests): each prints a markdown table and writes bench/results/<name>.json.

@@ -129,11 +129,13 @@ def tune_trial(
     keep_best: str,
     budget: Budget | None = None,
     max_failures: int = 1,
+    tracking_parent: str | None = None,
 ) -> None:
     """One Ray Tune trial: the job with the trial's dotted overrides applied by the same function as --set,
     trained by the same TorchTrainer as `rayft train`, its reports forwarded to Tune (ASHA decides on them).
     budget (planner.Budget): a trial predicted not to fit in it is recorded as skipped and never launched.
-    max_failures (tune.max_failures): restarts of the trial's workers after one is lost."""
+    max_failures (tune.max_failures): restarts of the trial's workers after one is lost.
+    tracking_parent: the search's MLflow run, under which the trial logs its child run."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -147,7 +149,14 @@ def tune_trial(
     (trial_dir / "job.yaml").write_text(to_yaml(job))
     (trial_dir / "overrides.json").write_text(json.dumps(overrides))
     (trial_dir / "error.txt").unlink(missing_ok=True)  # a restored trial starts clean (an interrupt may have left one)
+    import sys
+
+    from jobs.tracking import Tracker
+
+    tracker = Tracker(job, trial_dir, sys.stderr, parent=tracking_parent, group=Path(search_dir).name, run_name=trial_dir.name,
+                      tags={"rayft.kind": "trial", "rayft.overrides": json.dumps(overrides)}).start()
     if not trial_fits(job, trial_dir, budget):
+        tracker.finish("killed", tags={"rayft.status": "skipped"})
         return
     # The data is validated, and encoded where the disk allows, once per search (the driver's passes are
     # kept beside the row store); a trial whose model or columns differ gets its own validation here and
@@ -164,4 +173,6 @@ def tune_trial(
         from orchestrator.launch import _root_message
 
         (trial_dir / "error.txt").write_text(_root_message(e))
+        tracker.finish("failed", [trial_dir / "job.yaml"])
         raise
+    tracker.finish("finished", [trial_dir / "job.yaml", trial_dir / "metrics.jsonl"])

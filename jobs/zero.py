@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.architectures import Architecture
-from orchestrator.config import JobConfig, _flatten
+from orchestrator.config import JobConfig, flatten
 
 CONFIG_FILE = "deepspeed.json"
 
@@ -45,14 +45,14 @@ def ds_config(job: JobConfig, world_size: int) -> tuple[dict[str, Any], dict[str
             "type": "AdamW",
             "params": {"lr": job.train.lr, "weight_decay": job.train.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8},
         }
-    generated = _flatten(config)
-    for dotted, value in _flatten(ds.overrides).items():
+    generated = flatten(config)
+    for dotted, value in flatten(ds.overrides).items():
         node = config
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = copy.deepcopy(value)
-    changed = {k: [generated.get(k), v] for k, v in _flatten(ds.overrides).items() if generated.get(k) != v}
+    changed = {k: [generated.get(k), v] for k, v in flatten(ds.overrides).items() if generated.get(k) != v}
     return config, changed
 
 

@@ -636,6 +636,7 @@ def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = N
             "there, which CPUs with avx512_bf16 run natively; prefer precision: bf16"
         )
 
+    problems.extend(_tracking_problems(job, local_files))
     if local_files:
         model_dir = Path(job.model)
         if not model_dir.is_dir():
@@ -675,6 +676,37 @@ def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = N
     return problems, warnings
 
 
+def _tracking_problems(job: JobConfig, local_files: bool) -> list[Problem]:
+    """The MLflow URI's form (credentials belong in the environment), and the clients a tracker needs where
+    this process is the one that logs (not for `rayft submit`: the cluster's environment has its own)."""
+    import importlib.util
+    from urllib.parse import urlsplit
+
+    problems = []
+    mlflow = job.tracking.mlflow
+    if mlflow is not None:
+        uri = mlflow.tracking_uri
+        parts = urlsplit(uri)
+        key = "tracking.mlflow.tracking_uri"
+        if parts.scheme in ("http", "https"):
+            if not parts.hostname:
+                problems.append(Problem(key, f"{uri!r} names no host", "give e.g. http://mlflow.internal:5000"))
+            elif parts.username or parts.password:
+                problems.append(Problem(key, "the URI carries credentials, which would end up in logs and in the job file",
+                                        "remove user:password@ and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"))
+            try:
+                parts.port  # noqa: B018 (raises on a bad port)
+            except ValueError:
+                problems.append(Problem(key, f"{uri!r}: the port is not a number", "give e.g. http://mlflow.internal:5000"))
+        elif parts.scheme not in ("file", "databricks"):
+            problems.append(Problem(key, f"{uri!r} is not an MLflow tracking URI", "give http(s)://host:port of a tracking server, or file:/path"))
+        if local_files and importlib.util.find_spec("mlflow") is None:
+            problems.append(Problem("tracking.mlflow", "the MLflow client is not installed", "pip install 'rayft[mlflow]' (or remove tracking.mlflow)"))
+    if job.tracking.wandb is not None and local_files and importlib.util.find_spec("wandb") is None:
+        problems.append(Problem("tracking.wandb", "the wandb client is not installed", "pip install 'rayft[wandb]' (or remove tracking.wandb)"))
+    return problems
+
+
 def _deepspeed_problems(job: JobConfig) -> list[Problem]:
     ds = job.deepspeed
     assert ds is not None
@@ -689,7 +721,7 @@ def _deepspeed_problems(job: JobConfig) -> list[Problem]:
         problems.append(Problem("deepspeed.stage", "lora under ZeRO-3 is not supported yet", "use deepspeed.stage: 0-2 (adapters are small), or method: full"))
     if job.method == "qlora" and ds.offload_optimizer != "none":
         problems.append(Problem("deepspeed.offload_optimizer", "not supported with qlora", "set offload_optimizer: none"))
-    flat = _flatten(ds.overrides)
+    flat = flatten(ds.overrides)
     global_batch = job.train.micro_batch_size * job.train.grad_accum * job.scaling.workers
     for key, expected in (
         ("train_batch_size", global_batch),
@@ -712,11 +744,11 @@ def _deepspeed_problems(job: JobConfig) -> list[Problem]:
     return problems
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

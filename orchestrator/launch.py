@@ -541,6 +541,9 @@ def _train(
 
     started_ray = False
     with output_to(run_dir / "ray.log") as user_stream:
+        from jobs.tracking import Tracker
+
+        tracker = Tracker(job, run_dir, user_stream).start()  # opens while Ray starts
         stamps["ray_starting"] = time.time()
         # The driver needs torch next (Ray Train's TorchTrainer imports it): importing it while ray.init waits
         # for Ray's processes to come up hides most of that import. torch never imports ray, so the two
@@ -603,6 +606,10 @@ def _train(
                 shutdown_ray()
             if run_dir.exists():  # (a run that found bad data before training is removed)
                 attempts.record_invocation(run_dir, stamps["started"], "exported" if "exported" in stamps else outcome_said)
+            if "exported" not in stamps:  # failed or stopped: the trackers' runs say so (a --resume continues them)
+                tracker.finish("killed" if outcome_said.startswith("stopped") else "failed", [run_dir / "job.yaml", run_dir / "metrics.jsonl"])
+            else:
+                tracker.stop()
     stamps["finished"] = time.time()
     records = read_metrics(run_dir)
     outcome.manifest["timings"] = timeline(stamps, records)
@@ -611,7 +618,20 @@ def _train(
     outcome.manifest["invocations"] = ran
     outcome.manifest["timings"]["all_attempts_wall_s"] = round(sum(r["wall_s"] for r in ran), 1)  # every invocation, this one included
     write_manifest(run_dir / MANIFEST, outcome.manifest)
+    tracker.stream = stream
+    finish_tracking(tracker, run_dir, outcome)
     return outcome
+
+
+def finish_tracking(tracker: Any, run_dir: Path, outcome: RunOutcome) -> None:
+    """The trackers' runs end with the run's files as artifacts (the merged model too where log_model is
+    on) and the export's numbers."""
+    manifest = outcome.manifest
+    parity = manifest.get("parity") or {}
+    merged = ((manifest.get("generation") or {}).get("merged") or {}).get("accuracy")
+    summary = {"merged_accuracy": parity.get("merged_accuracy"), "merged_generated_accuracy": merged}
+    files = [run_dir / n for n in (MANIFEST, "job.yaml", "metrics.jsonl", "report.md", "report.png")]
+    tracker.finish("finished", files, outcome.model_dir, summary)
 
 
 def failure_message(job: JobConfig, run_dir: Path, error: BaseException, resume_command: str) -> str:

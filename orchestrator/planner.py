@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from orchestrator import architectures
-from orchestrator.config import JobConfig, _flatten, apply_overrides, gpu_present
+from orchestrator.config import JobConfig, apply_overrides, flatten, gpu_present
 
 GiB = 2**30
 Device = Literal["gpu", "cpu"]
@@ -521,7 +521,7 @@ def plan(
     tensors = weights + gradients + optimizer + activations
     overhead = CUDA_CONTEXT + int(ALLOCATOR_SLACK * tensors) if device == "gpu" else CPU_RUNTIME
     if ds is not None:
-        bucket = _flatten(ds.overrides).get("zero_optimization.reduce_bucket_size", DS_REDUCE_BUCKET)
+        bucket = flatten(ds.overrides).get("zero_optimization.reduce_bucket_size", DS_REDUCE_BUCKET)
         overhead += min(int(bucket), trainable) * precision_bytes
     if stage == 3:  # the gathered parameters of the block running and the one prefetched
         largest = max(shape.text.layer_params(), shape.vocab * shape.text.hidden)

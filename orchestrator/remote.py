@@ -224,6 +224,17 @@ def entrypoint(run_location: str) -> str:
 
 
 def submit(job: JobConfig, address: str, token: Token | None, runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+    from jobs.tracking import SECRET_VARS
+
+    # what trackers authenticate with comes from the cluster's own environment (a Kubernetes Secret in the
+    # RayCluster's env, the head node's profile), never the submission: Ray keeps a runtime_env in its job table
+    carried = sorted(set((runtime_env or {}).get("env_vars") or {}) & set(SECRET_VARS))
+    if carried:
+        raise RemoteError(
+            f"the runtime_env sets {', '.join(carried)}: a submission's runtime_env is stored in the cluster's job table and "
+            "shown on its dashboard; set it in the cluster's own environment instead (e.g. a Kubernetes Secret in the "
+            "RayCluster's env) and remove it from the runtime_env"
+        )
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     package = build_package(job, stamp)
     env = dict(runtime_env or {})

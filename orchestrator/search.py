@@ -153,6 +153,11 @@ def run(
     attempts.record_invocation(search_dir, t0)
     started = False
     with output_to(search_dir / "ray.log") as user_stream:
+        from jobs.tracking import Tracker
+
+        # one parent MLflow run for the search (a --resume continues it); each trial logs a child run under it
+        parent = Tracker(job, search_dir, user_stream, kinds=("mlflow",), tags={"rayft.kind": "search"},
+                         params={f"tune.{k}": json.dumps(v) for k, v in job.tune.model_dump(mode="json").items()}).start(wait=True)
         try:
             started = ensure_local_ray(cores, dashboard=True)
             # Every row checked, and encoded where the disk allows, once for the whole search (beside the row
@@ -173,6 +178,7 @@ def run(
                     keep_best=f"{tune.metric}:{mode}",
                     budget=budget,
                     max_failures=tune.max_failures,
+                    tracking_parent=parent.mlflow_run_id,
                 ),
                 {"cpu": 0, "memory": 1},  # the trial only drives its TorchTrainer; the Train workers carry the CPUs
             )
@@ -216,7 +222,11 @@ def run(
         except KeyboardInterrupt:
             started = True
             attempts.record_invocation(search_dir, t0, "interrupted")
+            parent.finish("killed")
             raise Interrupted("search interrupted", directory=search_dir) from None
+        except BaseException:
+            parent.finish("failed")
+            raise
         finally:
             if started:
                 shutdown_ray()
@@ -237,6 +247,10 @@ def run(
     summary["best_model"] = str(outcome.model_dir)
     summary["best_manifest"] = outcome.manifest
     write_report(search_dir, summary)
+    from jobs.tracking import finish_search
+
+    files = [search_dir / n for n in ("tune.yaml", "results.csv", "results.md", "metrics.png")] + [search_dir / "best" / "manifest.json"]
+    finish_search(search_dir, summary, parent, files, outcome.model_dir, stream)
     return summary
 
 

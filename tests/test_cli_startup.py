@@ -10,7 +10,7 @@ from conftest import RAYFT
 def test_controller_imports_nothing_heavy():
     code = (
         "import sys, orchestrator.cli, orchestrator.config, orchestrator.architectures, orchestrator.launch, orchestrator.planner\n"
-        "heavy = [m for m in ('torch', 'transformers', 'deepspeed', 'bitsandbytes', 'ray', 'peft') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'transformers', 'deepspeed', 'bitsandbytes', 'ray', 'peft', 'mlflow', 'wandb', 'tensorboardX') if m in sys.modules]\n"
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
