@@ -275,7 +275,8 @@ def plot_run(by_attempt: dict[int, list[dict[str, Any]]], table: list[dict[str, 
             d.text(((left + right) / 2, (top + bottom) / 2), "not recorded", fill="#888888", font=_font(15), anchor="mm")
         for n in sorted(by_attempt):
             pts = [(sx(s), sy(v)) for s, v in per[n]]
-            polyline(d, pts, colour[n], 2)
+            if len(pts) > 1:
+                d.line(pts, fill=colour[n], width=3, joint="curve")
             if key in ("eval_loss", "eval_accuracy") or len(pts) == 1:
                 filled_markers(d, pts, colour[n])
             if key == "eval_accuracy" and generated[n]:
