@@ -150,14 +150,17 @@ def train(
         _fail(str(e), e.exit_code)
     except launch.RunFailed as e:
         _fail(str(e), 1)
+    written = {"report": str(outcome.report[1]), "report_png": str(outcome.report[0])} if outcome.report else {}
     if as_json:
-        _print_json(outcome.manifest)
+        _print_json({**outcome.manifest, **written})
         return
     m = outcome.manifest["metrics"]
     click.echo(f"run directory: {outcome.run_dir}")
     if m.get("eval_accuracy") is not None:
         click.echo(f"eval accuracy: {m['initial_eval_accuracy']:.1%} -> {m['eval_accuracy']:.1%} (eval loss {m['eval_loss']:.4f})")
     click.echo(f"merged model:  {outcome.model_dir}")
+    if written:
+        click.echo(f"report: {written['report']}")
 
 
 @main.command()
@@ -247,20 +250,34 @@ def plan(
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
-def report(directory: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the written files' paths (and a run's attempts) as JSON.")
+def report(directory: Path, as_json: bool) -> None:
     """Regenerate the report of a search directory (results.csv, results.md, metrics.png) or of a run
-    directory (a table of its attempts, and metrics.png with one curve per attempt)."""
+    directory (report.md: config, metrics, parity, timings, attempts, sample generations; report.png: a
+    panel per metric by step, one colour per attempt). Prints a run's attempts and its report's path."""
     from orchestrator import run_report, search
 
     if (directory / "tune.yaml").is_file():
-        click.echo(search.report(directory))
+        table = search.report(directory)
+        files = {"results": str(directory / "results.md"), "plot": str(directory / "metrics.png")}
+        if as_json:
+            _print_json(files)
+            return
+        click.echo(table)
+        click.echo(f"plot: {files['plot']}")
     elif run_report.is_run_dir(directory):
-        click.echo(run_report.report(directory))
+        png, md = run_report.write_run_report(directory)
+        attempts = run_report.attempt_table(directory)
+        if as_json:
+            _print_json({"report": str(md), "report_png": str(png), "attempts": attempts})
+            return
+        click.echo(run_report.render_table(attempts))
+        click.echo(f"report: {md}")
+        click.echo(f"plot: {png}")
     else:
         what = "not a directory" if not directory.is_dir() else "neither kind of directory"
         _fail(f"{directory}: {what}; rayft report takes a search directory (with tune.yaml, from rayft tune) "
               "or a run directory (with job.yaml and metrics.jsonl, from rayft train)", 2)
-    click.echo(f"plot: {directory / 'metrics.png'}")
 
 
 @main.command()

@@ -5,6 +5,7 @@ progress display, the export and the manifest. Heavy imports stay inside functio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -44,6 +45,7 @@ class RunOutcome:
     run_dir: Path
     model_dir: Path
     manifest: dict[str, Any]
+    report: tuple[Path, Path] | None = None  # RUN_DIR/report.png, report.md (orchestrator/run_report.py); None if not drawn
 
 
 def new_run_dir(job: JobConfig) -> Path:
@@ -618,9 +620,16 @@ def _train(
     outcome.manifest["invocations"] = ran
     outcome.manifest["timings"]["all_attempts_wall_s"] = round(sum(r["wall_s"] for r in ran), 1)  # every invocation, this one included
     write_manifest(run_dir / MANIFEST, outcome.manifest)
+    try:
+        from orchestrator.run_report import write_run_report
+
+        report = write_run_report(run_dir)
+    except Exception as e:  # the model is exported and the manifest written: a report that fails to draw must not fail the run
+        print(f"warning: the run report was not written: {type(e).__name__}: {e} (try again with: rayft report {run_dir})", file=stream, flush=True)
+        report = None
     tracker.stream = stream
-    finish_tracking(tracker, run_dir, outcome)
-    return outcome
+    finish_tracking(tracker, run_dir, outcome)  # after the report: its files are artifacts
+    return dataclasses.replace(outcome, report=report)
 
 
 def finish_tracking(tracker: Any, run_dir: Path, outcome: RunOutcome) -> None:
