@@ -140,6 +140,24 @@ class EvalGenerator:
 
     def __call__(self, training: Any, device: Any) -> dict[str, Any] | None:
         """The generations record on a rank that generates; None elsewhere."""
+        import time
+
         if not self.active:
             return None
-        return generate(training.core, self.processor, self.job, self.rows, device, training.autocast, training.input_dtype, synced_gpus=self.zero3)
+        t0 = time.time()
+        result = generate(training.core, self.processor, self.job, self.rows, device, training.autocast, training.input_dtype, synced_gpus=self.zero3)
+        return {**result, "generate_s": round(time.time() - t0, 3)}
+
+
+def manifest_section(job: JobConfig, records: list[dict[str, Any]], at_checkpoint: dict[str, Any], parity: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `generation` (eval.generate only): the run's answers at the exported checkpoint's step
+    (else its last generations record in metrics.jsonl) and the merged model's, from the export's check."""
+    if not job.eval.generate:
+        return {}
+    generations = [r for r in records if r.get("event") == "generations"]
+    trained = next((r for r in reversed(generations) if r["step"] == at_checkpoint.get("step")), generations[-1] if generations else None)
+    return {"generation": {
+        "max_new_tokens": job.eval.generate.max_new_tokens,
+        "trained": {k: trained[k] for k in ("step", "accuracy", "samples")} if trained else None,
+        "merged": parity.get("generation"),
+    }}

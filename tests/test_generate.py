@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from orchestrator import tinymodels
-from orchestrator.config import ConfigError, JobConfig
+from orchestrator.config import ConfigError, JobConfig, build_job
 
 
 def test_normalize_ignores_case_spacing_and_trailing_punctuation():
@@ -122,3 +122,78 @@ def test_chat_rows_answer_the_last_turn(world, tmp_path):
     model = model_class(arch).from_pretrained(model_dir, dtype=torch.float32)
     result = generate(model, processor, job, found)
     assert [s["expected"] for s in result["samples"]] == [r["answer"] for r in rows]
+
+
+def test_a_run_with_eval_generate_reports_generated_accuracy_and_samples(quickstart_run):
+    """The quickstart's QLoRA job turns eval.generate on: every eval has eval_generated_accuracy and a
+    generations record; the manifest holds the answers at the exported step and the merged model's."""
+    from conftest import CHANCE
+
+    run_dir = Path(quickstart_run["merged_model"]).parent
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    generations = {r["step"]: r for r in records if r["event"] == "generations"}
+    assert [r["step"] for r in evals] == sorted(generations) and evals[0]["step"] == 0
+    assert all(r["eval_generated_accuracy"] == generations[r["step"]]["accuracy"] for r in evals)
+    assert evals[0]["eval_generated_accuracy"] <= CHANCE and evals[-1]["eval_generated_accuracy"] > 0.9
+    last = generations[evals[-1]["step"]]
+    assert len(last["samples"]) == 32 and set(last["samples"][0]) == {"prompt", "expected", "generated", "correct"}
+    assert last["samples"][0]["prompt"] == "what colour is the shape ? answer in french ."
+    assert sum(s["correct"] for s in last["samples"]) / 32 == last["accuracy"]
+    # before training the base answers in English: the samples show what the model says, not a template
+    assert {s["generated"] for s in generations[0]["samples"]} & {"red", "green", "blue", "yellow", "purple", "pink", "white", "black"}
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    section = manifest["generation"]
+    assert section["max_new_tokens"] == 4
+    assert section["trained"]["step"] == manifest["metrics"]["step"] == evals[-1]["step"]
+    assert section["trained"]["accuracy"] == manifest["metrics"]["eval_generated_accuracy"] == last["accuracy"]
+    merged = section["merged"]
+    assert merged == manifest["parity"]["generation"] and merged["ran"] and len(merged["samples"]) == 32
+    assert merged["accuracy"] > 0.9 and quickstart_run["merged_generated_accuracy_french"] == merged["accuracy"]
+
+
+def test_the_merged_model_answers_chat_rows(quickstart_run, tmp_path):
+    """The same held-out rows in the chat layout (messages + images columns), answered by the merged model as
+    plain transformers loads it."""
+    import torch
+
+    from jobs.data import read_table
+    from jobs.generate import generate, prompts
+    from jobs.model import load_processor, model_class
+    from orchestrator.architectures import for_model_dir
+
+    model_dir = Path(quickstart_run["merged_model"])
+    rows = read_table(Path(quickstart_run["root"]) / "data/french_eval.parquet").slice(0, 16).to_pylist()
+    data = tinymodels.write_chat_parquet([tinymodels.as_chat(r) for r in rows], tmp_path / "chat.parquet")
+    arch = for_model_dir(model_dir)
+    job = JobConfig.model_validate({"model": str(model_dir), "method": "full", "eval": {"generate": {"samples": 16, "max_new_tokens": 4}},
+                                    "data": {"train": str(data), "eval": str(data), "messages": "messages", "images": "images", "max_length": 64}})
+    processor = load_processor(str(model_dir), arch)
+    result = generate(model_class(arch).from_pretrained(model_dir, dtype=torch.float32), processor, job, prompts(job, processor, arch))
+    assert [s["expected"] for s in result["samples"]] == [r["answer"] for r in rows]
+    assert result["accuracy"] > 0.9
+
+
+def test_zero3_workers_generate_in_step(world, ray_local, tmp_path):
+    """ZeRO-3 over 2 workers: parameters are partitioned, so both ranks generate every row (synced_gpus) and
+    the run neither hangs nor differs from the single-process answer count; the export's reload answers too."""
+    from orchestrator import launch
+
+    raw = {
+        "name": "zero3-generate", "model": str(world / "init"), "method": "full", "precision": "fp32", "output": str(tmp_path / "runs"),
+        "data": {"train": str(world / "data/english_train.parquet"), "eval": str(world / "data/english_eval.parquet"), "max_length": 64},
+        "train": {"max_steps": 4, "micro_batch_size": 8, "lr": 3e-3, "eval_every": 2, "checkpoint_every": 4, "log_every": 1},
+        "scaling": {"workers": 2, "cpus_per_worker": 1},
+        "deepspeed": {"stage": 3},
+        "eval": {"generate": {"samples": 3, "max_new_tokens": 3}},
+    }
+    job, _ = build_job(raw)
+    out = launch.train(job, progress=False)
+    records = [json.loads(x) for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()]
+    generations = [r for r in records if r["event"] == "generations"]
+    assert [r["step"] for r in generations] == [0, 2, 4] and all(len(r["samples"]) == 3 for r in generations)
+    assert all("eval_generated_accuracy" in r for r in records if r["event"] == "eval")
+    assert out.manifest["parity"]["checks"]["reload"]["ran"]
+    assert out.manifest["generation"]["merged"]["ran"] and len(out.manifest["generation"]["merged"]["samples"]) == 3
+    assert out.manifest["generation"]["trained"]["step"] == 4
