@@ -154,6 +154,10 @@ def export(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> d
     record["export_s"] = round(time.time() - t0, 2)
     ran = [check for check in record["checks"].values() if check.get("ran")]
     record["merged_accuracy"] = next((c["merged_accuracy"] for c in ran if "merged_accuracy" in c), None)
+    if job.eval.generate:  # the merged model's answers, from whichever check loaded it (it is loaded once)
+        generations = [c.pop("generation") for c in record["checks"].values() if "generation" in c]
+        reasons = "; ".join(describe(c) for c in record["checks"].values() if c["name"] in ("end_to_end", "reload") and not c.get("ran"))
+        record["generation"] = generations[0] if generations else {"ran": False, "reason": reasons or "the merged model was not loaded"}
     failed = [name for name, check in record["checks"].items() if check.get("ran") and not check["passed"]]
     record["passed"] = not failed
     if failed:
@@ -315,6 +319,7 @@ def _compare(job: JobConfig, model_dir: Path, batches: list[dict[str, Any]], ref
     max_diff = max(diffs) if diffs else 0.0
     tolerance = PARITY_RTOL[job.export.precision(job.precision)] * max(scale, 1.0)
     return {
+        **_generation(job, reloaded),
         "name": "end_to_end",
         "ran": True,
         "compared": "reloaded merged model vs unmerged adapter over the dequantized base (fp32 maths), "
@@ -355,6 +360,20 @@ def export_in_memory(job: JobConfig, checkpoint_dir: Path, tmp_dir: Path) -> dic
         checks["layers"] = {"name": "layers", **verify_layers(job, checkpoint_dir, tmp_dir)}
     checks["end_to_end"] = _compare(job, tmp_dir, batches, reference_logits, trained_logits)
     return {"merge": "in_memory", "export_dtype": job.export.precision(job.precision), "fp32_bytes": fp32_bytes, "merge_s": merge_s, "checks": checks}
+
+
+def _generation(job: JobConfig, reloaded: Any, processor: Any = None) -> dict[str, Any]:
+    """{"generation": the merged model's greedy answers on the first eval rows} when eval.generate is set (fp32,
+    as plain transformers loads the export); export() moves it to the parity record's top level."""
+    if not job.eval.generate:
+        return {}
+    from jobs.generate import generate, prompts
+
+    arch = architectures.for_model_dir(job.model)
+    processor = processor or load_processor(job.model, arch)
+    source = job.data.eval or job.data.train
+    result = generate(reloaded, processor, job, prompts(job, processor, arch, source))
+    return {"generation": {"ran": True, "source": source, "max_new_tokens": job.eval.generate.max_new_tokens, **result}}
 
 
 def _tied_keys(model: Any) -> set[str]:
@@ -404,7 +423,7 @@ def export_zero(job: JobConfig, checkpoint_dir: Path, tmp_dir: Path) -> dict[str
     for batch in _parity_batches(job, processor, arch):
         _, _, c, n = answer_stats(_logits(reloaded, batch), batch["labels"])
         correct, count = correct + c, count + n
-    record["checks"]["reload"] = {"name": "reload", "ran": True, "passed": True, "merged_accuracy": correct / max(count, 1),
+    record["checks"]["reload"] = {**_generation(job, reloaded, processor), "name": "reload", "ran": True, "passed": True, "merged_accuracy": correct / max(count, 1),
                                   "compared": "plain transformers reloads the export; answer accuracy on the eval rows"}
     return record
 

@@ -22,6 +22,7 @@ from typing import Any
 from jobs import attempts, stream, zero
 from jobs.batching import epoch_of
 from jobs.evaluate import evaluate
+from jobs.generate import EvalGenerator
 from jobs.model import (
     WEIGHTS_FILE,
     build_model,
@@ -349,8 +350,19 @@ def _train(config: dict[str, Any]) -> None:
             "clock": {**clock, "model_loaded": time.time()},
         }
     )
+    # eval.generate: greedy answers on the first eval rows at every eval (ZeRO-3: every rank, else rank 0)
+    generator = EvalGenerator(job, arch, rank, zero3=bool(job.deepspeed and job.deepspeed.stage == 3)) if job.eval.generate and has_eval else None
+
+    def run_eval(step: int) -> dict[str, Any]:
+        metrics = evaluate(model, eval_batches(), device, training.autocast, training.input_dtype)
+        generated = generator(training, device) if generator else None
+        if generated is not None:
+            metrics["eval_generated_accuracy"] = generated["accuracy"]
+            log({"event": "generations", "step": step, **generated})
+        return metrics
+
     if start_step == 0 and has_eval:  # the "before" number
-        before = evaluate(model, eval_batches(), device, training.autocast, training.input_dtype)
+        before = run_eval(0)
         log({"event": "eval", "step": 0, **before})
         last_eval = {**before, "eval_step": 0}
         report({"step": 0, **before}, None)
@@ -433,7 +445,7 @@ def _train(config: dict[str, Any]) -> None:
                 metrics.update(zero.memory_breakdown(model, world))
                 memory_logged = True
             if do_eval:
-                metrics.update(evaluate(model, eval_batches(), device, training.autocast, training.input_dtype))
+                metrics.update(run_eval(done))
                 last_eval = {k: v for k, v in metrics.items() if k.startswith("eval_")} | {"eval_step": done}
             log({"event": "eval" if do_eval else "train", **metrics})
             if do_eval or do_ckpt:

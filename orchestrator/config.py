@@ -191,10 +191,10 @@ class Dimension(_Section):
 
 
 class TuneConfig(_Section):
-    metric: Literal["eval_accuracy", "eval_loss"] = "eval_accuracy"
-    """What picks the best trial (reported at every eval)."""
+    metric: Literal["eval_accuracy", "eval_loss", "eval_generated_accuracy"] = "eval_accuracy"
+    """What picks the best trial (reported at every eval; eval_generated_accuracy needs eval.generate)."""
     mode: Literal["max", "min"] | None = None
-    """max or min; null = max for eval_accuracy, min for eval_loss."""
+    """max or min; null = max for the accuracies, min for eval_loss."""
     num_samples: int = Field(8, ge=1)
     """Trials drawn from the space (each grid point is repeated num_samples times)."""
     scheduler: Literal["asha", "fifo"] = "asha"
@@ -215,7 +215,7 @@ class TuneConfig(_Section):
 
     @property
     def resolved_mode(self) -> str:
-        return self.mode or ("max" if self.metric == "eval_accuracy" else "min")
+        return self.mode or ("min" if self.metric == "eval_loss" else "max")
 
 
 class SubmitConfig(_Section):
@@ -627,6 +627,9 @@ def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = N
         problems.extend(_deepspeed_problems(job))
     if job.freeze and job.method != "full":
         problems.append(Problem("freeze", f"applies to method: full (with {job.method} only adapters train)", "remove freeze"))
+    if job.tune is not None and job.tune.metric == "eval_generated_accuracy" and (job.eval.generate is None or not job.data.eval):
+        problems.append(Problem("tune.metric", "eval_generated_accuracy is reported only when eval.generate is set and there is a data.eval file",
+                                "set eval.generate: {samples: 16} (and data.eval), or use metric: eval_accuracy"))
     if job.scaling.gpu == "on" and not gpus:
         problems.append(Problem("scaling.gpu", "on, but no CUDA GPU is visible (nvidia-smi not found)", "use gpu: auto or off"))
     use_gpu = job.scaling.gpu == "on" or (job.scaling.gpu == "auto" and gpus)

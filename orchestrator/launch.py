@@ -308,6 +308,7 @@ def export_run(
 ) -> RunOutcome:
     """Merge/export a checkpoint into <out_dir or run_dir>/model and write manifest.json beside it (write=False:
     the caller adds to the manifest and writes it once, at its end, with write_manifest)."""
+    from jobs.generate import manifest_section
     from jobs.merge import export
 
     out_dir = out_dir or run_dir
@@ -332,6 +333,7 @@ def export_run(
             "eval_loss": at_checkpoint.get("eval_loss"),
             "train_loss": at_checkpoint.get("train_loss"),
             "initial_eval_accuracy": evals[0].get("eval_accuracy") if evals and evals[0]["step"] == 0 else None,
+            **({"eval_generated_accuracy": at_checkpoint.get("eval_generated_accuracy")} if job.eval.generate else {}),
             "tokens_per_s": _median([r["tokens_per_s"] for r in records if "tokens_per_s" in r]),
             "steps_per_s": _median([r["steps_per_s"] for r in records if "steps_per_s" in r]),
         },
@@ -339,6 +341,7 @@ def export_run(
         "total_params": start.get("total_params"),
         "dropped_rows": start.get("dropped_rows"),
         "parity": parity,
+        **manifest_section(job, records, at_checkpoint, parity),  # eval.generate: the `generation` section
         "versions": versions(),
         "job": job.model_dump(mode="json"),
         **(extra or {}),

@@ -3,7 +3,8 @@
 1. Build a tiny LLaVA-style VLM (SigLIP vision + Qwen2 text) from config, with a local tokenizer and processor.
 2. Fully fine-tune it on the colour task (English answers) -> a base that knows colours.
 3. QLoRA-adapt that base (NF4, bf16) to answer in French, which it has never produced -> merged model.
-4. Print held-out accuracy before and after, the merged model path, and one answer from the merged model.
+4. Print held-out accuracy before and after (teacher-forced, and the merged model's generated answers), the
+   merged model path, and one answer from the merged model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import yaml
 from orchestrator import tinymodels
 
 TRAIN_ROWS, EVAL_ROWS = 512, 128
+GENERATE_ROWS = 32
 
 
 def job_files(root: Path) -> dict[str, Path]:
@@ -42,6 +44,8 @@ def job_files(root: Path) -> dict[str, Path]:
         "quantization": {"type": "nf4", "double_quant": True},
         "precision": "bf16",
         "train": {**common_train, "epochs": 2, "lr": 5.0e-3},
+        # answers are one word (one token + end of turn): greedy answers to the first 32 eval rows at each eval
+        "eval": {"generate": {"samples": GENERATE_ROWS, "max_new_tokens": 4}},
         "output": "../runs",
     }
     paths = {}
@@ -106,12 +110,18 @@ def run(root: str | Path, stream: IO[str]) -> dict[str, Any]:
     row = pq.read_table(job.data.eval).slice(0, 1).to_pylist()[0]
     reply = answer(adapted.model_dir, row["image"], row["question"])
     metrics = adapted.manifest["metrics"]
+    generation = adapted.manifest["generation"]["merged"]
+    merged_generated = generation.get("accuracy")
+    if generation.get("ran"):
+        print(f"merged model, {len(generation['samples'])} held-out rows: generated answers exact {merged_generated:.1%}, "
+              f"teacher-forced accuracy {adapted.manifest['parity']['merged_accuracy']:.1%}", file=stream, flush=True)
     summary = {
         "base_accuracy_english": base.manifest["metrics"]["eval_accuracy"],
         "before_accuracy_french": metrics["initial_eval_accuracy"],
         "after_accuracy_french": metrics["eval_accuracy"],
         "merged_model": str(adapted.model_dir),
         "sample": {"question": row["question"], "expected": row["answer"], "merged_model_answer": reply},
+        "merged_generated_accuracy_french": merged_generated,
         "parity_max_abs_logit_diff": adapted.manifest["parity"]["checks"]["end_to_end"].get("max_abs_logit_diff"),
         "wall_s": round(time.time() - t0, 1),
     }
