@@ -21,6 +21,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
@@ -83,6 +84,19 @@ def run_params(job: JobConfig) -> dict[str, str]:
     return out
 
 
+@dataclass
+class Ending:
+    """How a tracked run ends: its status (finished | failed | killed), files to keep as artifacts, the model
+    directory (uploaded where log_model is on), final numbers, tags, and tables (name -> column -> values)."""
+
+    status: str = "finished"
+    files: list[Path] = field(default_factory=list)
+    model_dir: Path | None = None
+    summary: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    tables: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+
+
 # ---- one class per tracker: open (create or continue the run), log, finish -------------------------------
 
 
@@ -105,7 +119,7 @@ class TensorBoard:
     def flush(self) -> None:
         self.writer.flush()
 
-    def finish(self, status: str, files: list[Path], model_dir: Path | None, summary: dict[str, float], tags: dict[str, str]) -> None:
+    def finish(self, end: Ending) -> None:
         self.writer.close()
 
 
@@ -152,20 +166,22 @@ class Mlflow:
             self.client.log_batch(self.run_id, metrics=self.pending[:1000])
             del self.pending[:1000]
 
-    def finish(self, status: str, files: list[Path], model_dir: Path | None, summary: dict[str, float], tags: dict[str, str]) -> None:
+    def finish(self, end: Ending) -> None:
         from mlflow.entities import Metric, RunTag
 
-        if tags:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
-        if summary:
+        if end.tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v[:5000]) for k, v in end.tags.items()])
+        if end.summary:
             now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in summary.items()])
-        for f in files:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in end.summary.items()])
+        for name, columns in end.tables.items():  # the UI shows these as tables (artifact <name>.json)
+            self.client.log_table(self.run_id, data=columns, artifact_file=f"{name}.json")
+        for f in end.files:
             if f.is_file():
                 self.client.log_artifact(self.run_id, str(f))
-        if model_dir is not None and self.cfg.log_model and model_dir.is_dir():
-            self.client.log_artifacts(self.run_id, str(model_dir), "model")
-        self.client.set_terminated(self.run_id, MLFLOW_STATUS.get(status, "FINISHED"))
+        if end.model_dir is not None and self.cfg.log_model and end.model_dir.is_dir():
+            self.client.log_artifacts(self.run_id, str(end.model_dir), "model")
+        self.client.set_terminated(self.run_id, MLFLOW_STATUS.get(end.status, "FINISHED"))
 
 
 class Wandb:
@@ -193,21 +209,24 @@ class Wandb:
     def flush(self) -> None:
         pass
 
-    def finish(self, status: str, files: list[Path], model_dir: Path | None, summary: dict[str, float], tags: dict[str, str]) -> None:
+    def finish(self, end: Ending) -> None:
         import wandb
 
-        self.run.summary.update({**summary, **tags})
-        existing = [f for f in files if f.is_file()]
+        self.run.summary.update({**end.summary, **end.tags})
+        for name, columns in end.tables.items():
+            keys = list(columns)
+            self.run.log({name: wandb.Table(columns=keys, data=[list(row) for row in zip(*columns.values(), strict=True)])})
+        existing = [f for f in end.files if f.is_file()]
         if existing:
             art = wandb.Artifact(f"run-{self.run.id}-files", type="run-files")
             for f in existing:
                 art.add_file(str(f))
             self.run.log_artifact(art)
-        if model_dir is not None and self.cfg.log_model and model_dir.is_dir():
+        if end.model_dir is not None and self.cfg.log_model and end.model_dir.is_dir():
             art = wandb.Artifact(f"model-{self.run.id}", type="model")
-            art.add_dir(str(model_dir))
+            art.add_dir(str(end.model_dir))
             self.run.log_artifact(art)
-        self.run.finish(exit_code=0 if status == "finished" else 1)
+        self.run.finish(exit_code=0 if end.status == "finished" else 1)
 
 
 # ---- the forwarder ---------------------------------------------------------------------------------------
@@ -275,15 +294,18 @@ class Tracker:
             self.forward()
 
     def finish(self, status: str = "finished", files: tuple[Path, ...] | list[Path] = (), model_dir: Path | None = None,
-               summary: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> None:
+               summary: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
+               tables: dict[str, dict[str, list[Any]]] | None = None) -> None:
         """status: finished | failed | killed. files: logged as artifacts; model_dir: as well where a tracker's
-        log_model is on; summary: final numbers (e.g. the merged model's accuracy); tags: MLflow tags."""
+        log_model is on; summary: final numbers (e.g. the merged model's accuracy); tags: MLflow tags;
+        tables: name -> column -> values (MLflow tables, W&B Tables)."""
         self.stop()
         if not self._opened:
             return
         clean = {k: float(v) for k, v in (summary or {}).items() if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+        end = Ending(status, list(files), model_dir, clean, {k: masked(v) for k, v in (tags or {}).items()}, tables or {})
         for sink in self._live():
-            self._call(sink, "finish", lambda s=sink: s.finish(status, list(files), model_dir, clean, {k: masked(v) for k, v in (tags or {}).items()}))
+            self._call(sink, "finish", partial(sink.finish, end))
         self.sinks = []
         write_state(self.run_dir, self.state)
 
@@ -309,7 +331,7 @@ class Tracker:
                     continue  # an event, or a step an earlier attempt logged
                 wall = float(record.get("time") or time.time())
                 for sink in self._live():
-                    self._call(sink, "log", partial(sink.log, step, metrics, wall))
+                    self._call(sink, "log", partial(sink.log, step, metrics, wall), counts=False)
                 self.state["logged_step"] = step
                 logged += 1
             if logged:
@@ -327,7 +349,9 @@ class Tracker:
         while not self._stop.wait(POLL_S):
             self.forward()
 
-    def _call(self, sink: Any, what: str, fn: Callable[[], Any]) -> bool:
+    def _call(self, sink: Any, what: str, fn: Callable[[], Any], counts: bool = True) -> bool:
+        """fn(), a tracker's failure warned about (once) and counted; counts: a success ends a run of failures
+        (not for log(), which only queues: the flush that follows is what reaches the tracker)."""
         try:
             fn()
         except Exception as e:  # a tracker never fails the run
@@ -340,7 +364,8 @@ class Tracker:
                 self.warned.add(f"{sink.name}:off")
                 self._warn(f"warning: tracking.{sink.name}: {MAX_FAILURES} calls to {sink.where} failed in a row; not logging there for the rest of this run")
             return False
-        self.failures[sink.name] = 0
+        if counts:
+            self.failures[sink.name] = 0
         return True
 
     def _warn(self, text: str) -> None:

@@ -100,7 +100,10 @@ def build_training(job: JobConfig, arch: architectures.Architecture, device: Any
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # find_unused_parameters, as transformers' Trainer does by default: a VLM leaves some trainable weights
+        # out of the graph (LLaVA reads the vision tower's second-to-last layer, so the last one gets no grad),
+        # which DDP otherwise refuses at the second step ("Parameter indices which did not receive grad")
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     # The fused kernel updates each parameter in one pass; the default on CPU is a Python loop of ~10 elementwise
     # ops per parameter, which cost 25% of a full fine-tuning step of a 51M model here (bench/hf_compare.py).
     fused = device.type in ("cpu", "cuda")

@@ -643,7 +643,21 @@ def finish_tracking(tracker: Any, run_dir: Path, outcome: RunOutcome) -> None:
     merged = ((manifest.get("generation") or {}).get("merged") or {}).get("accuracy")
     summary = {"merged_accuracy": parity.get("merged_accuracy"), "merged_generated_accuracy": merged}
     files = [run_dir / n for n in (MANIFEST, "job.yaml", "metrics.jsonl", "report.md", "report.png")]
-    tracker.finish("finished", files, outcome.model_dir, summary)
+    tracker.finish("finished", files, outcome.model_dir, summary, tables=generations_table(run_dir, manifest))
+
+
+def generations_table(run_dir: Path, manifest: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
+    """eval.generate's answers as one table (step, model, prompt, expected, generated, correct): the trained
+    model's at every eval, and the merged model's; empty without eval.generate."""
+    rows = [(r["step"], "trained", s) for r in read_metrics(run_dir) if r.get("event") == "generations" for s in r.get("samples", [])]
+    merged = (manifest.get("generation") or {}).get("merged") or {}
+    rows += [(manifest["metrics"].get("step"), "merged", s) for s in merged.get("samples", [])]
+    if not rows:
+        return {}
+    columns = ("prompt", "expected", "generated", "correct")
+    table = {"step": [step for step, _, _ in rows], "model": [model for _, model, _ in rows]}
+    table |= {c: [s.get(c) for _, _, s in rows] for c in columns}
+    return {"generations": table}
 
 
 def failure_message(job: JobConfig, run_dir: Path, error: BaseException, resume_command: str) -> str:

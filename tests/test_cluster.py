@@ -228,6 +228,7 @@ def test_cluster_files_agree():
     launcher = files["rayft-ray-cluster.yaml"][0]
     raycluster = files["raycluster.yaml"][0]
     rayjob = files["rayjob.yaml"][0]
+    from jobs.tracking import SECRET_VARS
     from orchestrator.remote import entrypoint
 
     # the same entrypoint as `rayft submit`, the same runtime_env as the shared file
@@ -242,6 +243,11 @@ def test_cluster_files_agree():
     for c in containers:
         env = {e["name"]: e for e in c["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+        # tracking credentials (read by the driver, on the head) come from a Secret too
+        assert all("value" not in env[name] and "secretKeyRef" in env[name]["valueFrom"] for name in SECRET_VARS if name in env)
+    heads = [spec["headGroupSpec"]["template"]["spec"]["containers"][0] for spec in k8s]
+    assert all({"MLFLOW_TRACKING_TOKEN", "WANDB_API_KEY"} <= {e["name"] for e in head["env"]} for head in heads)
+    assert not set(SECRET_VARS) & set(runtime_env.get("env_vars") or {})
     assert all("RAY_AUTH_MODE=token" in cmd for cmd in launcher["head_start_ray_commands"][1:] + launcher["worker_start_ray_commands"][1:])
     # ports: GCS 6379 and the Jobs API 8265; one GPU per worker, none on the head
     for spec in k8s:

@@ -188,9 +188,8 @@ def test_two_workers_generate_without_hanging(world, ray_local, tmp_path, stage)
         "train": {"max_steps": 4, "micro_batch_size": 8, "lr": 3e-3, "eval_every": 2, "checkpoint_every": 4, "log_every": 1},
         "scaling": {"workers": 2, "cpus_per_worker": 1},
         "eval": {"generate": {"samples": 3, "max_new_tokens": 3}},
-        # DDP: LoRA. Full fine-tuning of this tiny LLaVA under plain DDP fails with or without eval.generate (two
-        # parameters get no gradient: "Parameter indices which did not receive grad for rank 0: 35 36")
-        **({"deepspeed": {"stage": stage}} if stage else {"method": "lora", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}}),
+        # DDP: full fine-tuning too, where LLaVA's last vision layer gets no gradient (DDP finds unused parameters)
+        **({"deepspeed": {"stage": stage}} if stage else {}),
     }
     job, _ = build_job(raw)
     out = launch.train(job, progress=False)

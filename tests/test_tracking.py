@@ -95,7 +95,8 @@ def reported(run_dir: Path) -> list[dict]:
 def test_a_run_is_tracked_in_mlflow_wandb_and_tensorboard_without_leaking_credentials(quickstart_run, mlflow_server, tmp_path):
     env = {**os.environ, **CANARY}
     args = quick_job(quickstart_run, tmp_path, mlflow_server["uri"], "tracking.mlflow.log_model=true",
-                     "tracking.wandb.project=rayft-tests", "tracking.wandb.mode=offline")
+                     "tracking.wandb.project=rayft-tests", "tracking.wandb.mode=offline",
+                     "eval.generate.samples=4", "eval.generate.max_new_tokens=4")
     proc = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     run_dir = run_dir_of(tmp_path)
@@ -111,7 +112,7 @@ def test_a_run_is_tracked_in_mlflow_wandb_and_tensorboard_without_leaking_creden
     params = run.data.params
     assert params["method"] == "qlora" and params["lora.rank"] == "16" and params["quantization.type"] == "nf4"
     assert params["train.max_steps"] == "16" and params["tracking.mlflow.log_model"] == "true"
-    for key in ("train_loss", "lr", "tokens_per_s", "eval_accuracy", "eval_loss"):
+    for key in ("train_loss", "lr", "tokens_per_s", "eval_accuracy", "eval_loss", "eval_generated_accuracy"):
         expected = [(r["step"], r[key]) for r in records if key in r]
         got = [(m.step, m.value) for m in sorted(c.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
         assert same_series(got, expected), (key, got, expected)
@@ -119,6 +120,11 @@ def test_a_run_is_tracked_in_mlflow_wandb_and_tensorboard_without_leaking_creden
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"manifest.json", "job.yaml", "metrics.jsonl", "model"} <= artifacts, artifacts
     assert "config.json" in {Path(a.path).name for a in c.list_artifacts(run.info.run_id, "model")}
+    # eval.generate's answers as a table: the trained model's at each eval (0, 8, 16), then the merged model's
+    table = json.loads(Path(c.download_artifacts(run.info.run_id, "generations.json", str(tmp_path))).read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert [(r["step"], r["model"]) for r in rows] == [(s, "trained") for s in (0, 8, 16) for _ in range(4)] + [(16, "merged")] * 4
+    assert {"prompt", "expected", "generated", "correct"} <= set(rows[0])
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert run.data.metrics["merged_accuracy"] == pytest.approx(manifest["parity"]["merged_accuracy"])
 
@@ -137,6 +143,8 @@ def test_a_run_is_tracked_in_mlflow_wandb_and_tensorboard_without_leaking_creden
     assert same_series([(h["_step"], h["train_loss"]) for h in history if "train_loss" in h], losses)
     assert wandb_offline.config(wandb_file)["lora.rank"] == "16"
     assert any(name.startswith("run-") for name in wandb_offline.artifacts(wandb_file))
+    (table_file,) = wandb_file.parent.glob("files/media/table/generations_*.table.json")  # the W&B Table
+    assert len(json.loads(table_file.read_text())["data"]) == len(rows)
 
     # the credentials reach no file of the run, the server's store or artifacts, and no output
     for where in (run_dir, mlflow_server["root"]):
@@ -276,3 +284,100 @@ tracker.finish()
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [(2, 1.5), (4, 1.0)]
     assert [(e.step, e.value) for e in events.Scalars("eval_accuracy")] == [(4, 0.5)]
+
+
+def start_server(root: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(SERVER), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=(root / "server.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            return proc, uri
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+
+
+def write_records(run_dir: Path, steps: range) -> None:
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        for s in steps:
+            f.write(json.dumps({"event": "train", "step": s, "train_loss": 1.0 / s, "time": 1000.0 + s}) + "\n")
+
+
+def test_a_server_lost_mid_run_warns_once_and_logging_stops_there(tmp_path):
+    """The Tracker as the driver runs it: steps 1-3 reach MLflow; the server dies; the next calls fail, one
+    warning names the URI, a second says the tracker is left alone after 3 failures in a row, and it is not
+    called again (TensorBoard goes on)."""
+    import io
+
+    from jobs.tracking import Tracker
+    from orchestrator.config import JobConfig
+
+    (tmp_path / "srv").mkdir()
+    server, uri = start_server(tmp_path / "srv")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    job = JobConfig.model_validate({"model": "m", "data": {"train": "t.parquet"}, "tracking": {"mlflow": {"tracking_uri": uri}}})
+    out = io.StringIO()
+    tracker = Tracker(job, run_dir, out).start(wait=True)
+    try:
+        write_records(run_dir, range(1, 4))
+        assert tracker.forward() == 3
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        last = 3
+        while "mlflow" in [s.name for s in tracker._live()] and last < 30:  # each failed flush counts (one per forward that logs)
+            last += 1
+            write_records(run_dir, range(last, last + 1))
+            tracker.forward()
+        assert [s.name for s in tracker._live()] == ["tensorboard"]  # MLflow given up on: no more calls, no retries
+        write_records(run_dir, range(last + 1, last + 2))
+        tracker.forward()
+    finally:
+        tracker.finish()
+    said = out.getvalue()
+    assert said.count(f"tracking.mlflow: flush failed at {uri}") == 1, said
+    assert said.count("3 calls to") == 1 and "not logging there for the rest of this run" in said
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == list(range(1, last + 2))
+
+
+def test_the_end_of_a_search_tags_every_trial_status(mlflow_server, tmp_path):
+    """finish_search on a search directory whose trials finished, stopped early, failed or were skipped:
+    one child per trial under the parent, each tagged with its status and ended accordingly."""
+    from jobs.tracking import Tracker, finish_search
+    from orchestrator.config import JobConfig, to_yaml
+
+    tracking = {"mlflow": {"tracking_uri": mlflow_server["uri"], "experiment": tmp_path.name}}
+    job = JobConfig.model_validate({"model": "m", "data": {"train": "t.parquet"}, "tracking": tracking})
+    search_dir = tmp_path / "search"
+    statuses = {"t_finished": ("finished", None), "t_stopped": ("stopped early", None), "t_failed": ("failed", "boom"),
+                "t_skipped": ("skipped", "needs 80 GiB")}
+    for name in statuses:
+        (search_dir / "trials" / name).mkdir(parents=True)
+        (search_dir / "trials" / name / "job.yaml").write_text(to_yaml(job))
+    parent = Tracker(job, search_dir, sys.stdout, kinds=("mlflow",)).start(wait=True)
+    (search_dir / "results.md").write_text("| trial |\n")
+    summary = {"metric": "eval_accuracy", "best": {"trial": "t_finished", "best_metric": 0.9},
+               "trials": [{"trial": n, "status": s, "reason": r, "overrides": {"lora.rank": i}} for i, (n, (s, r)) in enumerate(statuses.items())]}
+    finish_search(search_dir, summary, parent, [search_dir / "results.md"], None, sys.stdout)
+    c = client(mlflow_server)
+    (experiment,) = [e for e in c.search_experiments() if e.name == tmp_path.name]
+    runs = {r.info.run_name: r for r in c.search_runs([experiment.experiment_id])}
+    assert runs["search"].info.status == "FINISHED" and runs["search"].data.tags["rayft.best_trial"] == "t_finished"
+    assert runs["search"].data.metrics["best_eval_accuracy"] == 0.9
+    expected = {"t_finished": "FINISHED", "t_stopped": "KILLED", "t_failed": "FAILED", "t_skipped": "KILLED"}
+    for name, status in expected.items():
+        child = runs[name]
+        assert child.data.tags["mlflow.parentRunId"] == runs["search"].info.run_id
+        assert child.data.tags["rayft.status"] == statuses[name][0] and child.info.status == status
+        assert child.data.tags.get("rayft.reason") == statuses[name][1]
