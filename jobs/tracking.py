@@ -278,9 +278,11 @@ class Tracker:
 
     def _open(self) -> None:
         with self._lock:
+            t0 = time.time()
             for sink in list(self.sinks):
                 if not self._call(sink, "open", lambda s=sink: s.open(self.state)):
                     self.sinks.remove(sink)  # never opened: nothing to log into
+            self.state.setdefault("cost", {"cpu_s": 0.0, "wall_s": 0.0})["open_s"] = round(time.time() - t0, 3)
             write_state(self.run_dir, self.state)
             self._opened = True
 
@@ -304,13 +306,25 @@ class Tracker:
             return
         clean = {k: float(v) for k, v in (summary or {}).items() if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
         end = Ending(status, list(files), model_dir, clean, {k: masked(v) for k, v in (tags or {}).items()}, tables or {})
+        t0 = time.time()
         for sink in self._live():
             self._call(sink, "finish", partial(sink.finish, end))
         self.sinks = []
+        self.state.setdefault("cost", {"cpu_s": 0.0, "wall_s": 0.0})["finish_s"] = round(time.time() - t0, 3)
         write_state(self.run_dir, self.state)
 
     def forward(self) -> int:
-        """Log the records metrics.jsonl gained since the last call; returns how many steps were logged."""
+        """Log the records metrics.jsonl gained since the last call; returns how many steps were logged. What
+        forwarding costs this process is kept in tracking.json (cost: CPU and wall seconds, records)."""
+        cpu, wall = time.thread_time(), time.time()
+        try:
+            return self._forward()
+        finally:
+            cost = self.state.setdefault("cost", {"cpu_s": 0.0, "wall_s": 0.0})
+            cost["cpu_s"] = round(cost["cpu_s"] + time.thread_time() - cpu, 4)
+            cost["wall_s"] = round(cost["wall_s"] + time.time() - wall, 4)
+
+    def _forward(self) -> int:
         with self._lock:
             path = self.run_dir / "metrics.jsonl"
             if not path.is_file() or not self._live():
