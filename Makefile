@@ -39,7 +39,7 @@ test: setup $(MLFLOW_SERVER)
 	scripts/netns.sh $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Benchmarks (not tests): each prints a markdown table and writes bench/results/<name>.json.
-bench: setup
+bench: setup $(MLFLOW_SERVER)
 	test -d quickstart/base || $(VENV)/bin/rayft quickstart ./quickstart
 	scripts/netns.sh $(PY) bench/hf_compare.py
 	scripts/netns.sh $(PY) bench/data_scale.py
@@ -52,6 +52,7 @@ bench: setup
 	scripts/netns.sh $(PY) bench/cluster_submit.py ./quickstart
 	scripts/netns.sh $(PY) bench/overhead.py ./quickstart
 	scripts/netns.sh $(PY) bench/claims.py ./quickstart
+	scripts/netns.sh $(PY) bench/tracking_overhead.py ./quickstart
 	$(PY) bench/report.py
 
 lint: setup

@@ -17,7 +17,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-ORDER = ["hf_compare", "data_scale", "length_batching", "hardware", "overhead", "cluster_submit", "methods", "zero_memory", "asha_fifo", "planner_calibration", "claims"]
+ORDER = ["hf_compare", "data_scale", "length_batching", "hardware", "overhead", "cluster_submit", "methods", "zero_memory", "asha_fifo", "planner_calibration", "claims", "tracking_overhead"]
 
 
 def _methods(d: dict[str, Any]) -> list[dict[str, Any]]:
@@ -67,7 +67,8 @@ def rows() -> list[dict[str, Any]]:
     for name in names:
         data = json.loads((RESULTS / f"{name}.json").read_text())
         summary = data.get("summary") or (LEGACY[name](data) if name in LEGACY else [])
-        out.extend({**r, "file": f"bench/results/{name}.json"} for r in summary)
+        # a README row names its benchmark; other summaries (chat_accuracy's per-arch table) stay in their file
+        out.extend({**r, "file": f"bench/results/{name}.json"} for r in summary if "benchmark" in r)
     return out
 
 

@@ -80,6 +80,12 @@ def run(job_file: Path, out: Path, sets: list[str]) -> dict[str, Any]:
     }
 
 
+def spread(contender: dict[str, Any]) -> str:
+    """min-max of a contender's step time over its rounds: the machine's noise, beside the medians."""
+    steps = [r["step_ms"] for r in contender["runs"]]
+    return f"{min(steps):.0f}-{max(steps):.0f} ms"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("quickstart", nargs="?", default=str(REPO / "quickstart"))
@@ -108,7 +114,7 @@ def main() -> None:
          "rayft": round(mlflow["tracker_cpu_ms_per_step"], 3), "baseline": round(base, 2), "ratio": ratio(mlflow["tracker_cpu_ms_per_step"], base),
          "note": "measured in the driver's thread (time.thread_time)"},
         *[{"benchmark": "tracking overhead", "measure": f"steady-state step time, {name} vs none (ms)", "rayft": round(rows[name]["median"]["step_ms"], 2),
-         "baseline": round(base, 2), "ratio": ratio(rows[name]["median"]["step_ms"], base), "note": "quickstart QLoRA job, log_every=1, 1 worker"}
+         "baseline": round(base, 2), "ratio": ratio(rows[name]["median"]["step_ms"], base), "note": f"quickstart QLoRA job, log_every=1, 1 worker; rounds ranged {spread(rows[name])}, none's {spread(rows['none'])}"}
           for name in ("tensorboard", "tensorboard+mlflow")],
     ]
     write_result("tracking_overhead", {"contenders": rows, "epochs": args.epochs, "rounds": args.rounds}, summary=summary)

@@ -236,7 +236,8 @@ class ProgressView:
                             info += f"  eval loss {rec['eval_loss']:.4f}  acc {rec['eval_accuracy']:.1%}"
                         progress.update(task, completed=rec["step"], info=info)
                     if rec.get("event") == "eval" and not console.is_terminal:
-                        console.print(f"step {rec['step']}: eval loss {rec['eval_loss']:.4f}, accuracy {rec['eval_accuracy']:.1%}")
+                        generated = f", generated {rec['eval_generated_accuracy']:.1%}" if "eval_generated_accuracy" in rec else ""
+                        console.print(f"step {rec['step']}: eval loss {rec['eval_loss']:.4f}, accuracy {rec['eval_accuracy']:.1%}{generated}")
                 seen = len(records)
                 self._stop.wait(0.5)
 
