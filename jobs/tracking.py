@@ -137,7 +137,7 @@ class Mlflow:
         for key, value in MLFLOW_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         from mlflow import MlflowClient
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         self.client = MlflowClient(self.cfg.tracking_uri)
         mine = state.setdefault("mlflow", {})
@@ -153,7 +153,6 @@ class Mlflow:
         items = list(self.params.items())
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
-        self.client.log_batch(self.run_id, tags=[RunTag("rayft.params", "logged")])
         mine.update(run_id=self.run_id, experiment_id=experiment_id, tracking_uri=self.cfg.tracking_uri)
 
     def log(self, step: int, metrics: dict[str, float], wall: float) -> None:
@@ -396,7 +395,6 @@ def finish_search(search_dir: Path, summary: dict[str, Any], parent: Tracker, fi
     """A search's end in MLflow: every trial's child run continued (what its trial's process had not forwarded
     yet, e.g. one ASHA stopped), tagged with its status (finished / stopped early / failed / skipped) and
     reason, and ended; then the parent, with the results and the best trial."""
-    parent.stream = stream
     parent_id = parent.mlflow_run_id
     if parent_id:
         ended = {"finished": "finished", "failed": "failed"}  # stopped early and skipped: KILLED

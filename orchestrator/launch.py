@@ -632,11 +632,11 @@ def _train(
         print(f"warning: the run report was not written: {type(e).__name__}: {e} (try again with: rayft report {run_dir})", file=stream, flush=True)
         report = None
     tracker.stream = stream
-    finish_tracking(tracker, run_dir, outcome)  # after the report: its files are artifacts
+    finish_tracking(tracker, run_dir, outcome, records)  # after the report: its files are artifacts
     return dataclasses.replace(outcome, report=report)
 
 
-def finish_tracking(tracker: Any, run_dir: Path, outcome: RunOutcome) -> None:
+def finish_tracking(tracker: Any, run_dir: Path, outcome: RunOutcome, records: list[dict[str, Any]]) -> None:
     """The trackers' runs end with the run's files as artifacts (the merged model too where log_model is
     on) and the export's numbers."""
     manifest = outcome.manifest
@@ -644,13 +644,13 @@ def finish_tracking(tracker: Any, run_dir: Path, outcome: RunOutcome) -> None:
     merged = ((manifest.get("generation") or {}).get("merged") or {}).get("accuracy")
     summary = {"merged_accuracy": parity.get("merged_accuracy"), "merged_generated_accuracy": merged}
     files = [run_dir / n for n in (MANIFEST, "job.yaml", "metrics.jsonl", "report.md", "report.png")]
-    tracker.finish("finished", files, outcome.model_dir, summary, tables=generations_table(run_dir, manifest))
+    tracker.finish("finished", files, outcome.model_dir, summary, tables=generations_table(records, manifest))
 
 
-def generations_table(run_dir: Path, manifest: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
+def generations_table(records: list[dict[str, Any]], manifest: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
     """eval.generate's answers as one table (step, model, prompt, expected, generated, correct): the trained
-    model's at every eval, and the merged model's; empty without eval.generate."""
-    rows = [(r["step"], "trained", s) for r in read_metrics(run_dir) if r.get("event") == "generations" for s in r.get("samples", [])]
+    model's at every eval (its metrics.jsonl records), and the merged model's; empty without eval.generate."""
+    rows = [(r["step"], "trained", s) for r in records if r.get("event") == "generations" for s in r.get("samples", [])]
     merged = (manifest.get("generation") or {}).get("merged") or {}
     rows += [(manifest["metrics"].get("step"), "merged", s) for s in merged.get("samples", [])]
     if not rows:

@@ -230,6 +230,7 @@ def run(
         finally:
             if started:
                 shutdown_ray()
+    parent.stream = stream  # the user's stream from output_to is closed now
     summary = summarize(search_dir)
     # every invocation of the search (an interrupted one and its --resume), each also on its own
     trial_records = [r for trial in (search_dir / "trials").glob("*") for r in read_metrics(trial)]
@@ -239,6 +240,7 @@ def run(
     attempts.record_invocation(search_dir, t0, "completed")
     best = summary["best"]
     if best is None:
+        parent.finish("failed")
         raise RunFailed(f"no trial reported {tune.metric} with a checkpoint; see {search_dir / 'results.md'}")
     trial_dir = search_dir / "trials" / best["trial"]
     trial, _ = build_job(load_raw(trial_dir / "job.yaml"))

@@ -35,24 +35,8 @@ def mlflow_server(tmp_path_factory):
     """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts; stopped by its PID. It runs
     from its own venv (`make test` builds it): the full mlflow package pins pyarrow<26, rayft's client
     (mlflow-skinny) does not."""
-    assert SERVER.is_file(), f"{SERVER} missing: `make test` builds it (or set RAYFT_MLFLOW_SERVER)"
     root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        [str(SERVER), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
+    proc, uri = start_server(root)
     yield {"uri": uri, "root": root}
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
@@ -287,6 +271,7 @@ tracker.finish()
 
 
 def start_server(root: Path) -> tuple[subprocess.Popen, str]:
+    assert SERVER.is_file(), f"{SERVER} missing: `make test` builds it (or set RAYFT_MLFLOW_SERVER)"
     port = free_port()
     proc = subprocess.Popen(
         [str(SERVER), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
