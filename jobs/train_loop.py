@@ -284,7 +284,8 @@ def _train(config: dict[str, Any]) -> None:
         try:
             drill = step is not None and step == config.get("kill_in_checkpoint_at") and attempt == 1  # the first attempt only
             upload = kill_during_upload if drill else None
-            ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload)
+            # total_steps rides along so a search's budget (orchestrator/budget.py) knows what a trial will spend
+            ray.train.report({**metrics, "total_steps": total_steps}, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload)
         finally:
             if checkpoint is not None:
                 shutil.rmtree(checkpoint.path, ignore_errors=True)

@@ -205,6 +205,8 @@ def tune(job_file: str, sets: tuple[str, ...], resume: Path | None, no_fit_check
     best = summary["best"]
     click.echo(f"best trial: {best['trial']} {summary['metric']}={best['best_metric']:.4f} at step {best['best_step']} {best['overrides']}")
     click.echo(f"best model: {summary['best_model']}")
+    if "budget" in summary:
+        click.echo(search.budget_line(summary["budget"]))
     click.echo(f"wall time: {summary['wall_s']}s")
 
 

@@ -8,6 +8,7 @@ every problem collected and raised at once as a ConfigError. Workers rebuild the
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 import re
@@ -26,6 +27,15 @@ Method = Literal["full", "lora", "qlora"]
 Precision = Literal["bf16", "fp16", "fp32"]
 QuantType = Literal["nf4", "fp4", "none"]
 DATA_SUFFIXES = (".parquet", ".jsonl")
+
+
+def parse_duration(text: str) -> float:
+    """`2h`, `90m`, `1h30m`, `45s` -> seconds."""
+    m = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", text)
+    if not m or not any(m.groups()):
+        raise ValueError(f"{text!r}: give a duration such as 2h, 90m, 1h30m or 45s")
+    h, mins, secs = (float(g or 0) for g in m.groups())
+    return h * 3600 + mins * 60 + secs
 
 
 def parse_size(text: str) -> int:
@@ -190,32 +200,98 @@ class Dimension(_Section):
         return list(self.choice or self.grid or self.uniform or self.loguniform or [])
 
 
+class BudgetConfig(_Section):
+    """What a search may spend; it starts no trial that would take it past either limit."""
+
+    trial_steps: int | None = Field(None, ge=1)
+    """Optimizer steps summed over every trial (a trial's steps are reserved when it starts and released when
+    an early stop ends it); a trial that would not fit is not started, and the search ends when nothing runs."""
+    wall: str | None = None
+    """Wall time of the whole search, e.g. 2h, 90m, 1h30m (--resume counts earlier invocations' time): no trial
+    starts that the trials so far predict would end past it, and at the limit the running trials are stopped at
+    their next report (their best checkpoints stay exportable)."""
+
+    @field_validator("wall")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> BudgetConfig:
+        if self.trial_steps is None and self.wall is None:
+            raise ValueError("give trial_steps, wall or both (or drop tune.budget)")
+        return self
+
+    @property
+    def wall_s(self) -> float | None:
+        return None if self.wall is None else parse_duration(self.wall)
+
+
 class TuneConfig(_Section):
     metric: Literal["eval_accuracy", "eval_loss", "eval_generated_accuracy"] = "eval_accuracy"
     """What picks the best trial (reported at every eval; eval_generated_accuracy needs eval.generate)."""
     mode: Literal["max", "min"] | None = None
     """max or min; null = max for the accuracies, min for eval_loss."""
-    num_samples: int = Field(8, ge=1)
-    """Trials drawn from the space (each grid point is repeated num_samples times)."""
+    search: Literal["random", "grid", "optuna"] = "random"
+    """How points are chosen. random: choice/uniform/loguniform sampled (grid keys enumerated, num_samples
+    draws for each grid point); grid: every combination of the grid and choice values once (no ranges);
+    optuna: Optuna's TPE sampler (pip install 'rayft[optuna]'), which proposes each point from the trials that
+    finished (choice and ranges; no grid)."""
+    num_samples: int | None = Field(None, ge=1)
+    """Points to draw (random, optuna; for random each grid point gets this many); null = 8, 1 when the space
+    is only grid keys, or as many as tune.budget allows when a budget is set. Ignored by search: grid."""
+    repeats: int = Field(1, ge=1)
+    """Runs of each point, each with its own train.seed (train.seed, +1, ...), shown as a train.seed column in
+    the results; grid and random only."""
     scheduler: Literal["asha", "fifo"] = "asha"
-    """asha stops trials whose metric trails at an eval milestone; fifo runs every trial to completion."""
-    grace_evals: int = Field(2, ge=1)
-    """ASHA: evals every trial gets before it may be stopped."""
-    reduction_factor: int = Field(2, ge=2)
-    """ASHA: keep the best 1/reduction_factor at each milestone."""
+    """asha stops trials whose metric trails at a milestone; fifo runs every trial to completion."""
+    grace_share: float = Field(0.5, gt=0, lt=1)
+    """ASHA: no trial is stopped before this share of its optimizer steps (rounded up to an eval); that step is
+    the first milestone, and each later one is reduction_factor times further, up to the run's end."""
+    grace_evals: int | None = Field(None, ge=1)
+    """ASHA: put the first milestone at this many evals instead (overrides grace_share)."""
+    reduction_factor: int = Field(3, ge=2)
+    """ASHA: at each milestone a trial goes on only if its metric is not below the (1 - 1/reduction_factor)
+    quantile of the trials that reached that milestone before it (ties go on)."""
+    budget: BudgetConfig | None = None
+    """Limits on what the search spends: trial_steps, wall (see tune.budget.*)."""
+    memory_budget: str | None = None
+    """Memory per GPU (or per CPU worker) the trials must fit, e.g. 16GiB: a trial the planner predicts above it is
+    skipped before its workers start, and the best that fits is exported; null = what the machine has
+    (--memory-limit overrides it)."""
     max_concurrent: int | None = Field(None, ge=1)
     """Trials at once; null = as many as the machine's CPUs (or GPUs) fit, given each trial's workers."""
     seed: int = 0
-    """Seed of the random search."""
+    """Seed of the random and optuna samplers."""
     max_failures: int = Field(1, ge=-1)
     """Per trial: times its workers are restarted from the trial's latest checkpoint after one is lost; a
     trial whose failures are used up is recorded as failed with its reason, and the search goes on."""
     space: dict[str, Dimension] = {}
     """Dotted job keys to search, e.g. lora.rank: {choice: [8, 16]}, train.lr: {loguniform: [1e-5, 1e-3]}."""
 
+    @field_validator("memory_budget")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
     @property
     def resolved_mode(self) -> str:
         return self.mode or ("min" if self.metric == "eval_loss" else "max")
+
+    @property
+    def samples(self) -> int:
+        """Ray Tune's num_samples for this search (the trials, times each grid point's repeats)."""
+        if self.search == "grid":
+            return 1
+        if self.num_samples is not None:
+            return self.num_samples
+        if all(d.grid is not None for d in self.space.values()):
+            return 1  # a grid's points once each (repeats, if asked, each with its own seed)
+        return -1 if self.budget is not None else 8  # -1: Tune draws until the budget ends the search
 
 
 class SubmitConfig(_Section):
@@ -848,10 +924,36 @@ def load_search(path: str | Path, sets: Iterable[str] = ()) -> tuple[JobConfig, 
                 for p in e.problems:
                     prefix = f"value {value!r}: " if p.path == key else f"value {value!r}: {p.path}: "
                     problems.append(Problem(f"tune.space.{key}", prefix + p.message, p.fix))
+    problems.extend(_search_problems(tune_raw, space_raw))
     if problems:
         raise ConfigError(problems)
     job, warnings = build_job(raw)
     return job, base, warnings
+
+
+def _search_problems(tune_raw: Mapping[str, Any], space_raw: Mapping[str, Any]) -> list[Problem]:
+    """What tune.search, num_samples and repeats allow of the space's dimensions."""
+    search, problems = tune_raw.get("search", "random"), []
+    kinds = {k: next(iter(d)) for k, d in space_raw.items() if isinstance(d, Mapping) and len(d) == 1}
+    if search == "grid":
+        problems += [Problem(f"tune.space.{k}", f"search: grid needs listed values, not a {kind} range", "give grid: [...] or choice: [...], or use search: random or optuna")
+                     for k, kind in kinds.items() if kind in ("uniform", "loguniform")]
+    if search == "optuna":
+        problems += [Problem(f"tune.space.{k}", "search: optuna does not enumerate grids", "give choice: [...] (Optuna picks among the values), or use search: grid")
+                     for k, kind in kinds.items() if kind == "grid"]
+    if search == "optuna" and importlib.util.find_spec("optuna") is None:
+        problems.append(Problem("tune.search", "optuna is not installed", "pip install 'rayft[optuna]', or use search: random"))
+    repeats = tune_raw.get("repeats", 1)
+    if isinstance(repeats, int) and repeats > 1:
+        if search == "optuna":
+            problems.append(Problem("tune.repeats", "search: optuna proposes each point once", "use search: grid or random to repeat points"))
+        if "train.seed" in space_raw:
+            problems.append(Problem("tune.repeats", "repeats gives each run its own train.seed, and train.seed is also searched", "drop one of the two"))
+    samples = tune_raw.get("num_samples")
+    if search != "optuna" and kinds and all(kind == "grid" for kind in kinds.values()) and isinstance(samples, int) and samples > 1:
+        problems.append(Problem("tune.num_samples", f"{samples} would run every grid point {samples} times with the same seed: the same weights, {samples} times over",
+                                f"drop num_samples; to repeat each point with its own seed, set tune.repeats: {samples}"))
+    return problems
 
 
 def to_yaml(job: JobConfig) -> str:

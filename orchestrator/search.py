@@ -14,8 +14,10 @@ A search directory:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
+import math
 import os
 import signal
 import threading
@@ -24,7 +26,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from orchestrator import planner
-from orchestrator.config import JobConfig, TuneConfig, apply_overrides, build_job, load_raw, to_yaml
+from orchestrator.config import (
+    JobConfig,
+    TuneConfig,
+    apply_overrides,
+    build_job,
+    load_raw,
+    parse_size,
+    to_yaml,
+)
 from orchestrator.launch import (
     Interrupted,
     RunFailed,
@@ -42,13 +52,15 @@ TUNE_STATUS = "tune_status.json"  # trial directory name under tuner/ -> "ok" | 
 SKIPPED = "skipped.txt"  # in a trial directory: the trial was predicted not to fit, and why
 
 
-def param_space(tune: TuneConfig) -> dict[str, Any]:
+def param_space(tune: TuneConfig, train_seed: int = 0) -> dict[str, Any]:
+    """Ray Tune's space: search: grid enumerates choice values too; tune.repeats adds train.seed as a grid
+    of its own (train.seed, +1, ...), so each repeat of a point trains from its own seed."""
     from ray import tune as rt
 
     space = {}
     for key, dim in tune.space.items():
         if dim.choice is not None:
-            space[key] = rt.choice(dim.choice)
+            space[key] = rt.grid_search(dim.choice) if tune.search == "grid" else rt.choice(dim.choice)
         elif dim.grid is not None:
             space[key] = rt.grid_search(dim.grid)
         elif dim.uniform is not None:
@@ -56,7 +68,69 @@ def param_space(tune: TuneConfig) -> dict[str, Any]:
         else:
             assert dim.loguniform is not None
             space[key] = rt.loguniform(*dim.loguniform)
+    if tune.repeats > 1:
+        space["train.seed"] = rt.grid_search([train_seed + k for k in range(tune.repeats)])
     return space
+
+
+def trial_lengths(job: JobConfig, base: dict[str, Any], indexes: dict[str, Any]) -> tuple[dict[str, int], int]:
+    """Optimizer steps a trial runs: (by the values of the searched keys that change it, the base job's),
+    from the same schedule the trial builds over the validated rows."""
+    from jobs.batching import build_schedule
+    from orchestrator.budget import LENGTH_KEYS, length_key
+
+    tune = job.tune
+    assert tune is not None
+    train = indexes["train"]
+
+    def steps(j: JobConfig) -> int:
+        return len(build_schedule(train.rows, train.lengths, j.train, j.data, j.scaling.workers).steps)
+
+    keys = [k for k in tune.space if k in LENGTH_KEYS]
+    costs = {}
+    for combo in itertools.product(*[tune.space[k].values_to_check() for k in keys]) if keys else ():
+        point = dict(zip(keys, combo, strict=True))
+        costs[length_key(point)] = steps(build_job(apply_overrides(base, point))[0])
+    return costs, steps(job)
+
+
+def asha_milestones(tune: TuneConfig, eval_every: int, shortest: int, longest: int) -> dict[str, int]:
+    """ASHA's grace period (the first milestone, in optimizer steps) and max_t: grace_evals evals, or
+    grace_share of the shortest trial's steps rounded up to an eval. max_t lies past the longest trial, so
+    no trial is stopped at its own last report."""
+    if tune.grace_evals is not None:
+        grace = tune.grace_evals * eval_every
+    else:
+        grace = max(1, math.ceil(tune.grace_share * shortest / eval_every)) * eval_every
+    return {"grace_period": grace, "max_t": longest + 1}
+
+
+def search_algorithm(tune: TuneConfig, max_concurrent: int, search_dir: Path, lengths: tuple[dict[str, int], int]) -> Any:
+    """random and grid: Tune's BasicVariantGenerator (seeded); optuna: OptunaSearch with a seeded TPE sampler
+    under Tune's ConcurrencyLimiter; with tune.budget, wrapped so trials start only while it allows."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
+
+    if tune.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        sampler = optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=optuna_startup(tune.samples))
+        alg = SearchGenerator(ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=max_concurrent))
+    else:
+        # the limit goes to the generator: Tune ignores max_concurrent_trials when given a search-algorithm
+        # instance, and would start every trial at once
+        alg = BasicVariantGenerator(random_state=tune.seed, max_concurrent=max_concurrent)
+    if tune.budget is None:
+        return alg
+    from orchestrator.budget import BudgetedSearch
+
+    return BudgetedSearch(alg, str(search_dir), *lengths)
+
+
+def optuna_startup(samples: int) -> int:
+    """TPE's random trials before it models the finished ones: a third of the budget, 2 to 10 (Optuna's
+    default of 10 would make a search of 10 trials or fewer purely random)."""
+    return 10 if samples < 0 else min(10, max(2, samples // 3))
 
 
 def concurrency(job: JobConfig, total_cpus: int, total_gpus: int) -> int:
@@ -86,7 +160,7 @@ def space_corners(tune: TuneConfig) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
 
 
-def fit_budget(job: JobConfig, base: dict[str, Any], memory_limit: int | None, *, check_space: bool) -> planner.Budget:
+def fit_budget(job: JobConfig, base: dict[str, Any], memory_limit: int | None, *, check_space: bool, source: str = "--memory-limit") -> planner.Budget:
     """The memory each trial's workers may use (host memory is shared by the trials that run at once).
     check_space: refuse the search (DoesNotFit) when no combination of the space is predicted to fit;
     the trials that do not fit are skipped one by one when they come up (`trial_fits`)."""
@@ -94,6 +168,8 @@ def fit_budget(job: JobConfig, base: dict[str, Any], memory_limit: int | None, *
     assert tune is not None
     gpus = planner.gpu_memory()
     budget = planner.budget_for(job, memory_limit, concurrent=concurrency(job, os.cpu_count() or 1, gpus[0] if gpus else 0))
+    if memory_limit is not None:
+        budget = dataclasses.replace(budget, source=source)
     if check_space:
         verdicts = [planner.check(build_job(apply_overrides(base, corner))[0], budget) for corner in space_corners(tune)]
         if verdicts and not any(v.fits for v in verdicts):
@@ -132,7 +208,12 @@ def run(
 
     tune = job.tune
     assert tune is not None
-    budget = fit_budget(job, base, memory_limit, check_space=not resume) if fit_check else None
+    if memory_limit is None and tune.memory_budget is not None:
+        memory_limit = parse_size(tune.memory_budget)
+        limit_source = "tune.memory_budget"
+    else:
+        limit_source = "--memory-limit"
+    budget = fit_budget(job, base, memory_limit, check_space=not resume, source=limit_source) if fit_check else None
     if resume:
         search_dir = resume.resolve()
     else:
@@ -167,8 +248,15 @@ def run(
             from jobs.preflight import checked_stores
             from jobs.stream import index
 
-            for which, said in encode_once(job, index(job, checked_stores(job, search_dir / DATA_CACHE)))[1].items():
-                print(f"data.{which}: {said}", file=user_stream, flush=True)
+            indexes, said = encode_once(job, index(job, checked_stores(job, search_dir / DATA_CACHE)))
+            for which, text in said.items():
+                print(f"data.{which}: {text}", file=user_stream, flush=True)
+            lengths = trial_lengths(job, base, indexes)
+            if tune.budget is not None:
+                from orchestrator.budget import open_ledger
+
+                earlier = attempts.invocations(search_dir, [r for t in (search_dir / "trials").glob("*") for r in read_metrics(t)])[:-1]
+                open_ledger(search_dir, tune.budget.trial_steps, tune.budget.wall_s, sum(i["wall_s"] for i in earlier))
             trainable = rt.with_resources(
                 rt.with_parameters(
                     tune_trial,
@@ -189,31 +277,36 @@ def run(
                 if tune.scheduler == "asha":
                     from ray.tune.schedulers import ASHAScheduler
 
-                    scheduler = ASHAScheduler(
-                        time_attr="training_iteration",  # one iteration = one eval report (the first is step 0)
-                        max_t=10**6,
-                        grace_period=tune.grace_evals + 1,
-                        reduction_factor=tune.reduction_factor,
-                    )
-                from ray.tune.search import BasicVariantGenerator
-
+                    steps = [*lengths[0].values(), lengths[1]]
+                    milestones = asha_milestones(tune, job.train.eval_every, min(steps), max(steps))
+                    (search_dir / "asha.json").write_text(json.dumps({**milestones, "reduction_factor": tune.reduction_factor}))
+                    # every report carries the optimizer step; a trial goes on at a milestone unless its metric is
+                    # below the (1 - 1/reduction_factor) quantile of those recorded there before it (ties go on)
+                    scheduler = ASHAScheduler(time_attr="step", reduction_factor=tune.reduction_factor, **milestones)
                 # an embedded Ray's extra logical CPUs are Ray Data's (launch.data_cpus), not the trials'
                 total_cpus = int(ray.cluster_resources().get("CPU", cores)) - (data_cpus() if started else 0)
                 total_gpus = int(ray.cluster_resources().get("GPU", 0))
+                stopper = None
+                if tune.budget is not None:
+                    from orchestrator.budget import BudgetStopper
+
+                    stopper = BudgetStopper(str(search_dir))
                 tuner = rt.Tuner(
                     trainable,
-                    param_space=param_space(tune),
+                    param_space=param_space(tune, job.train.seed),
                     tune_config=rt.TuneConfig(
                         metric=tune.metric,
                         mode=mode,
-                        num_samples=tune.num_samples,
+                        num_samples=tune.samples,
                         scheduler=scheduler,
-                        # the limit goes to the generator: Tune ignores max_concurrent_trials when given a
-                        # search-algorithm instance, and would start every trial at once
-                        search_alg=BasicVariantGenerator(random_state=tune.seed, max_concurrent=concurrency(job, total_cpus, total_gpus)),
+                        search_alg=search_algorithm(tune, concurrency(job, total_cpus, total_gpus), search_dir, lengths),
                     ),
-                    run_config=rt.RunConfig(name=TUNER_DIR, storage_path=str(search_dir), verbose=0),
+                    run_config=rt.RunConfig(name=TUNER_DIR, storage_path=str(search_dir), verbose=0, stop=stopper),
                 )
+            # A trial skipped before launch (predicted not to fit) ends without a report. Tune's strict check
+            # then fails the whole search once the space has 2+ keys (the config keys count as metrics); the
+            # trials that run report the metric at every report anyway. Optuna records a skipped trial as pruned.
+            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
             grid = _fit(tuner)
             # Tune's own verdict: an ASHA-stopped trial's fit() may also raise (its workers are torn down),
             # so error.txt alone cannot tell a failure from an early stop.
@@ -285,6 +378,8 @@ def summarize(search_dir: Path) -> dict[str, Any]:
     mode = tune.resolved_mode
     better = max if mode == "max" else min
     verdicts = json.loads((search_dir / TUNE_STATUS).read_text()) if (search_dir / TUNE_STATUS).is_file() else None
+    spend = _budget(search_dir)
+    wall_stopped = spend["wall_stopped"] if spend else []
     trials = []
     for trial_dir in sorted((search_dir / "trials").glob("*")):
         records = read_metrics(trial_dir)
@@ -305,8 +400,10 @@ def summarize(search_dir: Path) -> dict[str, Any]:
             status = "failed"
         elif start and reached < total:
             status = "stopped early"
-        else:
-            status = "failed" if not start else "stopped early"
+            if any(trial_dir.name.endswith("_" + tid) for tid in wall_stopped):
+                error = "tune.budget.wall reached"
+        else:  # every step ran; the end record is missing when Tune stopped the trial at its last report
+            status = "failed" if not start else "finished"
         checkpoints = {}
         for meta in (trial_dir / "checkpoints").glob("checkpoint_*/metrics.json"):
             checkpoints[json.loads(meta.read_text())["step"]] = str(meta.parent)
@@ -330,8 +427,37 @@ def summarize(search_dir: Path) -> dict[str, Any]:
         )
     candidates = [t for t in trials if t["best_metric"] is not None and t["status"] != "failed"]
     best = better(candidates, key=lambda t: t["best_metric"]) if candidates else None
-    return {"metric": tune.metric, "mode": mode, "scheduler": tune.scheduler, "trials": trials, "best": best,
-            "trial_steps": sum(t["steps"] for t in trials)}
+    out = {"metric": tune.metric, "mode": mode, "search": tune.search, "scheduler": tune.scheduler, "trials": trials, "best": best,
+           "trial_steps": sum(t["steps"] for t in trials)}
+    if (search_dir / "asha.json").is_file() and tune.scheduler == "asha":
+        out["asha"] = json.loads((search_dir / "asha.json").read_text())
+    if spend is not None:
+        out["budget"] = spend
+    if tune.memory_budget is not None:
+        out["memory_budget"] = tune.memory_budget
+    return out
+
+
+def budget_line(b: dict[str, Any]) -> str:
+    """What a budgeted search spent, in one line."""
+    parts = []
+    if b["trial_steps"] is not None:
+        parts.append(f"{b['spent']['trial_steps']} of {b['trial_steps']} trial-steps")
+    if b["wall_s"] is not None:
+        parts.append(f"{b['spent']['wall_s']:.0f} of {b['wall_s']:.0f} s")
+    tail = f"; {b['not_started']} trial not started: {b['ended']}" if b["not_started"] else (f"; {b['ended']}" if b["ended"] else "")
+    return "budget: " + ", ".join(parts) + tail
+
+
+def _budget(search_dir: Path) -> dict[str, Any] | None:
+    path = search_dir / "budget.json"  # orchestrator.budget.LEDGER (not imported here: that module imports Ray Tune)
+    if not path.is_file():
+        return None
+    led = json.loads(path.read_text())
+    spent = sum(t["reached"] for t in led["trials"].values())
+    wall = led["wall_before_s"] + (max((t["last"] or 0) for t in led["trials"].values()) - led["started"] if led["trials"] else 0)
+    return {"trial_steps": led["trial_steps"], "wall_s": led["wall_s"], "spent": {"trial_steps": spent, "wall_s": round(max(0.0, wall), 1)},
+            "not_started": led["not_started"], "ended": led["ended"], "wall_stopped": led["wall_stopped"]}
 
 
 def _segments(records: list[dict[str, Any]], metric: str) -> list[list[tuple[int, float]]]:

@@ -1,0 +1,108 @@
+"""How `rayft tune` chooses and budgets its trials: grid once per point with distinct seeds for repeats, a
+trial-step budget, Optuna's sampler, ASHA's derived milestones and a memory budget, on the quickstart task."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import RAYFT
+
+from orchestrator.config import ConfigError, TuneConfig, build_job, load_search
+from orchestrator.search import asha_milestones, optuna_startup
+
+
+def job_file(quickstart_run: dict, tmp: Path, tune: dict, **train) -> Path:
+    root = Path(quickstart_run["root"])
+    body = {
+        "name": "search", "model": str(root / "base"), "method": "qlora",
+        "data": {"train": str(root / "data/french_train.parquet"), "eval": str(root / "data/french_eval.parquet"), "max_length": 64},
+        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}, "precision": "bf16",
+        "train": {"micro_batch_size": 16, "lr": 5e-3, "eval_every": 4, "log_every": 4, **train},
+        "scaling": {"workers": 1, "cpus_per_worker": 1}, "output": str(tmp / "runs"), "tune": tune,
+    }
+    path = tmp / "search.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def run_search(path: Path) -> dict:
+    proc = subprocess.run([RAYFT, "tune", str(path), "--json"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout[proc.stdout.index("{\n") :])
+
+
+def test_milestones_follow_the_run_length_and_eval_cadence():
+    tune = TuneConfig.model_validate({"space": {}})
+    m = asha_milestones(tune, eval_every=4, shortest=32, longest=64)
+    assert m["grace_period"] == 16 and m["grace_period"] % 4 == 0  # half of the shortest run, on an eval
+    assert m["max_t"] == 65  # past the longest run: no trial is stopped at its own last report
+    assert asha_milestones(tune, eval_every=5, shortest=32, longest=32)["grace_period"] == 20  # rounded up to an eval
+    assert asha_milestones(tune.model_copy(update={"grace_evals": 1}), 4, 32, 32)["grace_period"] == 4  # the override
+    assert optuna_startup(4) == 2 and optuna_startup(60) == 10
+
+
+def test_search_options_are_checked_against_the_space(quickstart_run, tmp_path):
+    cases = [
+        ({"search": "grid", "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}, "search: grid needs listed values"),
+        ({"search": "optuna", "space": {"train.lr": {"grid": [1e-4, 1e-2]}}}, "search: optuna does not enumerate grids"),
+        ({"num_samples": 4, "space": {"train.lr": {"grid": [1e-4, 1e-2]}}}, "set tune.repeats: 4"),
+        ({"repeats": 2, "space": {"train.seed": {"choice": [1, 2]}}}, "also searched"),
+        ({"budget": {}, "space": {"train.lr": {"grid": [1e-4]}}}, "give trial_steps, wall or both"),
+        ({"budget": {"wall": "soon"}, "space": {"train.lr": {"grid": [1e-4]}}}, "give a duration"),
+        ({"memory_budget": "16", "space": {"train.lr": {"grid": [1e-4]}}}, "give a size with a unit"),
+    ]
+    for tune, expected in cases:
+        with pytest.raises(ConfigError) as e:
+            load_search(job_file(quickstart_run, tmp_path, tune))
+        assert expected in "\n".join(str(p) for p in e.value.problems), (tune, e.value.problems)
+
+
+@pytest.mark.slow
+def test_a_grid_runs_each_point_once_repeats_get_their_own_seeds_and_a_step_budget_holds(quickstart_run, tmp_path):
+    # 2 learning rates x 2 repeats = 4 points of 8 steps; a budget of 24 trial-steps fits three of them
+    tune = {"search": "grid", "scheduler": "fifo", "repeats": 2, "max_concurrent": 1, "budget": {"trial_steps": 24},
+            "space": {"train.lr": {"grid": [5e-3, 3e-4]}}}
+    summary = run_search(job_file(quickstart_run, tmp_path, tune, max_steps=8, seed=7))
+    points = [(t["overrides"]["train.lr"], t["overrides"]["train.seed"]) for t in summary["trials"]]
+    assert len(points) == len(set(points)) == 3, points  # no point twice; the fourth was not started
+    assert {seed for _, seed in points} <= {7, 8} and len({seed for _, seed in points}) == 2  # repeats: train.seed, +1
+    budget = summary["budget"]
+    assert budget["spent"]["trial_steps"] == summary["trial_steps"] == 24 <= budget["trial_steps"]
+    assert budget["not_started"] == 1 and "tune.budget.trial_steps" in budget["ended"]
+    manifest = json.loads((Path(summary["best_model"]).parent / "manifest.json").read_text())
+    assert manifest["search"]["budget"]["spent"]["trial_steps"] == 24
+    results = (Path(summary["best_model"]).parents[1] / "results.md").read_text()
+    assert "train.seed" in results
+
+
+@pytest.mark.slow
+def test_optuna_search_under_a_memory_budget_prunes_what_does_not_fit_and_exports(quickstart_run, tmp_path):
+    from orchestrator import planner
+
+    probe = job_file(quickstart_run, tmp_path, {"space": {"train.lr": {"choice": [1e-3]}}})
+    raw = yaml.safe_load(probe.read_text())
+    raw.pop("tune")
+    predicted = {}
+    for method in ("qlora", "full"):
+        job, _ = build_job({**raw, "method": method})
+        predicted[method] = planner.plan(job, planner.load_shape(job.model), "cpu").total
+    assert predicted["qlora"] < predicted["full"]
+    between = (predicted["qlora"] + predicted["full"]) // 2
+    tune = {"search": "optuna", "num_samples": 4, "max_concurrent": 1, "scheduler": "fifo", "seed": 3,
+            "memory_budget": f"{between}B", "space": {"method": {"choice": ["qlora", "full"]}, "train.lr": {"loguniform": [1e-3, 1e-2]}}}
+    summary = run_search(job_file(quickstart_run, tmp_path, tune, max_steps=8))
+    assert summary["search"] == "optuna" and len(summary["trials"]) == 4
+    for t in summary["trials"]:
+        if t["overrides"]["method"] == "full":
+            assert t["status"] == "skipped" and "tune.memory_budget" in t["reason"], t
+        else:
+            assert t["status"] == "finished", t
+    assert summary["best"]["overrides"]["method"] == "qlora"
+    assert (Path(summary["best_model"]) / "config.json").is_file()
+    search_dir = Path(summary["best_model"]).parents[1]
+    # Optuna's study is in Tune's experiment state: the sampler saw the finished trials
+    assert any(p.name.startswith("searcher-state") for p in (search_dir / "tuner").iterdir())
