@@ -133,7 +133,8 @@ def tune_trial(
 ) -> None:
     """One Ray Tune trial: the job with the trial's dotted overrides applied by the same function as --set,
     trained by the same TorchTrainer as `rayft train`, its reports forwarded to Tune (ASHA decides on them).
-    budget (planner.Budget): a trial predicted not to fit in it is recorded as skipped and never launched.
+    budget (planner.Budget): a trial predicted not to fit in it is recorded as skipped and never launched;
+    every trial's predicted memory per worker (on the budget's device) goes to trial_dir/memory.json.
     max_failures (tune.max_failures): restarts of the trial's workers after one is lost.
     tracking_parent: the search's MLflow run, under which the trial logs its child run."""
     import ray.tune
@@ -142,12 +143,14 @@ def tune_trial(
     from jobs import stream
     from orchestrator.config import apply_overrides, build_job, to_yaml
     from orchestrator.search import trial_fits
+    from orchestrator.search_report import write_trial_memory
 
     job, _ = build_job(apply_overrides(base, overrides))
     trial_dir = Path(search_dir) / "trials" / ray.tune.get_context().get_trial_name()
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "job.yaml").write_text(to_yaml(job))
     (trial_dir / "overrides.json").write_text(json.dumps(overrides))
+    write_trial_memory(job, trial_dir, budget)  # the planner's prediction per worker, for the frontier report
     (trial_dir / "error.txt").unlink(missing_ok=True)  # a restored trial starts clean (an interrupt may have left one)
     import sys
 

@@ -205,6 +205,8 @@ def tune(job_file: str, sets: tuple[str, ...], resume: Path | None, no_fit_check
     best = summary["best"]
     click.echo(f"best trial: {best['trial']} {summary['metric']}={best['best_metric']:.4f} at step {best['best_step']} {best['overrides']}")
     click.echo(f"best model: {summary['best_model']}")
+    click.echo(f"plot: {search_dir / 'metrics.png'}")
+    click.echo(f"frontier: {search_dir / 'frontier.png'} (table: {search_dir / 'frontier.md'})")
     if "budget" in summary:
         click.echo(search.budget_line(summary["budget"]))
     click.echo(f"wall time: {summary['wall_s']}s")
@@ -254,19 +256,23 @@ def plan(
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the written files' paths (and a run's attempts) as JSON.")
 def report(directory: Path, as_json: bool) -> None:
-    """Regenerate the report of a search directory (results.csv, results.md, metrics.png) or of a run
-    directory (report.md: config, metrics, parity, timings, attempts, sample generations; report.png: a
-    panel per metric by step, one colour per attempt). Prints a run's attempts and its report's path."""
+    """Regenerate the report of a search directory (results.csv, results.md, metrics.png: every trial's
+    metric by step; frontier.png and frontier.md: each trial's best metric against its predicted memory per
+    worker, with the Pareto frontier) or of a run directory (report.md: config, metrics, parity, timings,
+    attempts, sample generations; report.png: a panel per metric by step, one colour per attempt). Prints a
+    search's results table, or a run's attempts, and the written files' paths."""
     from orchestrator import run_report, search
 
     if (directory / "tune.yaml").is_file():
-        table = search.report(directory)
-        files = {"results": str(directory / "results.md"), "plot": str(directory / "metrics.png")}
+        written = search.report(directory)
+        files = {k: str(v) for k, v in written.files.items()}
         if as_json:
             _print_json(files)
             return
-        click.echo(table)
+        click.echo(written.results_md)
         click.echo(f"plot: {files['plot']}")
+        click.echo(f"frontier: {files['frontier']}")
+        click.echo(f"frontier table: {files['frontier_md']}")
     elif run_report.is_run_dir(directory):
         png, md = run_report.write_run_report(directory)
         attempts = run_report.attempt_table(directory)

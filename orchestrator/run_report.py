@@ -63,33 +63,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-# ---- drawing helpers (shared with orchestrator.search.plot) -----------------------------------------
-
-
-def span(values: Sequence[float], default: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float]:
-    """min and max of the values, widened a little when flat."""
-    if not values:
-        return default
-    lo, hi = min(values), max(values)
-    return (lo - 0.05, hi + 0.05) if hi - lo < 1e-9 else (lo, hi)
-
-
-def frame(
-    d: Any, box: Box, x: tuple[float, float], y: tuple[float, float], title: str
-) -> tuple[Callable[[float], float], Callable[[float], float]]:
-    """Draw the axes box, its title and its labels; return the step -> pixel and value -> pixel maps."""
-    left, top, right, bottom = box
-    (x0, x1), (y0, y1) = x, y
-    sx = lambda s: left + (s - x0) / max(x1 - x0, 1e-9) * (right - left)  # noqa: E731
-    sy = lambda v: bottom - (v - y0) / max(y1 - y0, 1e-9) * (bottom - top)  # noqa: E731
-    d.rectangle((left, top, right, bottom), outline="black")
-    d.text((left, top - 22), title, fill="black")
-    for frac in (0.0, 0.5, 1.0):
-        v = y0 + frac * (y1 - y0)
-        d.text((left - 55, sy(v) - 6), f"{v:.3f}", fill="black")
-    d.text((left, bottom + 8), f"step {_num(x0)}", fill="black")
-    d.text((right - 60, bottom + 8), f"step {_num(x1)}", fill="black")
-    return sx, sy
+# ---- drawing helpers (shared with orchestrator.search_report) -----------------------------------------
 
 
 def polyline(d: Any, pts: Sequence[Point], colour: str, width: int, dashed: bool = False) -> None:
@@ -113,10 +87,6 @@ def save_png(img: Any, path: Path) -> None:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     path.write_bytes(buf.getvalue())
-
-
-def _num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:.3g}"
 
 
 def is_run_dir(directory: Path) -> bool:

@@ -13,7 +13,6 @@ A search directory:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import itertools
 import json
@@ -46,6 +45,7 @@ from orchestrator.launch import (
     resources_for,
     shutdown_ray,
 )
+from orchestrator.search_report import Report, trial_memory, write_report
 
 TUNER_DIR = "tuner"
 TUNE_STATUS = "tune_status.json"  # trial directory name under tuner/ -> "ok" | "error", as Tune saw it
@@ -423,6 +423,7 @@ def summarize(search_dir: Path) -> dict[str, Any]:
                 "curve": [(r["step"], r[tune.metric]) for r in evals],
                 "segments": _segments(records, tune.metric),
                 "wall_s": _wall(trial_dir),
+                "memory": trial_memory(trial_dir),
             }
         )
     candidates = [t for t in trials if t["best_metric"] is not None and t["status"] != "failed"]
@@ -479,59 +480,7 @@ def _wall(trial_dir: Path) -> float | None:
     return round(files[0].stat().st_mtime - files[1].stat().st_mtime, 1)
 
 
-def write_report(search_dir: Path, summary: dict[str, Any]) -> str:
-    """results.csv, results.md and metrics.png; returns the markdown table."""
-    keys = sorted({k for t in summary["trials"] for k in t["overrides"]})
-    header = ["trial", *keys, "status", summary["metric"], "best step", "steps", "wall s"]
-    rows = []
-    for t in summary["trials"]:
-        mark = " (best)" if summary["best"] and t["trial"] == summary["best"]["trial"] else ""
-        metric = "" if t["best_metric"] is None else f"{t['best_metric']:.4f}"
-        rows.append([t["trial"] + mark, *[_fmt(t["overrides"].get(k)) for k in keys], t["status"] + (f": {t['reason']}" if t["reason"] else ""),
-                     metric, t["best_step"] or "", f"{t['steps']}/{t['total_steps']}" if t["total_steps"] else "", t["wall_s"] or ""])
-    with (search_dir / "results.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-    md += "".join("| " + " | ".join(str(c) for c in r) + " |\n" for r in rows)
-    md += f"\ntrial-steps in all: {summary['trial_steps']}\n"
-    (search_dir / "results.md").write_text(md)
-    plot(summary, search_dir / "metrics.png")
-    return md
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def plot(summary: dict[str, Any], path: Path, size: tuple[int, int] = (800, 480)) -> None:
-    """Every trial's eval metric over steps (PIL, no plotting dependency): early-stopped trials dashed,
-    failed trials red, the winner thick and black. A trial that ran in several attempts draws each attempt's
-    points as its own line, so steps run again after a restart do not zigzag back."""
-    from PIL import Image, ImageDraw
-
-    from orchestrator.run_report import PALETTE, frame, polyline, save_png, span
-
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    left, top, right, bottom = 60, 30, size[0] - 160, size[1] - 40
-    curves = [t for t in summary["trials"] if t["curve"]]
-    steps = [s for t in curves for s, _ in t["curve"]] or [0, 1]
-    x0, x1 = min(steps), max(steps) or 1
-    title = f"{summary['metric']} by step ({summary['scheduler']}; dashed = stopped early)"
-    sx, sy = frame(d, (left, top, right, bottom), (x0, x1), span([v for t in curves for _, v in t["curve"]]), title)
-    best = summary["best"]["trial"] if summary["best"] else None
-    for i, t in enumerate(curves):
-        colour = "black" if t["trial"] == best else ("red" if t["status"] == "failed" else PALETTE[i % len(PALETTE)])
-        width = 4 if t["trial"] == best else 2
-        for segment in t.get("segments") or [t["curve"]]:
-            polyline(d, [(sx(s), sy(v)) for s, v in segment], colour, width, dashed=t["status"] == "stopped early")
-        y = top + 16 * i
-        d.line([(right + 10, y + 6), (right + 30, y + 6)], fill=colour, width=width)
-        d.text((right + 35, y), t["trial"][-12:] + (" *best" if t["trial"] == best else ""), fill="black")
-    save_png(img, path)
-
-
-def report(search_dir: Path) -> str:
+def report(search_dir: Path) -> Report:
     summary = summarize(search_dir)
     return write_report(search_dir, summary)
 

@@ -301,7 +301,7 @@ def test_a_trial_predicted_not_to_fit_is_recorded_as_skipped(world, tmp_path):
         and "GiB available" in status["big"][1]
     )
     assert status["small"][0] != "skipped"
-    table = search.write_report(search_dir, summary)
+    table = search.write_report(search_dir, summary).results_md
     assert "| skipped: predicted" in table
 
 

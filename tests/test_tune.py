@@ -97,11 +97,39 @@ def test_best_model_reloads_without_peft_and_reproduces_the_best_accuracy(search
 def test_report_regenerates_the_table_and_plot(search, tmp_path):
     search_dir = tmp_path / "copy"
     shutil.copytree(Path(search["best_model"]).parents[1], search_dir)
-    for name in ("results.csv", "results.md", "metrics.png"):
+    names = ("results.csv", "results.md", "metrics.png", "frontier.png", "frontier.md")
+    for name in names:
         (search_dir / name).unlink()
     out = subprocess.run([RAYFT, "report", str(search_dir)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "(best)" in out.stdout and (search_dir / "metrics.png").is_file()
+    assert "(best)" in out.stdout and "| predicted GiB |" in out.stdout
+    for line in (f"plot: {search_dir / 'metrics.png'}", f"frontier: {search_dir / 'frontier.png'}", f"frontier table: {search_dir / 'frontier.md'}"):
+        assert line in out.stdout
+    assert all((search_dir / name).stat().st_size > 0 for name in names)
+    listed = subprocess.run([RAYFT, "report", str(search_dir), "--json"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    files = json.loads(listed.stdout)
+    assert files["frontier"] == str(search_dir / "frontier.png") and files["frontier_md"] == str(search_dir / "frontier.md")
+    assert files["plot"] == str(search_dir / "metrics.png") and files["results"] == str(search_dir / "results.md")
+
+
+@pytest.mark.slow
+def test_every_trial_records_its_memory_and_the_search_writes_its_frontier(search):
+    """memory.json (the planner's prediction, written before the trial launches) in every trial, the
+    measured peak from its metrics.jsonl in the summary, and frontier.png / frontier.md in the search."""
+    search_dir = Path(search["best_model"]).parents[1]
+    for t in search["trials"]:
+        saved = json.loads((search_dir / "trials" / t["trial"] / "memory.json").read_text())
+        assert saved["device"] in ("cpu", "gpu") and saved["predicted_bytes"] > 0, saved
+        memory = t["memory"]
+        assert memory["predicted_bytes"] == saved["predicted_bytes"] and memory["measured_bytes"] > 0, memory
+        assert memory["measured_kind"] == ("cuda_peak" if saved["device"] == "gpu" else "host_rss")
+    assert (search_dir / "frontier.png").stat().st_size > 0
+    rows = [line for line in (search_dir / "frontier.md").read_text().splitlines() if line.startswith("| tune_trial_")]
+    assert len(rows) == 4
+    # every trial has the same predicted memory (only lr is searched): the best one is on the frontier
+    best_row = next(r for r in rows if r.startswith(f"| {search['best']['trial']} (best) |"))
+    assert best_row.endswith("| yes |") and "lr=" in best_row
 
 
 @pytest.mark.slow
