@@ -40,12 +40,15 @@ class Ledger:
     not_started: int = 0
     ended: str | None = None
     wall_stopped: list[str] = field(default_factory=list)
+    wall_spent_s: float = 0.0
+    """The search's wall time when the ledger was last written."""
 
     @classmethod
     def load(cls, search_dir: Path) -> Ledger:
         return cls(**json.loads((search_dir / LEDGER).read_text()))
 
     def save(self, search_dir: Path) -> None:
+        self.wall_spent_s = round(self.wall_spent(), 1)
         tmp = search_dir / (LEDGER + ".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=1))
         tmp.replace(search_dir / LEDGER)

@@ -7,7 +7,11 @@ A search directory:
     trials/<trial>/      one run directory per trial (job.yaml, overrides.json, metrics.jsonl, checkpoints/)
     results.csv / .md    one row per trial: overrides, status (finished / stopped early / failed / skipped, with the
                          reason), best metric, steps, wall time
-    metrics.png          every trial's eval metric over steps; early-stopped trials dashed, the winner thick
+    metrics.png          every trial's eval metric over steps, labelled with its hyperparameters; early-stopped
+                         trials dashed, the winner thick
+    frontier.png / .md   best metric against predicted memory per worker, Pareto points marked (search_report.py)
+    asha.json            ASHA's milestones (grace_period, max_t in optimizer steps; reduction_factor)
+    budget.json          tune.budget's ledger: steps reserved and spent per trial, wall time, why the search ended
     best/                model/ (merged standalone) + manifest.json listing every trial
 """
 
@@ -334,7 +338,8 @@ def run(
     best = summary["best"]
     if best is None:
         parent.finish("failed")
-        raise RunFailed(f"no trial reported {tune.metric} with a checkpoint; see {search_dir / 'results.md'}")
+        why = f" ({summary['budget']['ended']}: raise tune.budget)" if summary.get("budget", {}).get("ended") else ""
+        raise RunFailed(f"no trial reported {tune.metric} with a checkpoint{why}; see {search_dir / 'results.md'}")
     trial_dir = search_dir / "trials" / best["trial"]
     trial, _ = build_job(load_raw(trial_dir / "job.yaml"))
     with output_to(search_dir / "export.log"):
@@ -344,7 +349,7 @@ def run(
     write_report(search_dir, summary)
     from jobs.tracking import finish_search
 
-    files = [search_dir / n for n in ("tune.yaml", "results.csv", "results.md", "metrics.png")] + [search_dir / "best" / "manifest.json"]
+    files = [search_dir / n for n in ("tune.yaml", "results.csv", "results.md", "metrics.png", "frontier.png", "frontier.md")] + [search_dir / "best" / "manifest.json"]
     finish_search(search_dir, summary, parent, files, outcome.model_dir, stream)
     return summary
 
@@ -456,8 +461,7 @@ def _budget(search_dir: Path) -> dict[str, Any] | None:
         return None
     led = json.loads(path.read_text())
     spent = sum(t["reached"] for t in led["trials"].values())
-    wall = led["wall_before_s"] + (max((t["last"] or 0) for t in led["trials"].values()) - led["started"] if led["trials"] else 0)
-    return {"trial_steps": led["trial_steps"], "wall_s": led["wall_s"], "spent": {"trial_steps": spent, "wall_s": round(max(0.0, wall), 1)},
+    return {"trial_steps": led["trial_steps"], "wall_s": led["wall_s"], "spent": {"trial_steps": spent, "wall_s": led["wall_spent_s"]},
             "not_started": led["not_started"], "ended": led["ended"], "wall_stopped": led["wall_stopped"]}
 
 
