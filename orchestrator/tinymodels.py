@@ -29,6 +29,7 @@ SHAPES = ("square", "circle", "triangle")
 QUESTIONS = {
     "english": "what colour is the shape ?",
     "french": "what colour is the shape ? answer in french .",
+    "shape": "what is the shape ?",  # answered with the shape's name (square / circle / triangle)
 }
 IMAGE_SIZE = 64
 PATCH_SIZE = 16
@@ -393,17 +394,23 @@ def draw_shape(colour: str, shape: str, rng: random.Random, image_size: int = IM
     return buf.getvalue()
 
 
+def _answer(task: str, colour: str, shape: str) -> str:
+    if task == "shape":
+        return shape
+    return colour if task == "english" else COLOURS[colour][1]
+
+
 def colour_rows(n: int, task: str = "english", seed: int = 0, image_size: int = IMAGE_SIZE) -> list[dict]:
-    """n rows of {image (PNG bytes), question, answer}, balanced over colours."""
+    """n rows of {image (PNG bytes), question, answer}, balanced over colours; task "shape" asks for the
+    drawn shape instead of its colour (the same images for the same seed)."""
     rng = random.Random(seed)
     names = list(COLOURS)
     rows = []
     for i in range(n):
         colour = names[i % len(names)]
-        answer = colour if task == "english" else COLOURS[colour][1]
-        rows.append(
-            {"image": draw_shape(colour, rng.choice(SHAPES), rng, image_size), "question": QUESTIONS[task], "answer": answer}
-        )
+        shape = rng.choice(SHAPES)
+        image = draw_shape(colour, shape, rng, image_size)
+        rows.append({"image": image, "question": QUESTIONS[task], "answer": _answer(task, colour, shape)})
     rng.shuffle(rows)
     return rows
 
