@@ -247,7 +247,7 @@ class TuneConfig(_Section):
     the results; grid and random only."""
     scheduler: Literal["asha", "fifo"] = "asha"
     """asha stops trials whose metric trails at a milestone; fifo runs every trial to completion."""
-    grace_share: float = Field(0.5, gt=0, lt=1)
+    grace_share: float = Field(0.625, gt=0, lt=1)
     """ASHA: no trial is stopped before this share of its optimizer steps (rounded up to an eval); that step is
     the first milestone, and each later one is reduction_factor times further, up to the run's end."""
     grace_evals: int | None = Field(None, ge=1)

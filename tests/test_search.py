@@ -38,9 +38,9 @@ def run_search(path: Path) -> dict:
 def test_milestones_follow_the_run_length_and_eval_cadence():
     tune = TuneConfig.model_validate({"space": {}})
     m = asha_milestones(tune, eval_every=4, shortest=32, longest=64)
-    assert m["grace_period"] == 16 and m["grace_period"] % 4 == 0  # half of the shortest run, on an eval
+    assert m["grace_period"] == 20  # 5/8 of the shortest run (bench/search_compare.py), on an eval
     assert m["max_t"] == 65  # past the longest run: no trial is stopped at its own last report
-    assert asha_milestones(tune, eval_every=5, shortest=32, longest=32)["grace_period"] == 20  # rounded up to an eval
+    assert asha_milestones(tune, eval_every=6, shortest=32, longest=32)["grace_period"] == 24  # 20 rounded up to an eval
     assert asha_milestones(tune.model_copy(update={"grace_evals": 1}), 4, 32, 32)["grace_period"] == 4  # the override
     assert optuna_startup(4) == 2 and optuna_startup(60) == 10
 
