@@ -48,7 +48,7 @@ bench: setup $(MLFLOW_SERVER)
 	scripts/netns.sh $(PY) bench/methods.py ./quickstart
 	scripts/netns.sh $(PY) bench/zero_memory.py
 	scripts/netns.sh $(PY) bench/planner_calibration.py
-	scripts/netns.sh $(PY) bench/asha_fifo.py ./quickstart
+	scripts/netns.sh $(PY) bench/search_compare.py --record --quickstart ./quickstart
 	scripts/netns.sh $(PY) bench/cluster_submit.py ./quickstart
 	scripts/netns.sh $(PY) bench/overhead.py ./quickstart
 	scripts/netns.sh $(PY) bench/claims.py ./quickstart
