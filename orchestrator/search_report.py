@@ -101,7 +101,8 @@ def _predicted(t: dict[str, Any]) -> int | None:
 
 
 def _gib(n: float | None) -> str:
-    return "" if n is None else f"{n / GiB:.2f}"
+    # three decimals under 10 GiB: small models' trials differ by MiB, which two decimals would hide
+    return "" if n is None else f"{n / GiB:.3f}" if n < 10 * GiB else f"{n / GiB:.2f}"
 
 
 # ---- labels -----------------------------------------------------------------------------------------
@@ -572,7 +573,7 @@ def frontier_markdown(summary: dict[str, Any], budget: int | None, name: str = "
            "Pareto-optimal: no other trial has at most as much predicted memory and a metric at least as good, and is strictly "
            "better in one of the two. Skipped trials were predicted not to fit and have no metric.",
            "",
-           f"Memory budget: {f'{budget / GiB:.2f} GiB per {per} (tune.memory_budget)' if budget else 'none set (tune.memory_budget)'}.",
+           f"Memory budget: {f'{_gib(budget)} GiB per {per} (tune.memory_budget)' if budget else 'none set (tune.memory_budget)'}.",
            "", "![best metric against predicted memory per worker](frontier.png)", ""]
     rows = []
     for t in sorted(trials, key=lambda t: (_predicted(t) is None, _predicted(t) or 0, t["trial"])):
@@ -580,7 +581,7 @@ def frontier_markdown(summary: dict[str, Any], budget: int | None, name: str = "
         measured = memory.get("measured_bytes")
         rows.append((t["trial"] + (" (best)" if t["trial"] == best else ""), labels[t["trial"]], str(t["overrides"].get("method") or method), _status(t),
                      "" if t["best_metric"] is None else f"{t['best_metric']:.4f}", _gib(_predicted(t)),
-                     "" if measured is None else f"{measured / GiB:.2f} ({memory.get('measured_kind')})",
+                     "" if measured is None else f"{_gib(measured)} ({memory.get('measured_kind')})",
                      "yes" if t["trial"] in optimal else "no"))
     out += md_table(["trial", "hyperparameters", "method", "status", f"best {metric}", "predicted GiB", "measured GiB (kind)", "pareto"], rows)
     front = [t for t in trials if t["trial"] in optimal]

@@ -215,18 +215,18 @@ def test_write_report_writes_the_frontier(tmp_path):
     for name in ("results.csv", "results.md", "metrics.png", "frontier.png", "frontier.md"):
         assert (root / name).stat().st_size > 0
     assert report.files["frontier"] == root / "frontier.png" and report.frontier_md == (root / "frontier.md").read_text()
-    assert "| predicted GiB |" in report.results_md and "| 3.00 |" in report.results_md
+    assert "| predicted GiB |" in report.results_md and "| 3.000 |" in report.results_md
     rows = {line.split(" | ")[0].strip("| ").removesuffix(" (best)"): line for line in report.frontier_md.splitlines() if line.startswith("| t_")}
     # Pareto: rank 4 (0.6 at 1 GiB, twice) and rank 16 (0.8 at 1.5 GiB); rank 64 is no better for twice the
     # memory, the failed trial and the skipped one are not candidates
     assert {name for name, line in rows.items() if line.endswith("| yes |")} == {"t_00000", "t_00006", "t_00001"}
-    assert "| r=16 lr=5e-3 | lora | finished | 0.8000 | 1.50 |" in rows["t_00001"] and "(host_rss)" in rows["t_00001"]
-    assert "| skipped |" in rows["t_00005"] and "| 9.00 |" in rows["t_00005"]
+    assert "| r=16 lr=5e-3 | lora | finished | 0.8000 | 1.500 |" in rows["t_00001"] and "(host_rss)" in rows["t_00001"]
+    assert "| skipped |" in rows["t_00005"] and "| 9.000 |" in rows["t_00005"]
     assert "stopped early @8" in rows["t_00003"]
     order = [float(line.split(" | ")[5]) for line in rows.values()]
     assert order == sorted(order)  # by predicted memory
     assert "Memory budget: none set" in report.frontier_md
-    assert "Pareto frontier, by predicted memory: r=4 lr=5e-3 (0.6000 at 1.00 GiB)" in report.frontier_md
+    assert "Pareto frontier, by predicted memory: r=4 lr=5e-3 (0.6000 at 1.000 GiB)" in report.frontier_md
 
 
 def test_the_memory_budget_comes_from_tune_yaml(tmp_path):
@@ -236,7 +236,7 @@ def test_the_memory_budget_comes_from_tune_yaml(tmp_path):
     job["tune"]["memory_budget"] = "2GiB"  # the schema's coming key; the report reads it from the file
     (root / "tune.yaml").write_text(yaml.safe_dump(job))
     report = search_report.write_report(root, summary)
-    assert "Memory budget: 2.00 GiB per CPU worker (tune.memory_budget)" in report.frontier_md
+    assert "Memory budget: 2.000 GiB per CPU worker (tune.memory_budget)" in report.frontier_md
     assert search_report.memory_budget({"tune": {"memory_budget": 3 * GiB}}) == 3 * GiB
     assert search_report.memory_budget({"tune": {"memory_budget": "not a size"}}) is None
     assert search_report.memory_budget({}) is None
