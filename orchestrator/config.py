@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -241,7 +242,8 @@ class TuneConfig(_Section):
     finished (choice and ranges; no grid)."""
     num_samples: int | None = Field(None, ge=1)
     """Points to draw (random, optuna; for random each grid point gets this many); null = 8, 1 when the space
-    is only grid keys, or as many as tune.budget allows when a budget is set. Ignored by search: grid."""
+    is only grid keys, or as many as tune.budget allows when a budget is set; a random search over choice
+    keys only draws distinct points (null: at most all of them) before it repeats one. Ignored by search: grid."""
     repeats: int = Field(1, ge=1)
     """Runs of each point, each with its own train.seed (train.seed, +1, ...), shown as a train.seed column in
     the results; grid and random only."""
@@ -291,7 +293,16 @@ class TuneConfig(_Section):
             return self.num_samples
         if all(d.grid is not None for d in self.space.values()):
             return 1  # a grid's points once each (repeats, if asked, each with its own seed)
+        points = self.discrete_points()
+        if points is not None:  # every point once at most: a repeat of a point with the same seed is the same run
+            return points if self.budget is not None else min(8, points)
         return -1 if self.budget is not None else 8  # -1: Tune draws until the budget ends the search
+
+    def discrete_points(self) -> int | None:
+        """random search over choice keys only: how many distinct points the space has (else None)."""
+        if self.search != "random" or not self.space or any(d.choice is None for d in self.space.values()):
+            return None
+        return math.prod(len(d.choice or []) for d in self.space.values())
 
 
 class SubmitConfig(_Section):

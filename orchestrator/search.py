@@ -123,12 +123,27 @@ def search_algorithm(tune: TuneConfig, max_concurrent: int, search_dir: Path, le
     else:
         # the limit goes to the generator: Tune ignores max_concurrent_trials when given a search-algorithm
         # instance, and would start every trial at once
-        alg = BasicVariantGenerator(random_state=tune.seed, max_concurrent=max_concurrent)
+        alg = BasicVariantGenerator(random_state=tune.seed, max_concurrent=max_concurrent, points_to_evaluate=distinct_points(tune))
     if tune.budget is None:
         return alg
     from orchestrator.budget import BudgetedSearch
 
     return BudgetedSearch(alg, str(search_dir), *lengths)
+
+
+def distinct_points(tune: TuneConfig) -> list[dict[str, Any]] | None:
+    """A random search over choice keys only: its points in a seeded random order, each once, tried before
+    Tune samples any (with replacement). bench/search_compare.py: on a 12-point space, 6 draws with
+    replacement held 4.6 distinct points; without, the best was found in 24/30 seeds against 22/30."""
+    import random
+
+    if tune.discrete_points() is None:
+        return None
+    keys = list(tune.space)
+    combos = list(itertools.product(*[tune.space[k].choice or [] for k in keys]))
+    random.Random(tune.seed).shuffle(combos)
+    points = [dict(zip(keys, c, strict=True)) for c in combos]
+    return points if tune.samples < 0 else points[: tune.samples]  # Tune counts each point as one of num_samples
 
 
 def optuna_startup(samples: int) -> int:

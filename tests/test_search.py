@@ -61,6 +61,27 @@ def test_search_options_are_checked_against_the_space(quickstart_run, tmp_path):
         assert expected in "\n".join(str(p) for p in e.value.problems), (tune, e.value.problems)
 
 
+def _points_tune_draws(tune: TuneConfig, tmp: Path) -> list[dict]:
+    """The configs Ray Tune runs for this tune: section (the same space and search algorithm rayft builds),
+    with a trainable that only reports."""
+    from ray import tune as rt
+
+    from orchestrator.search import param_space, search_algorithm
+
+    tuner = rt.Tuner(lambda config: {"m": 1.0}, param_space=param_space(tune),
+                     tune_config=rt.TuneConfig(metric="m", mode="max", num_samples=tune.samples, search_alg=search_algorithm(tune, 2, tmp, ({}, 8))),
+                     run_config=rt.RunConfig(storage_path=str(tmp), name="t", verbose=0))
+    return [{k: r.config[k] for k in tune.space} for r in tuner.fit()]
+
+
+def test_random_search_over_choices_draws_each_point_at_most_once(ray_local, tmp_path):
+    space = {"lora.rank": {"choice": [4, 16]}, "train.lr": {"choice": [1e-3, 3e-3, 5e-3]}}
+    every = _points_tune_draws(TuneConfig.model_validate({"space": space}), tmp_path / "a")
+    assert len(every) == 6 and len({tuple(p.values()) for p in every}) == 6  # null num_samples: the 6 points, once each
+    some = _points_tune_draws(TuneConfig.model_validate({"space": space, "num_samples": 4, "seed": 1}), tmp_path / "b")
+    assert len(some) == 4 and len({tuple(p.values()) for p in some}) == 4
+
+
 @pytest.mark.slow
 def test_a_grid_runs_each_point_once_repeats_get_their_own_seeds_and_a_step_budget_holds(quickstart_run, tmp_path):
     # 2 learning rates x 2 repeats = 4 points of 8 steps; a budget of 24 trial-steps fits three of them
