@@ -18,6 +18,13 @@ a higher lr grid). "shape" (LoRA on the same base: name the drawn shape) is reco
 no trial learns it (every curve stays at or under the majority answer's accuracy).
 Each replay also runs 30 orderings / 30 seeds beside the 3 asked for, for hit rates that 3 cannot show.
 Results: bench/results/search_compare.json; markdown tables on stdout.
+
+    .venv/bin/python bench/search_compare.py --confirm SEARCH_DIR
+
+checks the replay against a real ASHA search (`rayft tune` with scheduler: asha, search: grid,
+max_concurrent: 1 over a recorded task's grid): the trials in Tune's order (trial ids), replayed one at a
+time over the FIFO curves with the search's own asha.json, per trial stopped-or-not and steps against the
+real run's, and each real eval against the FIFO curve of the same config. bench/results/search_confirm.json.
 """
 
 from __future__ import annotations
@@ -180,7 +187,7 @@ def replay_asha(curves: list[Curve], order: list[int], concurrency: int, schedul
             nxt = reports[c][i + 1]
             heapq.heappush(events, (now + nxt["at_s"] - result["at_s"], s, c, i + 1))
     winner = max(best, key=lambda k: best[k])
-    return {"best": best[winner], "best_config": winner, "trial_steps": sum(spent.values()),
+    return {"best": best[winner], "best_config": winner, "trial_steps": sum(spent.values()), "trial_steps_of": spent,
             "stopped": sorted(c for c in spent if spent[c] < STEPS)}
 
 
@@ -212,6 +219,7 @@ def scan_rule(curves: list[Curve], make: Any, every: int = EVERY, reps: list[int
             r = replay_asha(curves, ordering(len(curves), rep), conc, make(), every)
             gap = round(fifo - r["best"], 6)
             ratio = r["trial_steps"] / fifo_steps
+            r.pop("trial_steps_of")
             runs.append({"concurrency": conc, "rep": rep, **r, "fifo_best": fifo, "gap": gap, "cost_ratio": round(ratio, 3),
                          "meets": gap <= TOLERANCE and ratio <= COST_CAP})
     out = {"runs": runs, "meets_all": all(r["meets"] for r in runs), "worst_gap": max(r["gap"] for r in runs),
@@ -355,14 +363,64 @@ def combined_table(name: str, rules: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def confirm(search_dir: Path) -> dict[str, Any]:
+    """A finished ASHA search (one trial at a time) against the replay of the same trials in the same order."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from orchestrator.search import summarize
+
+    summary = summarize(search_dir)
+    rule = json.loads((search_dir / "asha.json").read_text())
+    train = Path(yaml.safe_load((search_dir / "tune.yaml").read_text())["data"]["train"])
+    name = next(t for t, v in TASKS.items() if (v["data"][0], f"{v['data'][1]}_train.parquet") == (train.parent.name, train.name))
+    fifo = {(c["lr"], c["rank"]): [tuple(p) for p in c["curve"]] for c in json.loads(CURVES.read_text())["tasks"][name]["configs"]}
+    real = sorted(summary["trials"], key=lambda t: t["trial"].rsplit("_", 1)[1])  # Tune's trial ids: the order it started them
+    keys = [(t["overrides"]["train.lr"], t["overrides"]["lora.rank"]) for t in real]
+    started = [json.loads((search_dir / "trials" / t["trial"] / "metrics.jsonl").read_text().splitlines()[0])["time"] for t in real]
+    sched = ASHAScheduler(time_attr="step", metric=summary["metric"], mode=summary["mode"], grace_period=rule["grace_period"],
+                          max_t=rule["max_t"], reduction_factor=rule["reduction_factor"])
+    replay = replay_asha([fifo[k] for k in keys], list(range(len(keys))), 1, sched)
+    reached = {c: replay["trial_steps_of"][c] for c in range(len(keys))}
+    rows = []
+    for i, (t, k) in enumerate(zip(real, keys, strict=True)):
+        on_fifo = dict((p[0], p[1]) for p in fifo[k])
+        diffs = [abs(a - on_fifo[s]) for s, a in t["curve"] if s in on_fifo]
+        rows.append({"trial": t["trial"], "lr": k[0], "rank": k[1], "real_status": t["status"], "real_steps": t["steps"],
+                     "replay_steps": reached[i], "real_stopped": t["status"] == "stopped early", "replay_stopped": reached[i] < STEPS,
+                     "real_best": t["best_metric"], "evals_compared": len(diffs), "curve_max_abs_diff": max(diffs, default=None),
+                     "real_curve": t["curve"]})
+    same = all(r["real_stopped"] == r["replay_stopped"] and r["real_steps"] == r["replay_steps"] for r in rows)
+    out = {"search_dir": str(search_dir), "task": name, "asha": rule, "order": [r["trial"] for r in rows],
+           "real": {"trial_steps": summary["trial_steps"], "best": summary["best"]["best_metric"], "best_trial": summary["best"]["trial"],
+                    "trials_wall_s": round(sum(t["wall_s"] or 0 for t in real), 1)},
+           "replay": {"trial_steps": replay["trial_steps"], "best": replay["best"], "best_trial": rows[replay["best_config"]]["trial"]},
+           "fifo": {"trial_steps": STEPS * len(fifo), "best": fifo_best(list(fifo.values()))},
+           "ids_in_start_order": started == sorted(started), "curves_identical": all(r["curve_max_abs_diff"] == 0 for r in rows), "trials": rows}
+    out["matches"] = same and out["real"]["trial_steps"] == out["replay"]["trial_steps"] and out["real"]["best"] == out["replay"]["best"]
+    print(f"### {name}: real ASHA search vs replay (grace {rule['grace_period']}, rf {rule['reduction_factor']}, max_t {rule['max_t']})\n")
+    print("| trial | lr | rank | real steps | replay steps | real stopped | replay stopped | real best | max diff to FIFO curve |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['trial']} | {r['lr']:g} | {r['rank']} | {r['real_steps']} | {r['replay_steps']} | {r['real_stopped']} | {r['replay_stopped']} | "
+              f"{r['real_best']} | {r['curve_max_abs_diff']} |")
+    print(f"\ntrial-steps: real {out['real']['trial_steps']}, replay {out['replay']['trial_steps']}, FIFO {out['fifo']['trial_steps']}; "
+          f"best: real {out['real']['best']}, replay {out['replay']['best']}, FIFO {out['fifo']['best']}; matches: {out['matches']}")
+    (RESULTS / "search_confirm.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--record", action="store_true", help="run the FIFO grids first (needs scripts/netns.sh)")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS))
     ap.add_argument("--quickstart", default=str(REPO / "quickstart"))
     ap.add_argument("--work", default="/tmp/bench17")
+    ap.add_argument("--confirm", metavar="SEARCH_DIR", help="compare a finished ASHA grid search (1 at a time) with its replay")
     ap.add_argument("--more-seeds", type=int, default=30, help="also count global-best hits over this many seeds")
     args = ap.parse_args()
+    if args.confirm:
+        confirm(Path(args.confirm).resolve())
+        return
     recorded = json.loads(CURVES.read_text()) if CURVES.is_file() else {"tasks": {}}
     if args.record:
         for task in args.tasks:
