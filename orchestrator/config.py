@@ -237,7 +237,8 @@ class TuneConfig(_Section):
     """max or min; null = max for the accuracies, min for eval_loss."""
     search: Literal["random", "grid", "optuna"] = "random"
     """How points are chosen. random: choice/uniform/loguniform sampled (grid keys enumerated, num_samples
-    draws for each grid point); grid: every combination of the grid and choice values once (no ranges);
+    draws for each grid point); grid: every combination of the grid and choice values once, in an order
+    shuffled by tune.seed (no ranges);
     optuna: Optuna's TPE sampler (pip install 'rayft[optuna]'), which proposes each point from the trials that
     finished (choice and ranges; no grid)."""
     num_samples: int | None = Field(None, ge=1)
@@ -288,7 +289,7 @@ class TuneConfig(_Section):
     def samples(self) -> int:
         """Ray Tune's num_samples for this search (the trials, times each grid point's repeats)."""
         if self.search == "grid":
-            return 1
+            return math.prod(len(d.choice or d.grid or []) for d in self.space.values())  # each point once
         if self.num_samples is not None:
             return self.num_samples
         if all(d.grid is not None for d in self.space.values()):

@@ -71,15 +71,23 @@ def _points_tune_draws(tune: TuneConfig, tmp: Path) -> list[dict]:
     tuner = rt.Tuner(lambda config: {"m": 1.0}, param_space=param_space(tune),
                      tune_config=rt.TuneConfig(metric="m", mode="max", num_samples=tune.samples, search_alg=search_algorithm(tune, 2, tmp, ({}, 8))),
                      run_config=rt.RunConfig(storage_path=str(tmp), name="t", verbose=0))
-    return [{k: r.config[k] for k in tune.space} for r in tuner.fit()]
+    keys = [*tune.space, *(["train.seed"] if tune.repeats > 1 else [])]
+    return [{k: r.config[k] for k in keys} for r in tuner.fit()]
 
 
-def test_random_search_over_choices_draws_each_point_at_most_once(ray_local, tmp_path):
+def test_random_search_over_choices_and_a_grid_draw_each_point_at_most_once(ray_local, tmp_path):
     space = {"lora.rank": {"choice": [4, 16]}, "train.lr": {"choice": [1e-3, 3e-3, 5e-3]}}
     every = _points_tune_draws(TuneConfig.model_validate({"space": space}), tmp_path / "a")
     assert len(every) == 6 and len({tuple(p.values()) for p in every}) == 6  # null num_samples: the 6 points, once each
     some = _points_tune_draws(TuneConfig.model_validate({"space": space, "num_samples": 4, "seed": 1}), tmp_path / "b")
     assert len(some) == 4 and len({tuple(p.values()) for p in some}) == 4
+    # a grid: every point once in a shuffled order (not the lists as written), each repeat with its own seed
+    grid = _points_tune_draws(TuneConfig.model_validate({"search": "grid", "repeats": 2, "space": space}), tmp_path / "c")
+    assert len(grid) == 12 and len({tuple(p.values()) for p in grid}) == 12
+    assert {(p["lora.rank"], p["train.lr"]) for p in grid} == {(r, lr) for r in (4, 16) for lr in (1e-3, 3e-3, 5e-3)}
+    assert {p["train.seed"] for p in grid} == {0, 1}
+    firsts = [(p["lora.rank"], p["train.lr"]) for p in grid[::2]]
+    assert firsts != sorted(firsts)
 
 
 @pytest.mark.slow
