@@ -148,7 +148,7 @@ def tick_label(v: float, step: float, percent: bool = False, top: float = 0.0) -
         return "0"
     if top >= 10_000:
         return f"{v / 1000:.{_decimals(step / 1000)}f}k"
-    if step < 1e-3:  # 5e-5, 1.5e-4
+    if step < 1e-3 and top < 1e-2:  # 5e-5, 1.5e-4 (small values; 1.005 GiB keeps its decimals)
         mantissa, exponent = f"{v:.1e}".split("e")
         return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
     return f"{v:.{_decimals(step)}f}"

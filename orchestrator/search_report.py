@@ -637,7 +637,7 @@ def plot_frontier(summary: dict[str, Any], path: Path, budget: int | None) -> tu
     if budget:
         bx = sx(budget / GiB)
         polyline(d, [(bx, top), (bx, strip[1])], FAILED, 2, dashed=True)
-        d.text((bx - 4, top + 6), f"budget {budget / GiB:.3g} GiB", fill=FAILED, font=_font(13), anchor="rt")
+        d.text((bx - 4, top + 6), f"budget {_gib(budget)} GiB", fill=FAILED, font=_font(13), anchor="rt")
     front = sorted((t for t in trials if t["trial"] in set(optimal)), key=lambda t: (_predicted(t), -_sign(mode) * t["best_metric"]))
     pts = [(sx(_predicted(t) / GiB), sy(t["best_metric"])) for t in front]  # type: ignore[operator]
     stairs = [p for a, b in zip(pts, pts[1:], strict=False) for p in (a, (b[0], a[1]))] + pts[-1:]
