@@ -93,6 +93,10 @@ def open_ledger(search_dir: Path, trial_steps: int | None, wall_s: float | None,
     if (search_dir / LEDGER).is_file():
         ledger = Ledger.load(search_dir)
         ledger.trial_steps, ledger.wall_s, ledger.ended = trial_steps, wall_s, None
+        # Trials that were running when the search was interrupted may not come back (an errored one is not
+        # resumed): none reserves steps until it reports again, so a stale entry cannot hold the search forever.
+        for t in ledger.trials.values():
+            t["done"] = True
     else:
         ledger = Ledger(trial_steps, wall_s)
     ledger.wall_before_s, ledger.started = wall_before_s, time.time()
@@ -153,6 +157,7 @@ class BudgetedSearch(SearchAlgorithm):
             t["reached"] = max(t["reached"], int(result["step"]))
             t["cost"] = int(result.get("total_steps") or t["cost"])  # the trial's own plan replaces the estimate
             t["first"], t["last"] = t["first"] or now, now
+            t["done"] = False  # a trial resumed by --resume reserves its remaining steps again
             ledger.save(path)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:

@@ -156,3 +156,37 @@ def test_a_wall_budget_stops_the_search_and_exports_the_best_so_far(quickstart_r
         assert budget["not_started"] == 1 and "predicted to end at" in budget["ended"]
     assert all(t["status"] in ("finished", "stopped early") for t in summary["trials"])
     assert (Path(summary["best_model"]) / "config.json").is_file()
+
+
+def test_the_budget_ledger_reserves_releases_and_survives_a_resume(tmp_path):
+    from types import SimpleNamespace
+
+    from ray.tune.search import BasicVariantGenerator
+
+    from orchestrator.budget import BudgetedSearch, Ledger, open_ledger
+
+    open_ledger(tmp_path, trial_steps=80, wall_s=None, wall_before_s=0.0)
+    search = BudgetedSearch(BasicVariantGenerator(), str(tmp_path), costs={}, default_cost=32)
+    queue = [SimpleNamespace(trial_id=f"t{i}", config={}) for i in range(4)]
+    search.inner.next_trial = lambda: queue.pop(0) if queue else None  # the trials Tune's generator would make
+    assert search.next_trial().trial_id == "t0" and search.next_trial().trial_id == "t1"  # 32 + 32 reserved of 80
+    assert search.next_trial() is None and not search.is_finished()  # t2 (32 more) is held while t0, t1 run
+    search.on_trial_result("t0", {"step": 8, "total_steps": 32})
+    search.on_trial_complete("t0")  # stopped early at step 8: 24 steps released
+    assert search.next_trial().trial_id == "t2"  # 8 spent + 32 reserved (t1) + 32 = 72 <= 80
+    assert Ledger.load(tmp_path).reserved_steps() == 64
+    # --resume: entries that were running reserve nothing until they report again
+    open_ledger(tmp_path, trial_steps=80, wall_s=None, wall_before_s=10.0)
+    assert Ledger.load(tmp_path).reserved_steps() == 0
+    search.on_trial_result("t1", {"step": 16, "total_steps": 32})
+    assert Ledger.load(tmp_path).reserved_steps() == 16 and Ledger.load(tmp_path).spent_steps() == 24
+    search.on_trial_complete("t1")
+    search.on_trial_complete("t2")
+    assert search.next_trial().trial_id == "t3"  # 24 spent + 32 <= 80
+    search.on_trial_result("t3", {"step": 32, "total_steps": 32})
+    search.on_trial_complete("t3")
+    queue.append(SimpleNamespace(trial_id="t4", config={}))
+    assert search.next_trial() is None and search.is_finished()  # 56 + 32 > 80 and nothing runs: the search ends
+    ledger = Ledger.load(tmp_path)
+    assert ledger.not_started == 1 and "tune.budget.trial_steps" in ledger.ended and ledger.wall_before_s == 10.0
+    assert Ledger(None, wall_s=5.0, started=0.0).refusal(10, now=6.0).startswith("tune.budget.wall")
