@@ -4,7 +4,7 @@ A trial's steps are reserved when it starts (its planned length) and released do
 ends, so an early stop frees budget for the next trial. `BudgetedSearch` wraps the search algorithm Tune
 was given (random/grid or Optuna) and starts a trial only if spent + reserved + its steps fit trial_steps
 and, from the seconds per step of the trials so far, it would end before `wall`; otherwise it holds the
-trial until a running one ends, and ends the search (the trial never starts) when nothing runs. `WallStopper`
+trial until a running one ends, and ends the search (the trial never starts) when nothing runs. `BudgetStopper`
 stops the running trials at their next report once the wall time is spent. The ledger lives in a file, not
 in these objects, because Tune pickles both into its experiment state and a --resume rebuilds them.
 
@@ -81,11 +81,6 @@ class Ledger:
                 return (f"tune.budget.wall: {self.wall_spent(now):.0f} s spent, the next trial predicted to end at "
                         f"{predicted:.0f} s > {self.wall_s:.0f} s")
         return None
-
-    def summary(self) -> dict[str, Any]:
-        return {"trial_steps": self.trial_steps, "wall_s": self.wall_s,
-                "spent": {"trial_steps": self.spent_steps(), "wall_s": round(self.wall_spent(), 1)},
-                "not_started": self.not_started, "ended": self.ended, "wall_stopped": self.wall_stopped}
 
 
 def open_ledger(search_dir: Path, trial_steps: int | None, wall_s: float | None, wall_before_s: float) -> Ledger:

@@ -288,22 +288,23 @@ class TuneConfig(_Section):
     @property
     def samples(self) -> int:
         """Ray Tune's num_samples for this search (the trials, times each grid point's repeats)."""
+        points = self.discrete_points()
         if self.search == "grid":
-            return math.prod(len(d.choice or d.grid or []) for d in self.space.values())  # each point once
+            return points or 1  # each point once
         if self.num_samples is not None:
             return self.num_samples
         if all(d.grid is not None for d in self.space.values()):
             return 1  # a grid's points once each (repeats, if asked, each with its own seed)
-        points = self.discrete_points()
         if points is not None:  # every point once at most: a repeat of a point with the same seed is the same run
             return points if self.budget is not None else min(8, points)
         return -1 if self.budget is not None else 8  # -1: Tune draws until the budget ends the search
 
     def discrete_points(self) -> int | None:
-        """random search over choice keys only: how many distinct points the space has (else None)."""
-        if self.search != "random" or not self.space or any(d.choice is None for d in self.space.values()):
+        """How many distinct points the search enumerates, each once (a grid; a random search over choice keys
+        only), else None."""
+        if not self.space or self.search == "optuna" or (self.search == "random" and any(d.choice is None for d in self.space.values())):
             return None
-        return math.prod(len(d.choice or []) for d in self.space.values())
+        return math.prod(len(d.choice or d.grid or []) for d in self.space.values())
 
 
 class SubmitConfig(_Section):

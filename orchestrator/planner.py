@@ -771,13 +771,14 @@ def gpu_memory() -> tuple[int, int] | None:
     return (len(sizes), min(sizes)) if sizes else None
 
 
-def budget_for(job: JobConfig, limit: int | None = None, concurrent: int = 1) -> Budget:
-    """What a job's workers may use on this machine: an explicit per-worker limit, the GPU's memory, or
-    host memory (MemAvailable) shared by the workers (of `concurrent` trials) on this node."""
+def budget_for(job: JobConfig, limit: int | None = None, concurrent: int = 1, source: str = "--memory-limit") -> Budget:
+    """What a job's workers may use on this machine: an explicit per-worker limit (named by `source` in
+    messages), the GPU's memory, or host memory (MemAvailable) shared by the workers (of `concurrent` trials)
+    on this node."""
     use_gpu = job.scaling.gpu == "on" or (job.scaling.gpu == "auto" and gpu_present())
     device: Device = "gpu" if use_gpu else "cpu"
     if limit is not None:
-        return Budget(device, limit, "--memory-limit", per_worker=True)
+        return Budget(device, limit, source, per_worker=True)
     if use_gpu:
         found = gpu_memory()
         return Budget(

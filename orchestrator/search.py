@@ -17,7 +17,6 @@ A search directory:
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
@@ -92,11 +91,12 @@ def trial_lengths(job: JobConfig, base: dict[str, Any], indexes: dict[str, Any])
     def steps(j: JobConfig) -> int:
         return len(build_schedule(train.rows, train.lengths, j.train, j.data, j.scaling.workers).steps)
 
-    keys = [k for k in tune.space if k in LENGTH_KEYS]
     costs = {}
-    for combo in itertools.product(*[tune.space[k].values_to_check() for k in keys]) if keys else ():
-        point = dict(zip(keys, combo, strict=True))
-        costs[length_key(point)] = steps(build_job(apply_overrides(base, point))[0])
+    if any(k in LENGTH_KEYS for k in tune.space):
+        for corner in space_corners(tune):
+            point = {k: v for k, v in corner.items() if k in LENGTH_KEYS}
+            if length_key(point) not in costs:
+                costs[length_key(point)] = steps(build_job(apply_overrides(base, point))[0])
     return costs, steps(job)
 
 
@@ -141,12 +141,10 @@ def distinct_points(tune: TuneConfig) -> list[dict[str, Any]] | None:
     random draws of a 12-point space held 4.6 distinct points (bench/search_compare.py)."""
     import random
 
-    if tune.search != "grid" and tune.discrete_points() is None:
+    if tune.discrete_points() is None:
         return None
-    keys = list(tune.space)
-    combos = list(itertools.product(*[tune.space[k].choice or tune.space[k].grid or [] for k in keys]))
-    random.Random(tune.seed).shuffle(combos)
-    points = [dict(zip(keys, c, strict=True)) for c in combos]
+    points = space_corners(tune)  # listed values only here, so the corners are every point
+    random.Random(tune.seed).shuffle(points)
     return points if tune.samples < 0 else points[: tune.samples]  # Tune counts each point as one of num_samples
 
 
@@ -190,9 +188,7 @@ def fit_budget(job: JobConfig, base: dict[str, Any], memory_limit: int | None, *
     tune = job.tune
     assert tune is not None
     gpus = planner.gpu_memory()
-    budget = planner.budget_for(job, memory_limit, concurrent=concurrency(job, os.cpu_count() or 1, gpus[0] if gpus else 0))
-    if memory_limit is not None:
-        budget = dataclasses.replace(budget, source=source)
+    budget = planner.budget_for(job, memory_limit, concurrent=concurrency(job, os.cpu_count() or 1, gpus[0] if gpus else 0), source=source)
     if check_space:
         verdicts = [planner.check(build_job(apply_overrides(base, corner))[0], budget) for corner in space_corners(tune)]
         if verdicts and not any(v.fits for v in verdicts):
@@ -278,7 +274,7 @@ def run(
             if tune.budget is not None:
                 from orchestrator.budget import open_ledger
 
-                earlier = attempts.invocations(search_dir, [r for t in (search_dir / "trials").glob("*") for r in read_metrics(t)])[:-1]
+                earlier = _earlier_invocations(search_dir)
                 open_ledger(search_dir, tune.budget.trial_steps, tune.budget.wall_s, sum(i["wall_s"] for i in earlier))
             trainable = rt.with_resources(
                 rt.with_parameters(
@@ -349,8 +345,7 @@ def run(
     parent.stream = stream  # the user's stream from output_to is closed now
     summary = summarize(search_dir)
     # every invocation of the search (an interrupted one and its --resume), each also on its own
-    trial_records = [r for trial in (search_dir / "trials").glob("*") for r in read_metrics(trial)]
-    earlier = attempts.invocations(search_dir, trial_records)[:-1]
+    earlier = _earlier_invocations(search_dir)
     summary["invocations"] = [*earlier, {"started": t0, "wall_s": round(time.time() - t0, 1), "outcome": "this invocation"}]
     summary["wall_s"] = round(sum(i["wall_s"] for i in summary["invocations"]), 1)
     attempts.record_invocation(search_dir, t0, "completed")
@@ -371,6 +366,13 @@ def run(
     files = [search_dir / n for n in ("tune.yaml", "results.csv", "results.md", "metrics.png", "frontier.png", "frontier.md")] + [search_dir / "best" / "manifest.json"]
     finish_search(search_dir, summary, parent, files, outcome.model_dir, stream)
     return summary
+
+
+def _earlier_invocations(search_dir: Path) -> list[dict[str, Any]]:
+    """The search's invocations before this one (an interrupted one, before its --resume), from every trial's records."""
+    from jobs import attempts
+
+    return attempts.invocations(search_dir, [r for trial in (search_dir / "trials").glob("*") for r in read_metrics(trial)])[:-1]
 
 
 def _fit(tuner: Any) -> Any:
@@ -447,7 +449,7 @@ def summarize(search_dir: Path) -> dict[str, Any]:
                 "curve": [(r["step"], r[tune.metric]) for r in evals],
                 "segments": _segments(records, tune.metric),
                 "wall_s": _wall(trial_dir),
-                "memory": trial_memory(trial_dir),
+                "memory": trial_memory(trial_dir, records),
             }
         )
     candidates = [t for t in trials if t["best_metric"] is not None and t["status"] != "failed"]

@@ -69,7 +69,7 @@ def write_trial_memory(job: JobConfig, trial_dir: Path, budget: Budget | None) -
     return out
 
 
-def trial_memory(trial_dir: Path) -> dict[str, Any]:
+def trial_memory(trial_dir: Path, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A trial's memory per worker: predicted (memory.json) and measured (the largest peak its train
     records carry, all from rank 0's worker).
 
@@ -82,7 +82,7 @@ def trial_memory(trial_dir: Path) -> dict[str, Any]:
         saved = json.loads((trial_dir / MEMORY).read_text())
     except (OSError, ValueError):
         saved = {}
-    records = read_metrics(trial_dir)
+    records = read_metrics(trial_dir) if records is None else records  # summarize passes what it read
     cuda = [r["cuda_peak_mib"] for r in records if isinstance(r.get("cuda_peak_mib"), int | float)]
     rss = [r["peak_rss_mib"] for r in records if isinstance(r.get("peak_rss_mib"), int | float)]
     device = saved.get("device")
