@@ -54,7 +54,9 @@ def search(quickstart_run, tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_asha_stops_a_trial_early(quickstart_run, tmp_path):
-    path = search_file(quickstart_run, tmp_path, num_samples=1, max_concurrent=1, space={"train.lr": {"grid": [5e-3, 7e-3, 3e-4, 5e-4]}})
+    # the first milestone after one eval (step 8 of 32): a stop must land while the trial still has steps to
+    # run, and at the default 5/8 (step 24) a trial of this size can finish its last 8 steps first
+    path = search_file(quickstart_run, tmp_path, num_samples=1, max_concurrent=1, grace_evals=1, space={"train.lr": {"grid": [5e-3, 7e-3, 3e-4, 5e-4]}})
     proc = subprocess.run([RAYFT, "tune", str(path), "--json"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{\n") :])
