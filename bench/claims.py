@@ -236,7 +236,8 @@ def latency(quickstart: Path, qlora_run: dict[str, Any], threads: int) -> dict[s
     from transformers import AutoModelForImageTextToText
 
     from jobs import data as data_mod
-    from jobs.model import WEIGHTS_FILE, attach_lora, load_processor, load_trainable_state
+    from jobs.checkpoint import WEIGHTS_FILE
+    from jobs.model import attach_lora, load_processor, load_trainable_state
     from orchestrator import architectures
     from orchestrator.config import load_job
 

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if resume is None and is_uri and download(args.run_dir, run_dir):  # an earlier driver on another node, or job
         resume = run_dir
     if resume is not None:
-        from jobs.driver import resume_step
+        from jobs.checkpoint import resume_step
 
         print(f"rayft: {args.run_dir} already holds this run: resuming from the checkpoint of step {resume_step(run_dir)}", flush=True)
     print(f"rayft: run directory {args.run_dir}", flush=True)

@@ -12,6 +12,11 @@ from typing import Any
 from jobs.data import IGNORE_INDEX
 
 
+def to_device(batch: dict[str, Any], device: Any, float_dtype: Any = None) -> dict[str, Any]:
+    """Move a batch; under DeepSpeed bf16/fp16 the weights are in that dtype, so float inputs follow."""
+    return {k: v.to(device, float_dtype) if float_dtype is not None and v.is_floating_point() else v.to(device) for k, v in batch.items()}
+
+
 def answer_stats(logits: Any, labels: Any) -> tuple[float, int, int, int]:
     """(summed token loss, answer tokens, exactly-correct examples, examples) for one batch."""
     import torch
@@ -30,8 +35,6 @@ def evaluate(model: Any, batches: list[dict[str, Any]], device: Any, autocast: A
     """Summed over this worker's batches and then over all workers (a collective when distributed)."""
     import torch
     import torch.distributed as dist
-
-    from jobs.train_loop import to_device
 
     was_training = model.training
     model.eval()

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobs.model import WEIGHTS_FILE, base_dtype, model_class, torch_dtype
+from jobs.checkpoint import WEIGHTS_FILE
+from jobs.model import base_dtype, model_class, torch_dtype
 from orchestrator import architectures
 from orchestrator.config import JobConfig
 

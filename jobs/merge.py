@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from jobs import data as data_mod
+from jobs.checkpoint import WEIGHTS_FILE
 from jobs.evaluate import answer_stats
 from jobs.model import (
-    WEIGHTS_FILE,
     build_model,
     load_processor,
     load_trainable_state,

@@ -224,7 +224,6 @@ def parameter_bytes(model: Any) -> int:
     return total
 
 
-WEIGHTS_FILE = "weights.safetensors"  # a lora/qlora/full (non-ZeRO) checkpoint's trained weights
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:

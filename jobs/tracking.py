@@ -26,7 +26,8 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-from orchestrator.config import JobConfig, MlflowConfig, WandbConfig, flatten, load_raw
+from orchestrator.config import JobConfig, MlflowConfig, WandbConfig, load_raw
+from orchestrator.dotted import flatten
 
 STATE = "tracking.json"
 TB_DIR = "tb"

@@ -21,10 +21,10 @@ from typing import Any
 
 from jobs import attempts, stream, zero
 from jobs.batching import epoch_of
-from jobs.evaluate import evaluate
+from jobs.checkpoint import CHECKPOINTS, META_FILE, STATE_FILE, WEIGHTS_FILE
+from jobs.evaluate import evaluate, to_device
 from jobs.generate import EvalGenerator
 from jobs.model import (
-    WEIGHTS_FILE,
     build_model,
     count_parameters,
     load_trainable_state,
@@ -34,9 +34,6 @@ from jobs.model import (
 from orchestrator import architectures
 from orchestrator.config import JobConfig
 
-STATE_FILE = "train_state.pt"
-META_FILE = "metrics.json"  # the step and metrics at which the checkpoint was taken
-
 
 def lr_lambda(step: int, total: int, warmup: int, schedule: str) -> float:
     if step < warmup:
@@ -45,11 +42,6 @@ def lr_lambda(step: int, total: int, warmup: int, schedule: str) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
-
-
-def to_device(batch: dict[str, Any], device: Any, float_dtype: Any = None) -> dict[str, Any]:
-    """Move a batch; under DeepSpeed bf16/fp16 the weights are in that dtype, so float inputs follow."""
-    return {k: v.to(device, float_dtype) if float_dtype is not None and v.is_floating_point() else v.to(device) for k, v in batch.items()}
 
 
 @dataclass
@@ -297,14 +289,14 @@ def _train(config: dict[str, Any]) -> None:
         checkpoint into storage, then die as a SIGKILL would (rehearses a kill during a checkpoint write)."""
         import signal
 
-        from jobs.driver import registered_checkpoints
+        from jobs.checkpoint import registered_checkpoints
 
         # Ray Train registers a report when its controller next polls the workers (every 0.5 s): wait for the
         # one before, so the drill always kills the write of the newest checkpoint, not of one Ray never saw
         deadline = time.time() + 30
         while not registered_checkpoints(run_dir) and time.time() < deadline:
             time.sleep(0.1)
-        dest = run_dir / "checkpoints" / dir_name
+        dest = run_dir / CHECKPOINTS / dir_name
         dest.mkdir(parents=True, exist_ok=True)
         files = sorted(p for p in Path(checkpoint.path).rglob("*") if p.is_file())
         for f in files[: max(1, len(files) // 2)]:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.architectures import Architecture
-from orchestrator.config import JobConfig, flatten
+from orchestrator.config import JobConfig
+from orchestrator.dotted import flatten, set_in
 
 CONFIG_FILE = "deepspeed.json"
 
@@ -46,12 +47,8 @@ def ds_config(job: JobConfig, world_size: int) -> tuple[dict[str, Any], dict[str
             "params": {"lr": job.train.lr, "weight_decay": job.train.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8},
         }
     generated = flatten(config)
-    for dotted, value in flatten(ds.overrides).items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = copy.deepcopy(value)
+    for key, value in flatten(ds.overrides).items():
+        set_in(config, key, copy.deepcopy(value))
     changed = {k: [generated.get(k), v] for k, v in flatten(ds.overrides).items() if generated.get(k) != v}
     return config, changed
 

@@ -173,6 +173,7 @@ def train(
 def tune(job_file: str, sets: tuple[str, ...], resume: Path | None, no_fit_check: bool, memory_limit: int | None, as_json: bool) -> None:
     """Ray Tune search over the job's tune: space; exports the best trial's merged model."""
     from jobs.data import DataError
+    from jobs.merge import ParityError
     from orchestrator import launch, planner, search
     from orchestrator.config import load_search
 
@@ -197,10 +198,12 @@ def tune(job_file: str, sets: tuple[str, ...], resume: Path | None, no_fit_check
         _fail(f"stopped by {name}; continue with: rayft tune {job_file} --resume {where}", 128 + got.get("signal", 2))
     except launch.RunFailed as e:
         _fail(str(e), 1)
+    except ParityError as e:  # the best trial's merged model failed its parity check: a failed run, not a traceback
+        _fail(f"export failed: {e}", 1)
     if as_json:
         _print_json({k: v for k, v in summary.items() if k != "best_manifest"})
         return
-    search_dir = Path(summary["best_model"]).parent.parent
+    search_dir = Path(summary["search_dir"])
     click.echo((search_dir / "results.md").read_text())
     best = summary["best"]
     click.echo(f"best trial: {best['trial']} {summary['metric']}={best['best_metric']:.4f} at step {best['best_step']} {best['overrides']}")
@@ -417,11 +420,11 @@ def cluster_down(directory: Path | None) -> None:
 
 
 def _connection(address: str | None, insecure: bool):  # -> (address, token)
-    from orchestrator import remote
+    from orchestrator import cluster, remote
 
     try:
         address = remote.resolve_address(address)
-        token = remote.resolve_token(address)
+        token = remote.resolve_token(address, cluster.token_for(address))
         for w in remote.check_transport(address, token, insecure):
             click.echo(f"warning: {w}", err=True)
     except remote.RemoteError as e:

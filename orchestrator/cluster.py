@@ -60,6 +60,14 @@ def read_state(directory: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def token_for(address: str, directory: Path | None = None) -> remote.Token | None:
+    """The token of the `rayft cluster up` cluster whose dashboard is at address, or None."""
+    state = read_state(directory or default_dir())
+    if state and state["dashboard"] == address and Path(state["token_path"]).is_file():
+        return remote.Token(Path(state["token_path"]).read_text().strip(), state["token_path"])
+    return None
+
+
 def _write_state(directory: Path, state: dict[str, Any]) -> None:
     (directory / STATE).write_text(json.dumps(state, indent=2))
 

@@ -24,6 +24,8 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from orchestrator import dotted
+
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["bf16", "fp16", "fp32"]
 QuantType = Literal["nf4", "fp4", "none"]
@@ -496,15 +498,8 @@ def parse_set(item: str) -> tuple[str, Any]:
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Return a copy of `raw` with dotted keys set. The same function serves `--set` and Tune trials."""
     out: dict[str, Any] = json.loads(json.dumps(raw))
-    for dotted, value in overrides.items():
-        node = out
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[leaf] = value
+    for key, value in overrides.items():
+        dotted.set_in(out, key, value)
     return out
 
 
@@ -681,6 +676,11 @@ def gpu_present() -> bool:
     return shutil.which("nvidia-smi") is not None
 
 
+def uses_gpu(job: JobConfig, gpus: bool | None = None) -> bool:
+    """The one "use a GPU?" rule: scaling.gpu on, or auto where a GPU is visible (gpus: known presence)."""
+    return job.scaling.gpu == "on" or (job.scaling.gpu == "auto" and (gpu_present() if gpus is None else gpus))
+
+
 def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = None) -> tuple[list[Problem], list[str]]:
     """Cross-field, architecture and filesystem checks. Returns (problems, warnings)."""
     from orchestrator import architectures
@@ -721,7 +721,7 @@ def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = N
                                 "set eval.generate: {samples: 16} (and data.eval), or use metric: eval_accuracy"))
     if job.scaling.gpu == "on" and not gpus:
         problems.append(Problem("scaling.gpu", "on, but no CUDA GPU is visible (nvidia-smi not found)", "use gpu: auto or off"))
-    use_gpu = job.scaling.gpu == "on" or (job.scaling.gpu == "auto" and gpus)
+    use_gpu = uses_gpu(job, gpus)
     if job.precision == "fp16" and not use_gpu:
         warnings.append(
             "precision: fp16 on a CPU-only run works (with a GradScaler) but is tens of times slower than bf16 "
@@ -813,7 +813,7 @@ def _deepspeed_problems(job: JobConfig) -> list[Problem]:
         problems.append(Problem("deepspeed.stage", "lora under ZeRO-3 is not supported yet", "use deepspeed.stage: 0-2 (adapters are small), or method: full"))
     if job.method == "qlora" and ds.offload_optimizer != "none":
         problems.append(Problem("deepspeed.offload_optimizer", "not supported with qlora", "set offload_optimizer: none"))
-    flat = flatten(ds.overrides)
+    flat = dotted.flatten(ds.overrides)
     global_batch = job.train.micro_batch_size * job.train.grad_accum * job.scaling.workers
     for key, expected in (
         ("train_batch_size", global_batch),
@@ -834,16 +834,6 @@ def _deepspeed_problems(job: JobConfig) -> list[Problem]:
         if key in flat:
             problems.append(Problem(f"deepspeed.overrides.{key}", "precision is set by the job's precision key", "set precision: bf16 | fp16 | fp32"))
     return problems
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def load_raw(path: str | Path) -> dict[str, Any]:

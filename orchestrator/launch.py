@@ -17,11 +17,13 @@ import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from orchestrator.config import JobConfig, gpu_present, load_raw, to_yaml
+from jobs.errors import root_message
+from orchestrator import rundir
+from orchestrator.config import JobConfig, load_raw, to_yaml, uses_gpu
+from orchestrator.rundir import read_metrics
 
 MODEL_DIR = "model"
 MANIFEST = "manifest.json"
@@ -49,14 +51,7 @@ class RunOutcome:
 
 
 def new_run_dir(job: JobConfig) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(job.output) / f"{job.name}-{stamp}"
-    n = 1
-    while run_dir.exists():
-        n += 1
-        run_dir = Path(job.output) / f"{job.name}-{stamp}-{n}"
-    run_dir.mkdir(parents=True)
-    return run_dir.resolve()
+    return rundir.new_dir(Path(job.output), job.name)
 
 
 def versions() -> dict[str, str]:
@@ -74,7 +69,7 @@ def versions() -> dict[str, str]:
 def resources_for(job: JobConfig):
     from jobs.driver import Resources
 
-    use_gpu = job.scaling.gpu == "on" or (job.scaling.gpu == "auto" and gpu_present())
+    use_gpu = uses_gpu(job)
     cores = os.cpu_count() or 1
     return Resources(use_gpu=use_gpu, cpus_per_worker=job.scaling.cpus_per_worker or max(1, cores // job.scaling.workers))
 
@@ -185,13 +180,6 @@ def output_to(log_path: Path) -> Iterator[IO[str]]:
             user.close()
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 class ProgressView:
     """Tails metrics.jsonl in a thread: a live bar on a terminal, a line per eval otherwise."""
 
@@ -242,27 +230,6 @@ class ProgressView:
                 self._stop.wait(0.5)
 
 
-def _root_message(error: BaseException) -> str:
-    """The innermost worker exception's message, without Ray's wrapping."""
-    seen = []
-    cur: BaseException | None = error
-    while cur is not None and cur not in seen:
-        seen.append(cur)
-        failures = getattr(cur, "worker_failures", None)  # Ray Train V2: {rank: the worker's exception}
-        if isinstance(failures, dict) and failures:
-            cur = failures[min(failures)]
-            continue
-        if isinstance(getattr(cur, "problems", None), list):  # a DataError: its rows, without the traceback
-            return "\n".join(cur.problems)  # type: ignore[attr-defined]
-        cur = cur.__cause__ or getattr(cur, "cause", None)
-    for exc in reversed(seen):
-        text = str(exc).strip()
-        if text:
-            lines = [ln for ln in text.splitlines() if ln.strip()]
-            return lines[-1] if len(lines) > 20 else text
-    return repr(error)
-
-
 def _median(values: list[float]) -> float | None:
     import statistics
 
@@ -276,8 +243,8 @@ def finished(run_dir: Path) -> bool:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The registered checkpoint of the highest step (jobs/driver.py), or None."""
-    from jobs.driver import latest_checkpoint as newest
+    """The registered checkpoint of the highest step (jobs/checkpoint.py), or None."""
+    from jobs.checkpoint import latest_checkpoint as newest
 
     return newest(run_dir)
 
@@ -513,8 +480,9 @@ def _train(
     job_file: str | None,
 ) -> RunOutcome:
     from jobs import attempts
+    from jobs.checkpoint import resume_step
     from jobs.data import DataError
-    from jobs.driver import build_trainer, resume_step
+    from jobs.driver import build_trainer
     from jobs.encoded import encode_once
 
     stream = stream or sys.stdout
@@ -666,11 +634,11 @@ def failure_message(job: JobConfig, run_dir: Path, error: BaseException, resume_
     error: the worker's own message), how many attempts it made, and how to continue it. Ray's raw
     text stays in ray.log."""
     from jobs import attempts
-    from jobs.driver import resume_step
+    from jobs.checkpoint import resume_step
 
     failures = attempts.failures(run_dir)
     lost = failures[-1]["reason"] if failures and "was lost" in failures[-1]["reason"] else None
-    why = lost or _root_message(error)
+    why = lost or root_message(error)
     tries = len(failures)
     limit = job.scaling.max_failures
     tried = f"\n{tries} attempt(s) failed (scaling.max_failures: {limit})" if tries > 1 or lost else ""

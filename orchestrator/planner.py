@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from orchestrator import architectures
-from orchestrator.config import JobConfig, apply_overrides, flatten, gpu_present
+from orchestrator.config import JobConfig, apply_overrides, gpu_present, uses_gpu
+from orchestrator.dotted import flatten
+from orchestrator.dotted import get as dotted_get
 
 GiB = 2**30
 Device = Literal["gpu", "cpu"]
@@ -619,10 +621,7 @@ def _changes(job: JobConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     current = job.model_dump(mode="json")
     out = {}
     for key, value in overrides.items():
-        node: Any = current
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node != value:
+        if dotted_get(current, key) != value:
             out[key] = value
     return out
 
@@ -775,7 +774,7 @@ def budget_for(job: JobConfig, limit: int | None = None, concurrent: int = 1, so
     """What a job's workers may use on this machine: an explicit per-worker limit (named by `source` in
     messages), the GPU's memory, or host memory (MemAvailable) shared by the workers (of `concurrent` trials)
     on this node."""
-    use_gpu = job.scaling.gpu == "on" or (job.scaling.gpu == "auto" and gpu_present())
+    use_gpu = uses_gpu(job)
     device: Device = "gpu" if use_gpu else "cpu"
     if limit is not None:
         return Budget(device, limit, source, per_worker=True)

@@ -17,11 +17,11 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from orchestrator import dotted, rundir
 from orchestrator.config import JobConfig, to_yaml
 
 INPUTS_OK = "rayft: inputs ok"
@@ -53,9 +53,10 @@ def resolve_address(address: str | None) -> str:
     return address.rstrip("/")
 
 
-def resolve_token(address: str, cluster_dir: Path | None = None) -> Token | None:
-    """RAY_AUTH_TOKEN, else RAY_AUTH_TOKEN_PATH, else the token of the `rayft cluster up` cluster at this
-    address, else Ray's default token file (~/.ray/auth_token)."""
+def resolve_token(address: str, dev_cluster: Token | None = None) -> Token | None:
+    """RAY_AUTH_TOKEN, else RAY_AUTH_TOKEN_PATH, else dev_cluster (the token of the `rayft cluster up`
+    cluster at this address, which the caller looks up with orchestrator.cluster.token_for), else Ray's
+    default token file (~/.ray/auth_token)."""
     if os.environ.get("RAY_AUTH_TOKEN"):
         return Token(os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN")
     if os.environ.get("RAY_AUTH_TOKEN_PATH"):
@@ -63,11 +64,8 @@ def resolve_token(address: str, cluster_dir: Path | None = None) -> Token | None
         if not path.is_file():
             raise RemoteError(f"RAY_AUTH_TOKEN_PATH={path}: no such file")
         return Token(path.read_text().strip(), str(path))
-    from orchestrator import cluster
-
-    state = cluster.read_state(cluster_dir or cluster.default_dir())
-    if state and state["dashboard"] == address and Path(state["token_path"]).is_file():
-        return Token(Path(state["token_path"]).read_text().strip(), state["token_path"])
+    if dev_cluster is not None:
+        return dev_cluster
     default = Path("~/.ray/auth_token").expanduser()
     if default.is_file():
         return Token(default.read_text().strip(), str(default))
@@ -205,12 +203,8 @@ def build_package(job: JobConfig, stamp: str) -> Package:
     for name, source in ship.items():
         shutil.copytree(source, directory / name, ignore=shutil.ignore_patterns("__pycache__"))
     raw = job.model_dump(mode="json")
-    for dotted, value in rewrites.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    for key, value in rewrites.items():
+        dotted.set_in(raw, key, value)
     raw["tune"] = None
     (directory / "job.yaml").write_text(to_yaml(JobConfig.model_validate(raw)))
     storage = job.submit.storage_path or job.output
@@ -235,7 +229,7 @@ def submit(job: JobConfig, address: str, token: Token | None, runtime_env: dict[
             "shown on its dashboard; set it in the cluster's own environment instead (e.g. a Kubernetes Secret in the "
             "RayCluster's env) and remove it from the runtime_env"
         )
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = rundir.stamp()
     package = build_package(job, stamp)
     env = dict(runtime_env or {})
     # `rayft stop` (Ray's stop_job) SIGTERMs the driver and SIGKILLs it 3 s later unless told otherwise: give

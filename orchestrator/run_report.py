@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs import attempts as attempts_mod
-from orchestrator.launch import read_metrics
+from orchestrator import dotted
+from orchestrator.rundir import read_metrics
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
@@ -312,12 +313,6 @@ def _fixed(v: Any, digits: int = 4) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def _at(tree: dict[str, Any], dotted: str) -> Any:
-    for key in dotted.split("."):
-        tree = tree.get(key) if isinstance(tree, dict) else None  # type: ignore[assignment]
-    return tree
-
-
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads((run_dir / "manifest.json").read_text())
@@ -338,21 +333,21 @@ def job_of(run_dir: Path, manifest: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def config_rows(job: dict[str, Any]) -> list[tuple[str, Any]]:
-    method = _at(job, "method")
-    quant = _at(job, "quantization.type")
-    quantization = "none" if quant in (None, "none") else quant + (", double quant" if _at(job, "quantization.double_quant") else "")
-    lora = f"rank {_at(job, 'lora.rank')}, alpha {_at(job, 'lora.alpha')}" if method in ("lora", "qlora") else "— (not a LoRA run)"
-    ds = _at(job, "deepspeed")
+    method = dotted.get(job, "method")
+    quant = dotted.get(job, "quantization.type")
+    quantization = "none" if quant in (None, "none") else quant + (", double quant" if dotted.get(job, "quantization.double_quant") else "")
+    lora = f"rank {dotted.get(job, 'lora.rank')}, alpha {dotted.get(job, 'lora.alpha')}" if method in ("lora", "qlora") else "— (not a LoRA run)"
+    ds = dotted.get(job, "deepspeed")
     deepspeed = "off"
     if isinstance(ds, dict):
         offload = [f"{k.removeprefix('offload_')} offload" for k in ("offload_optimizer", "offload_params") if ds.get(k) not in (None, "none")]
         deepspeed = f"ZeRO stage {ds.get('stage')}" + (f" ({', '.join(offload)})" if offload else "")
-    epochs = _at(job, "train.epochs")
-    max_steps = _at(job, "train.max_steps")
+    epochs = dotted.get(job, "train.epochs")
+    max_steps = dotted.get(job, "train.max_steps")
     return [
-        ("name", _at(job, "name")), ("model", _at(job, "model")), ("method", method), ("precision", _at(job, "precision")),
-        ("quantization", quantization), ("lora", lora), ("lr", _at(job, "train.lr")),
-        ("epochs", f"{epochs} (max_steps {max_steps})" if max_steps else epochs), ("workers", _at(job, "scaling.workers")),
+        ("name", dotted.get(job, "name")), ("model", dotted.get(job, "model")), ("method", method), ("precision", dotted.get(job, "precision")),
+        ("quantization", quantization), ("lora", lora), ("lr", dotted.get(job, "train.lr")),
+        ("epochs", f"{epochs} (max_steps {max_steps})" if max_steps else epochs), ("workers", dotted.get(job, "scaling.workers")),
         ("deepspeed", deepspeed),
     ]
 
@@ -426,9 +421,9 @@ def markdown(run_dir: Path, manifest: dict[str, Any] | None, records: list[dict[
     job = job_of(run_dir, manifest)
     reached = max((r["step"] for r in records if "step" in r), default=0)
     total = max((r["total_steps"] for r in records if r.get("total_steps")), default=None)
-    out = [f"# Run report: {_at(job, 'name') or run_dir.name}", "", f"Run directory: `{run_dir}`", ""]
+    out = [f"# Run report: {dotted.get(job, 'name') or run_dir.name}", "", f"Run directory: `{run_dir}`", ""]
     if manifest:
-        out.append(f"Exported: the merged model is at `{manifest.get('model_dir')}` (from checkpoint step {_at(manifest, 'metrics.step')}).")
+        out.append(f"Exported: the merged model is at `{manifest.get('model_dir')}` (from checkpoint step {dotted.get(manifest, 'metrics.step')}).")
     else:
         out.append(f"**No export**: this run has no manifest.json (it failed or was interrupted before its export). It reached step "
                    f"{reached}{f' of {total}' if total else ''}; this report is from metrics.jsonl alone. "
@@ -459,8 +454,8 @@ def png_text(run_dir: Path, manifest: dict[str, Any] | None, records: list[dict[
     m = final_metrics(manifest, records)
     reached = max((r["step"] for r in records if "step" in r), default=0)
     total = max((r["total_steps"] for r in records if r.get("total_steps")), default=None)
-    model = Path(str(_at(job, "model") or "?")).name
-    header = (f"{_at(job, 'name') or run_dir.name}  ·  {_at(job, 'method') or '?'} on {model}, {_at(job, 'precision') or '?'}  ·  "
+    model = Path(str(dotted.get(job, "model") or "?")).name
+    header = (f"{dotted.get(job, 'name') or run_dir.name}  ·  {dotted.get(job, 'method') or '?'} on {model}, {dotted.get(job, 'precision') or '?'}  ·  "
               f"step {reached}{f' of {total}' if total else ''}  ·  {attempts} attempt{'' if attempts == 1 else 's'}")
     notes = []
     if m.get("eval_accuracy") is not None:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from jobs.checkpoint import kept_checkpoints
 from orchestrator import planner
 from orchestrator.config import (
     JobConfig,
@@ -44,15 +45,15 @@ from orchestrator.launch import (
     ensure_local_ray,
     export_run,
     output_to,
-    read_metrics,
     resources_for,
     shutdown_ray,
 )
+from orchestrator.rundir import new_dir, read_metrics
 from orchestrator.search_report import Report, trial_memory, write_report
+from orchestrator.trial import SKIPPED
 
 TUNER_DIR = "tuner"
 TUNE_STATUS = "tune_status.json"  # trial directory name under tuner/ -> "ok" | "error", as Tune saw it
-SKIPPED = "skipped.txt"  # in a trial directory: the trial was predicted not to fit, and why
 
 
 def param_space(tune: TuneConfig, train_seed: int = 0) -> dict[str, Any]:
@@ -184,7 +185,7 @@ def space_corners(tune: TuneConfig) -> list[dict[str, Any]]:
 def fit_budget(job: JobConfig, base: dict[str, Any], memory_limit: int | None, *, check_space: bool, source: str = "--memory-limit") -> planner.Budget:
     """The memory each trial's workers may use (host memory is shared by the trials that run at once).
     check_space: refuse the search (DoesNotFit) when no combination of the space is predicted to fit;
-    the trials that do not fit are skipped one by one when they come up (`trial_fits`)."""
+    the trials that do not fit are skipped one by one when they come up (`orchestrator.trial.trial_fits`)."""
     tune = job.tune
     assert tune is not None
     gpus = planner.gpu_memory()
@@ -194,18 +195,6 @@ def fit_budget(job: JobConfig, base: dict[str, Any], memory_limit: int | None, *
         if verdicts and not any(v.fits for v in verdicts):
             raise planner.DoesNotFit(f"no trial of the search is predicted to fit; e.g. {verdicts[0].message}")
     return budget
-
-
-def trial_fits(job: JobConfig, trial_dir: Path, budget: planner.Budget | None) -> bool:
-    """The seam between Tune and the planner: a trial predicted not to fit is recorded as skipped (why, in
-    trial_dir/skipped.txt) instead of launching its workers."""
-    (trial_dir / SKIPPED).unlink(missing_ok=True)
-    if budget is None:
-        return True
-    verdict = planner.check(job, budget)
-    if not verdict.fits:
-        (trial_dir / SKIPPED).write_text(verdict.message)
-    return verdict.fits
 
 
 def run(
@@ -223,7 +212,7 @@ def run(
     import ray
     from ray import tune as rt
 
-    from jobs.driver import tune_trial
+    from orchestrator.trial import tune_trial
 
     tune = job.tune
     assert tune is not None
@@ -235,11 +224,12 @@ def run(
     budget = fit_budget(job, base, memory_limit, check_space=not resume, source=limit_source) if fit_check else None
     if resume:
         search_dir = resume.resolve()
-    else:
-        from datetime import datetime
-
-        search_dir = (search_dir or Path(job.output) / f"{job.name}-search-{datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
+    elif search_dir is not None:
+        search_dir = search_dir.resolve()
         search_dir.mkdir(parents=True, exist_ok=False)
+    else:
+        search_dir = new_dir(Path(job.output), f"{job.name}-search")
+    if not resume:
         (search_dir / "tune.yaml").write_text(to_yaml(job))
         (search_dir / "base.json").write_text(json.dumps(base))
     mode = tune.resolved_mode
@@ -359,6 +349,7 @@ def run(
     with output_to(search_dir / "export.log"):
         outcome = export_run(trial, trial_dir, Path(best["checkpoint"]), {"search": summary}, out_dir=search_dir / "best")
     summary["best_model"] = str(outcome.model_dir)
+    summary["search_dir"] = str(search_dir)
     summary["best_manifest"] = outcome.manifest
     write_report(search_dir, summary)
     from jobs.tracking import finish_search
@@ -430,9 +421,7 @@ def summarize(search_dir: Path) -> dict[str, Any]:
                 error = "tune.budget.wall reached"
         else:  # every step ran; the end record is missing when Tune stopped the trial at its last report
             status = "failed" if not start else "finished"
-        checkpoints = {}
-        for meta in (trial_dir / "checkpoints").glob("checkpoint_*/metrics.json"):
-            checkpoints[json.loads(meta.read_text())["step"]] = str(meta.parent)
+        checkpoints = kept_checkpoints(trial_dir)
         scored = [r for r in evals if r["step"] in checkpoints]
         best_eval = better(scored, key=lambda r: r[tune.metric]) if scored else None
         trials.append(

@@ -8,7 +8,7 @@
                          frontier (the best metric reachable within a memory) joined by a step line, skipped
                          trials at the bottom and the search's memory budget as a dashed line
 
-Each trial's memory comes from trials/<trial>/memory.json, which jobs.driver.tune_trial writes before the
+Each trial's memory comes from trials/<trial>/memory.json, which orchestrator.trial.tune_trial writes before the
 trial launches (the planner's prediction, `write_trial_memory`), and from the peaks its metrics.jsonl
 records (measured, `trial_memory`).
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.launch import read_metrics
 from orchestrator.run_report import PALETTE, _font, _wrap, nice_ticks, polyline, save_png, tick_label
+from orchestrator.rundir import read_metrics
 
 if TYPE_CHECKING:
     from orchestrator.config import JobConfig

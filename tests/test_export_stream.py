@@ -18,9 +18,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from jobs.checkpoint import WEIGHTS_FILE
 from jobs.export_stream import INDEX_FILE, read_layout, verify_layers
 from jobs.merge import ParityError, export
-from jobs.model import WEIGHTS_FILE, build_model, trainable_state
+from jobs.model import build_model, trainable_state
 from orchestrator import architectures, tinymodels
 from orchestrator.config import build_job
 

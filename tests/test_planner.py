@@ -267,9 +267,9 @@ def test_tune_refuses_a_search_no_trial_of_which_fits(world, tmp_path):
 
 
 def test_a_trial_predicted_not_to_fit_is_recorded_as_skipped(world, tmp_path):
-    """The seam between Ray Tune and the planner (orchestrator.search.trial_fits, called by every trial
+    """The seam between Ray Tune and the planner (orchestrator.trial.trial_fits, called by every trial
     before it launches workers) and the results table it feeds."""
-    from orchestrator import search
+    from orchestrator import search, trial
     from orchestrator.config import to_yaml
 
     path = fit_job(world, tmp_path)
@@ -291,7 +291,7 @@ def test_a_trial_predicted_not_to_fit_is_recorded_as_skipped(world, tmp_path):
         trial_dir = search_dir / "trials" / name
         trial_dir.mkdir(parents=True)
         (trial_dir / "overrides.json").write_text(json.dumps(overrides))
-        assert search.trial_fits(jobs[name], trial_dir, budget) == (name == "small")
+        assert trial.trial_fits(jobs[name], trial_dir, budget) == (name == "small")
     (search_dir / "tune.yaml").write_text(to_yaml(job))
     summary = search.summarize(search_dir)
     status = {t["trial"]: (t["status"], t["reason"]) for t in summary["trials"]}

@@ -82,8 +82,9 @@ def test_merged_logits_equal_adapter_on_4bit_base(quickstart_run):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
+    from jobs.checkpoint import WEIGHTS_FILE
     from jobs.data import collate, encode_rows
-    from jobs.model import WEIGHTS_FILE, build_model, load_processor, load_trainable_state
+    from jobs.model import build_model, load_processor, load_trainable_state
     from orchestrator import architectures
     from orchestrator.config import JobConfig
 
