@@ -280,7 +280,7 @@ def seventy_b(adapter_bytes_per_param: float, fit: dict[str, float] | None, runt
             current = 0
         current += 2 * t.numel
     shards.append(current)
-    targets = planner.lora_targets(job, shape)
+    targets = planner.lora_target_tensors(job, shape)
     lora_params = sum(job.lora.rank * (t.linear[0] + t.linear[1]) for t in targets if t.linear)
     adapter = int(lora_params * adapter_bytes_per_param)
     largest = max(shards)  # bf16 in, bf16 out: the output shard has the input's elements at the same size

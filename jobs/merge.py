@@ -6,7 +6,7 @@ against the unmerged adapter model's, where the model fits export.parity_memory;
 weight present with its shape, and a reload where it fits.
 
 Why the dequantized base: the adapter was trained against dequant(W4), not the original W16; merging into
-the original weights (or into 4-bit layers) changes logits by ~0.5 (PLATFORM.md).
+the original weights (or into 4-bit layers) changes logits by ~0.5 (measured on the tiny models).
 
 This module alone owns the write-beside-then-rename step: the model is written to `<out>.partial`
 (model.partial beside model/) and renamed into place only once it is checked and readable, so `model/`

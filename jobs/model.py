@@ -43,7 +43,7 @@ def qwen2_vl_image_only_processor(arch_name: str = "qwen2_vl") -> type:
     A checkpoint saved by stock transformers names the stock class, whose video processor raises
     ImportError without torchvision, and AutoProcessor.register cannot override the class named in the
     file; this subclass's own from_pretrained loads the image processor and tokenizer and ignores the
-    video entry (shared/PLATFORM.md)."""
+    video entry."""
     from transformers import (
         AutoProcessor,
         Qwen2_5_VLConfig,
@@ -134,7 +134,7 @@ def load_base(job: JobConfig, arch: Architecture, device: torch.device) -> Any:
 
 def disable_cpu_bf16_repack(model: Any) -> None:
     """bitsandbytes on CPUs with avx512_bf16 repacks Linear4bit weights in place on the first eval forward;
-    afterwards training fails and dequantize() is wrong (PLATFORM.md). Keep the packed layout."""
+    afterwards training fails and dequantize() is wrong (bitsandbytes 0.50). Keep the packed layout."""
     import bitsandbytes as bnb
 
     for module in model.modules():

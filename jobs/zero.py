@@ -74,7 +74,9 @@ def hf_deepspeed_config(job: JobConfig, config: dict[str, Any], arch: Architectu
 
     from jobs.model import model_class
 
-    model_class(arch)  # import the model class before zero.Init patches tensor construction (PLATFORM.md)
+    # import the model class first: under zero.Init, a first import of transformers model code fails with
+    # "TypeError: Signature mismatch ... tensor_pynew" (torch 2.13, deepspeed 0.19)
+    model_class(arch)
     return HfDeepSpeedConfig(config)
 
 

@@ -33,7 +33,6 @@ class Architecture:
     """Module-name prefixes never quantized (bitsandbytes llm_int8_skip_modules matches from the start)."""
     vision_modules: tuple[str, ...]
     """Prefixes of the vision tower and projector."""
-    processor_notes: str = ""
     note: str = ""
     max_images: int | None = None
     """Most images one row may hold (None: any number, each where its {"type": "image"} part is)."""
@@ -66,7 +65,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_lora_targets=_vit(r"model\.vision_tower"),
         keep_out_of_4bit=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
         vision_modules=("model.vision_tower", "model.multi_modal_projector"),
-        processor_notes="LlavaProcessor expands <image> to (image_size/patch_size)^2 tokens (+1 with a CLS token).",
+        # processor: LlavaProcessor expands <image> to (image_size/patch_size)^2 tokens (+1 with a CLS token)
     ),
     Architecture(
         name="idefics3",
@@ -77,8 +76,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_lora_targets=_vit(r"model\.vision_model"),
         keep_out_of_4bit=("model.vision_model", "model.connector", "lm_head"),
         vision_modules=("model.vision_model", "model.connector"),
-        processor_notes="Tokenizer must hold <fake_token_around_image>, <image>, <end_of_utterance>, <global-img> and "
-        "<row_i_col_j>; tiny models use do_image_splitting=False.",
+        # processor: the tokenizer must hold <fake_token_around_image>, <image>, <end_of_utterance>, <global-img> and
+        # <row_i_col_j>; tiny models use do_image_splitting=False
     ),
     Architecture(
         name="qwen2_vl",
@@ -89,8 +88,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_lora_targets=r"model\.visual\.blocks\.\d+\.(?:attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)",
         keep_out_of_4bit=("model.visual", "lm_head"),
         vision_modules=("model.visual",),
-        processor_notes="Without torchvision, stock checkpoints load through an image-only subclass of the processor "
-        "(jobs/model.py); returns image_grid_thw and mm_token_type_ids, both passed to the model.",
+        # processor: without torchvision, stock checkpoints load through an image-only subclass of the processor
+        # (jobs/model.py); it returns image_grid_thw and mm_token_type_ids, both passed to the model
     ),
     Architecture(
         name="qwen2_5_vl",
@@ -101,7 +100,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_lora_targets=r"model\.visual\.blocks\.\d+\.(?:attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj)",
         keep_out_of_4bit=("model.visual", "lm_head"),
         vision_modules=("model.visual",),
-        processor_notes="As qwen2_vl.",
+        # processor: as qwen2_vl
     ),
     Architecture(
         name="paligemma",
@@ -112,8 +111,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_lora_targets=_vit(r"model\.vision_tower"),
         keep_out_of_4bit=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
         vision_modules=("model.vision_tower", "model.multi_modal_projector"),
-        processor_notes="The processor adds 1152 <loc>/<seg> tokens: size the vocabulary from len(tokenizer). No chat "
-        "template: one user message (its image tokens first) and the answer as the suffix.",
+        # processor: it adds 1152 <loc>/<seg> tokens (size the vocabulary from len(tokenizer)); no chat
+        # template: one user message (its image tokens first) and the answer as the suffix
         max_images=1,
     ),
     Architecture(

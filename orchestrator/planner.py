@@ -376,7 +376,7 @@ def load_shape(model: str) -> ModelShape:
     )
 
 
-def lora_targets(job: JobConfig, shape: ModelShape) -> list[Tensor]:
+def lora_target_tensors(job: JobConfig, shape: ModelShape) -> list[Tensor]:
     """The Linear weights peft adapts: the architecture's regex (full match) or a list of name suffixes."""
     if job.lora.targets == "auto":
         regex = re.compile(
@@ -478,7 +478,7 @@ def plan(
         weights = shape.total_params * stored
         trainable_bytes = stored
     else:
-        targets = lora_targets(job, shape)
+        targets = lora_target_tensors(job, shape)
         trainable = sum(job.lora.rank * (t.linear[0] + t.linear[1]) for t in targets if t.linear)
         weights = 0
         for t in shape.tensors:
@@ -573,7 +573,7 @@ def _vision_trains(job: JobConfig, shape: ModelShape) -> bool:
 def _lora_dropout_bytes(job: JobConfig, shape: ModelShape, per_element: int) -> int:
     """peft's dropout on each adapted input: a copy of the input (what the adapter's matmul saves) plus the
     dropout mask; per_element is the two together."""
-    targets = lora_targets(job, shape)
+    targets = lora_target_tensors(job, shape)
     per_token = sum(t.linear[0] * per_element for t in targets if t.linear)
     layers = shape.text.layers + (shape.vision.layers if shape.vision and job.lora.train_vision else 0)
     if job.train.gradient_checkpointing:

@@ -120,7 +120,7 @@ def test_full_fine_tuning_checkpoint_streams_too(bases, rows, tmp_path):
 
 
 def test_the_layer_check_catches_a_merge_into_the_original_weights(bases, rows, tmp_path):
-    """The known-bad merge (PLATFORM.md): the adapter added to the base's original W16 instead of the
+    """The known-bad merge: the adapter added to the base's original W16 instead of the
     dequant(W4) it was trained against. Every 4-bit layer's probes are off by far more than bf16 rounding."""
     job = job_for(bases["llama"], rows, "qlora", "bf16", "nf4", parity_memory="0")
     ckpt = checkpoint(job, tmp_path / "ckpt")
