@@ -1,4 +1,4 @@
-"""One markdown table from every bench/results/*.json, written into README.md between the markers
+"""One markdown table from every bench/results/*.json, written into docs/benchmarks.md between the markers
 `<!-- bench:begin -->` and `<!-- bench:end -->` (and printed).
 
     .venv/bin/python bench/report.py
@@ -91,13 +91,13 @@ def table() -> str:
 
 def main() -> None:
     text = table()
-    readme = REPO / "README.md"
+    readme = REPO / "docs" / "benchmarks.md"
     body = readme.read_text()
     if BEGIN in body and END in body:
         head, rest = body.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
         readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
-        print(f"README.md table regenerated ({text.count(chr(10)) - 1} rows)")
+        print(f"docs/benchmarks.md table regenerated ({text.count(chr(10)) - 1} rows)")
     print(text)
 
 
