@@ -1,5 +1,5 @@
-"""Run directories: the one namer (<output>/<name>-<timestamp>, -2, -3, ... on a collision) for runs,
-searches and submissions, and a run's record as the controller reads it back (metrics.jsonl, one JSON
+"""Run directories: the one namer (<output>/<name>-<timestamp>, -2, -3, ... on a collision) for runs and
+searches (a submission takes only its stamp: its run directory is on the cluster's storage), and a run's record as the controller reads it back (metrics.jsonl, one JSON
 object per report, written by jobs/train_loop.py). Below launch, search and the reports."""
 
 from __future__ import annotations
