@@ -1,51 +1,129 @@
-"""`rayft`: each command parses, calls one function, prints. Exit codes: 0 ok, 1 the run failed, 2 bad input."""
+"""`rayft`: each command parses, calls one function, prints. Every failure leaves through one map, exit_for():
+0 ok, 1 the run failed, 2 bad input, 130 / 143 interrupted (Ctrl-C / SIGTERM). Under --json, stdout holds
+only the JSON result, and an error is JSON on stderr: {"error": ..., "problems": [...]}."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, TypeVar
 
 import click
 
 from orchestrator.config import ConfigError, JobConfig, build_job, gpu_present, load_job, load_raw, to_yaml
 
 SET_HELP = "Override a job key: --set train.lr=1e-4 (repeatable; values parse as YAML)."
+OK, FAILED, BAD_INPUT = 0, 1, 2
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(message, err=True)
+class BadInput(Exception):
+    """What the user gave cannot run (exit 2); problems: each one, when there are several."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
+
+
+class Failed(Exception):
+    """The command ran and failed (exit 1)."""
+
+
+def _loaded(module: str, name: str) -> type | None:
+    """An exception class, if its module has been imported: an exception of a module that was never
+    imported cannot have been raised, and importing one (torch's, for jobs.merge) would slow every error."""
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) else None
+
+
+def _isinstance(e: BaseException, *where: tuple[str, str]) -> bool:
+    return any(cls is not None and isinstance(e, cls) for cls in (_loaded(m, n) for m, n in where))
+
+
+def exit_for(e: BaseException) -> tuple[int, str, list[str]]:
+    """The one map from what went wrong to (exit code, message, problems)."""
+    if isinstance(e, ConfigError):
+        problems = [f"{p.path}: {p.message}" + (f"\n    fix: {p.fix}" if p.fix else "") for p in e.problems]
+        return BAD_INPUT, f"{len(problems)} problem(s) in the job:", problems
+    if _isinstance(e, ("jobs.rowstore", "DataError")):
+        problems = list(getattr(e, "problems", [str(e)]))
+        return BAD_INPUT, f"{len(problems)} problem(s) found before training (nothing was trained):", problems
+    if _isinstance(e, ("orchestrator.planner", "DoesNotFit")):
+        return BAD_INPUT, f"{e}\n(--no-fit-check launches it anyway)", []
+    if _isinstance(e, ("orchestrator.planner", "PlanError")):
+        return BAD_INPUT, f"cannot plan: {e}", []
+    if isinstance(e, BadInput):
+        return BAD_INPUT, str(e), e.problems
+    if _isinstance(e, ("orchestrator.launch", "Interrupted")):
+        return int(getattr(e, "exit_code", 130)), str(e), []
+    if isinstance(e, KeyboardInterrupt):
+        return 130, "stopped by SIGINT (Ctrl-C)", []
+    if isinstance(e, Failed) or _isinstance(e, ("orchestrator.launch", "RunFailed"), ("orchestrator.remote", "RemoteError"),
+                                            ("orchestrator.cluster", "ClusterError")):
+        return FAILED, str(e), []
+    if isinstance(e, OSError):  # a file that cannot be read or written, a port that is taken
+        return FAILED, f"{type(e).__name__}: {e}", []
+    return FAILED, f"unexpected error: {type(e).__name__}: {e}", ["".join(traceback.format_exception(e))]
+
+
+MAX_LISTED = 50
+
+
+def _exit(e: BaseException, as_json: bool) -> None:
+    code, message, problems = exit_for(e)
+    if as_json:
+        click.echo(json.dumps({"error": message, "problems": problems}, indent=2), err=True)
+    else:
+        lines = [message] + [p if p.startswith("Traceback") else "  ✗ " + p.replace("\n", "\n  ") for p in problems[:MAX_LISTED]]
+        if len(problems) > MAX_LISTED:
+            lines.append(f"  ... and {len(problems) - MAX_LISTED} more")
+        click.echo("\n".join(lines), err=True)
     sys.exit(code)
 
 
-def _config_problems(e: ConfigError) -> NoReturn:
-    lines = [f"{len(e.problems)} problem(s) in the job:"]
-    for p in e.problems:
-        lines.append(f"  ✗ {p.path}: {p.message}")
-        if p.fix:
-            lines.append(f"      fix: {p.fix}")
-    _fail("\n".join(lines), 2)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _data_problems(e: Exception) -> NoReturn:
-    """A DataError: every problem, each naming the option, the file and the row, what is wrong and the fix."""
-    problems = getattr(e, "problems", [str(e)])
-    lines = [f"{len(problems)} problem(s) found before training (nothing was trained):"]
-    for p in problems[:50]:
-        lines.append("  ✗ " + p.replace("\n", "\n  "))
-    if len(problems) > 50:
-        lines.append(f"  ... and {len(problems) - 50} more")
-    _fail("\n".join(lines), 2)
+def handled(f: F) -> F:
+    """Every command's one exit path: an exception it raises becomes its exit code and message (exit_for),
+    as JSON on stderr when the command was given --json."""
+
+    @functools.wraps(f)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except (SystemExit, click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except BaseException as e:  # KeyboardInterrupt included: it is exit 130, not a traceback
+            _exit(e, bool(kwargs.get("as_json")))
+
+    command.handled = True  # type: ignore[attr-defined]  (tests/test_exit_codes.py checks every command has it)
+    return command  # type: ignore[return-value]
+
+
+def run() -> None:
+    """The `rayft` console script: main(), with click's own usage errors (exit 2) as JSON under --json."""
+    try:
+        code = main(standalone_mode=False)
+    except click.ClickException as e:
+        if "--json" in sys.argv[1:]:
+            click.echo(json.dumps({"error": e.format_message(), "problems": []}, indent=2), err=True)
+        else:
+            e.show()
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("stopped by SIGINT (Ctrl-C)", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else OK)
 
 
 def _load(job_file: str, sets: tuple[str, ...]) -> JobConfig:
-    try:
-        job, warnings = load_job(job_file, sets)
-    except ConfigError as e:
-        _config_problems(e)
+    job, warnings = load_job(job_file, sets)
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
     return job
@@ -68,7 +146,7 @@ def _fit_check(job: JobConfig, memory_limit: int | None) -> None:
 
     verdict = planner.check(job, planner.budget_for(job, memory_limit))
     if not verdict.fits:
-        _fail(f"the job is predicted not to fit: {verdict.message}\n(--no-fit-check launches it anyway)", 2)
+        raise BadInput(f"the job is predicted not to fit: {verdict.message}\n(--no-fit-check launches it anyway)")
     if verdict.message:
         click.echo(f"warning: {verdict.message}", err=True)
 
@@ -79,6 +157,11 @@ LIMIT_HELP = "Memory per worker for the fit check (e.g. 24GiB); default: the GPU
 
 def _print_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _progress(as_json: bool) -> Any:
+    """Where a command's progress lines go: the terminal's stdout, or stderr when stdout is the --json result."""
+    return sys.stderr if as_json else sys.stdout
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,6 +183,7 @@ def quiet_environment() -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the resolved config as JSON.")
 @click.option("--no-data", is_flag=True, help="Check the job file only: skip the model and data checks (no Ray start).")
+@handled
 def validate(job_file: str, sets: tuple[str, ...], as_json: bool, no_data: bool) -> None:
     """Print the resolved job config, or every problem at once (exit 2).
 
@@ -108,13 +192,9 @@ def validate(job_file: str, sets: tuple[str, ...], as_json: bool, no_data: bool)
     image tokens against data.max_length) passes, on an embedded Ray (a later run reuses the result)."""
     job = _load(job_file, sets)
     if not no_data:
-        from jobs.data import DataError
         from orchestrator import launch
 
-        try:
-            summary = launch.validate_data(job)
-        except DataError as e:
-            _data_problems(e)
+        summary = launch.validate_data(job)
         for which, s in summary.items():
             dropped = f", {s['dropped']} longer than data.max_length dropped" if s["dropped"] else ""
             click.echo(f"data.{which}: {s['rows']} rows ok, longest {s['longest']} tokens (data.max_length {job.data.max_length}){dropped}", err=True)
@@ -131,25 +211,18 @@ def validate(job_file: str, sets: tuple[str, ...], as_json: bool, no_data: bool)
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
 @click.option("--no-fit-check", is_flag=True, help=FIT_HELP)
 @click.option("--memory-limit", metavar="SIZE", callback=_size_option, help=LIMIT_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end (progress goes to stderr).")
+@handled
 def train(
     job_file: str, sets: tuple[str, ...], resume: Path | None, no_progress: bool, no_fit_check: bool, memory_limit: int | None, as_json: bool
 ) -> None:
     """Run one fine-tuning job; prints the run directory and the merged model's path."""
-    from jobs.data import DataError
     from orchestrator import launch
 
     job = _load(job_file, sets)
     if not no_fit_check:
         _fit_check(job, memory_limit)
-    try:
-        outcome = launch.train(job, resume=resume, progress=not no_progress, started=launch.process_started(), job_file=job_file)
-    except DataError as e:
-        _data_problems(e)
-    except launch.Interrupted as e:
-        _fail(str(e), e.exit_code)
-    except launch.RunFailed as e:
-        _fail(str(e), 1)
+    outcome = launch.train(job, resume=resume, stream=_progress(as_json), progress=not no_progress, started=launch.process_started(), job_file=job_file)
     written = {"report": str(outcome.report[1]), "report_png": str(outcome.report[0])} if outcome.report else {}
     if as_json:
         _print_json({**outcome.manifest, **written})
@@ -169,37 +242,17 @@ def train(
 @click.option("--resume", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Continue an interrupted search.")
 @click.option("--no-fit-check", is_flag=True, help=FIT_HELP + " (Otherwise trials predicted not to fit are skipped.)")
 @click.option("--memory-limit", metavar="SIZE", callback=_size_option, help=LIMIT_HELP)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the search's summary as JSON at the end (progress goes to stderr).")
+@handled
 def tune(job_file: str, sets: tuple[str, ...], resume: Path | None, no_fit_check: bool, memory_limit: int | None, as_json: bool) -> None:
     """Ray Tune search over the job's tune: space; exports the best trial's merged model."""
-    from jobs.data import DataError
-    from jobs.merge import ParityError
-    from orchestrator import launch, planner, search
+    from orchestrator import search
     from orchestrator.config import load_search
 
-    try:
-        job, base, warnings = load_search(job_file, sets)
-    except ConfigError as e:
-        _config_problems(e)
+    job, base, warnings = load_search(job_file, sets)
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
-    from orchestrator.signals import sigterm_as_sigint
-
-    try:
-        with sigterm_as_sigint() as got:
-            summary = search.run(job, base, resume=resume, stream=sys.stdout, fit_check=not no_fit_check, memory_limit=memory_limit)
-    except planner.DoesNotFit as e:
-        _fail(f"{e}\n(--no-fit-check launches it anyway)", 2)
-    except DataError as e:
-        _data_problems(e)
-    except (KeyboardInterrupt, launch.Interrupted) as e:
-        name = "SIGTERM" if got.get("signal") == 15 else "SIGINT (Ctrl-C)"
-        where = getattr(e, "directory", None) or "SEARCH_DIR"
-        _fail(f"stopped by {name}; continue with: rayft tune {job_file} --resume {where}", 128 + got.get("signal", 2))
-    except launch.RunFailed as e:
-        _fail(str(e), 1)
-    except ParityError as e:  # the best trial's merged model failed its parity check: a failed run, not a traceback
-        _fail(f"export failed: {e}", 1)
+    summary = search.run(job, base, resume=resume, stream=_progress(as_json), fit_check=not no_fit_check, memory_limit=memory_limit, job_file=job_file)
     if as_json:
         _print_json({k: v for k, v in summary.items() if k != "best_manifest"})
         return
@@ -223,6 +276,7 @@ def tune(job_file: str, sets: tuple[str, ...], resume: Path | None, no_fit_check
 @click.option("--gpus", type=click.IntRange(min=1), help="Workers for the ZeRO-3 alternatives (default: the job's scaling.workers).")
 @click.option("--units", type=click.Choice(["GiB", "GB", "MiB"]), default="GiB", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
+@handled
 def plan(
     job_file: str | None, model: str | None, sets: tuple[str, ...], gpu_mem: int | None, gpus: int | None, units: str, as_json: bool
 ) -> None:
@@ -230,18 +284,12 @@ def plan(
     from orchestrator import planner
 
     if (job_file is None) == (model is None):
-        _fail("give a job file or --model DIR_OR_SIZE (not both)", 2)
-    try:
-        if job_file:
-            job, _ = load_job(job_file, sets, local_files=False)
-        else:
-            job, _ = build_job({"model": model, "data": {"train": "(none).jsonl"}}, sets, local_files=False)
-    except ConfigError as e:
-        _config_problems(e)
-    try:
-        shape = planner.load_shape(job.model)
-    except planner.PlanError as e:
-        _fail(f"cannot plan: {e}", 2)
+        raise BadInput("give a job file or --model DIR_OR_SIZE (not both)")
+    if job_file:
+        job, _ = load_job(job_file, sets, local_files=False)
+    else:
+        job, _ = build_job({"model": model, "data": {"train": "(none).jsonl"}}, sets, local_files=False)
+    shape = planner.load_shape(job.model)
     budget = planner.Budget("gpu", gpu_mem, "--gpu-mem", per_worker=True) if gpu_mem else planner.budget_for(job)
     if budget.device == "cpu" and not gpu_mem:
         click.echo("no GPU found: planning per CPU worker (--gpu-mem 24GiB plans for a GPU)", err=True)
@@ -258,6 +306,7 @@ def plan(
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the written files' paths (and a run's attempts) as JSON.")
+@handled
 def report(directory: Path, as_json: bool) -> None:
     """Regenerate the report of a search directory (results.csv, results.md, metrics.png: every trial's
     metric by step; frontier.png and frontier.md: each trial's best metric against its predicted memory per
@@ -287,8 +336,8 @@ def report(directory: Path, as_json: bool) -> None:
         click.echo(f"plot: {png}")
     else:
         what = "not a directory" if not directory.is_dir() else "neither kind of directory"
-        _fail(f"{directory}: {what}; rayft report takes a search directory (with tune.yaml, from rayft tune) "
-              "or a run directory (with job.yaml and metrics.jsonl, from rayft train)", 2)
+        raise BadInput(f"{directory}: {what}; rayft report takes a search directory (with tune.yaml, from rayft tune) "
+                       "or a run directory (with job.yaml and metrics.jsonl, from rayft train)")
 
 
 @main.command()
@@ -296,24 +345,21 @@ def report(directory: Path, as_json: bool) -> None:
 @click.option("--checkpoint", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Default: the newest.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override the run's job.yaml, e.g. export.parity_memory=0.")
 @click.option("--json", "as_json", is_flag=True)
+@handled
 def merge(run_dir: Path, checkpoint: Path | None, sets: tuple[str, ...], as_json: bool) -> None:
     """(Re)export RUN_DIR's checkpoint as a merged standalone model under RUN_DIR/model."""
     import contextlib
 
     from orchestrator import launch
 
-    try:
-        job, _ = build_job(load_raw(run_dir / "job.yaml"), sets)
-    except ConfigError as e:
-        _config_problems(e)
+    if not (run_dir / "job.yaml").is_file():
+        raise BadInput(f"{run_dir}: not a run directory (no job.yaml); rayft merge takes a directory that rayft train wrote")
+    job, _ = build_job(load_raw(run_dir / "job.yaml"), sets)
     checkpoint = checkpoint or launch.latest_checkpoint(run_dir)
     if checkpoint is None:
-        _fail(f"{run_dir}: no checkpoint found under {run_dir / 'checkpoints'}", 2)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # libraries' progress prints (DeepSpeed's) stay off stdout
-            outcome = launch.export_run(job, run_dir.resolve(), checkpoint.resolve())
-    except Exception as e:
-        _fail(f"export failed: {e}", 1)
+        raise BadInput(f"{run_dir}: no checkpoint found under {run_dir / 'checkpoints'}")
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' progress prints (DeepSpeed's) stay off stdout
+        outcome = launch.export_run(job, run_dir.resolve(), checkpoint.resolve())
     if as_json:
         _print_json(outcome.manifest)
         return
@@ -327,16 +373,13 @@ def merge(run_dir: Path, checkpoint: Path | None, sets: tuple[str, ...], as_json
 
 @main.command()
 @click.argument("directory", default="./quickstart", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the demo's summary as JSON at the end (progress goes to stderr).")
+@handled
 def quickstart(directory: Path, as_json: bool) -> None:
     """Offline demo: tiny VLM + colour data -> full fine-tune -> QLoRA to a new task -> merged model."""
-    from orchestrator import launch
     from orchestrator import quickstart as qs
 
-    try:
-        summary = qs.run(directory, sys.stdout)
-    except launch.RunFailed as e:
-        _fail(str(e), 1)
+    summary = qs.run(directory, _progress(as_json))
     if as_json:
         _print_json(summary)
         return
@@ -368,16 +411,14 @@ def cluster() -> None:
 @click.option("--dashboard-port", default=8265, show_default=True, help="Dashboard / Jobs API port.")
 @click.option("--timeout", "timeout_s", default=300, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds to wait until every node is up. 2 nodes take ~10 s on an idle 2-core machine and have taken ~160 s on a busy one.")
+@handled
 def cluster_up(directory: Path | None, nodes: int, cpus_per_node: int | None, port: int, dashboard_port: int, timeout_s: float) -> None:
     """Start the cluster; prints the address to submit to and where the token is (never the token).
     If a node is not up in time, stops everything it started and prints that node's log."""
     from orchestrator import cluster as local
 
     directory = directory or local.default_dir()
-    try:
-        state = local.up(directory, nodes=nodes, cpus_per_node=cpus_per_node, port=port, dashboard_port=dashboard_port, timeout_s=timeout_s)
-    except (local.ClusterError, OSError) as e:
-        _fail(str(e), 1)
+    state = local.up(directory, nodes=nodes, cpus_per_node=cpus_per_node, port=port, dashboard_port=dashboard_port, timeout_s=timeout_s)
     click.echo(f"Ray cluster up in {state['up_s']}s: {nodes} node(s) on 127.0.0.1")
     click.echo(f"address: {state['dashboard']}   (export RAY_ADDRESS={state['dashboard']})")
     click.echo(f"token:   {state['token_path']} (mode 0600; export RAY_AUTH_TOKEN_PATH={state['token_path']})")
@@ -387,15 +428,12 @@ def cluster_up(directory: Path | None, nodes: int, cpus_per_node: int | None, po
 @cluster.command("status")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), help=CLUSTER_DIR_HELP)
 @click.option("--json", "as_json", is_flag=True)
+@handled
 def cluster_status(directory: Path | None, as_json: bool) -> None:
     """Nodes and resources of the local cluster."""
     from orchestrator import cluster as local
-    from orchestrator import remote
 
-    try:
-        state = local.status(directory or local.default_dir())
-    except (local.ClusterError, remote.RemoteError) as e:
-        _fail(str(e), 1)
+    state = local.status(directory or local.default_dir())
     if as_json:
         _print_json(state)
         return
@@ -408,18 +446,17 @@ def cluster_status(directory: Path | None, as_json: bool) -> None:
 
 @cluster.command("down")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), help=CLUSTER_DIR_HELP)
+@handled
 def cluster_down(directory: Path | None) -> None:
     """Stop exactly the processes `cluster up` started (SIGTERM, then SIGKILL after 15 s); returns once all have exited."""
     from orchestrator import cluster as local
 
-    try:
-        out = local.down(directory or local.default_dir())
-    except local.ClusterError as e:
-        _fail(str(e), 1)
+    out = local.down(directory or local.default_dir())
     click.echo(f"stopped {out['nodes']} Ray node(s) in {out['down_s']}s; all {out['processes']} processes exited ({out['killed']} needed SIGKILL)")
 
 
 def _connection(address: str | None, insecure: bool):  # -> (address, token)
+    """The Jobs API address and token; a missing or unsafe one is bad input (exit 2), not a failed run."""
     from orchestrator import cluster, remote
 
     try:
@@ -428,7 +465,7 @@ def _connection(address: str | None, insecure: bool):  # -> (address, token)
         for w in remote.check_transport(address, token, insecure):
             click.echo(f"warning: {w}", err=True)
     except remote.RemoteError as e:
-        _fail(str(e), 2)
+        raise BadInput(str(e)) from None
     return address, token
 
 
@@ -444,6 +481,7 @@ def _address_options(f: Any) -> Any:
 @click.option("--runtime-env", "runtime_env_file", type=click.Path(dir_okay=False, exists=True), help="A runtime_env YAML merged into the job's (e.g. cluster/runtime_env.yaml).")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the job has checked its inputs on the cluster.")
 @click.option("--json", "as_json", is_flag=True)
+@handled
 def submit(job_file: str, sets: tuple[str, ...], address: str | None, insecure: bool, runtime_env_file: str | None, wait: bool, as_json: bool) -> None:
     """Validate JOB_FILE here, submit it to a Ray cluster's Jobs API, print the job id."""
     import yaml
@@ -451,23 +489,17 @@ def submit(job_file: str, sets: tuple[str, ...], address: str | None, insecure: 
     from orchestrator import remote
 
     address, token = _connection(address, insecure)
-    try:
-        job, warnings = load_job(job_file, sets, local_files=remote.is_loopback(address))
-    except ConfigError as e:
-        _config_problems(e)
+    job, warnings = load_job(job_file, sets, local_files=remote.is_loopback(address))
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
     runtime_env = yaml.safe_load(Path(runtime_env_file).read_text()) if runtime_env_file else None
-    try:
-        t0 = time.time()
-        out = remote.submit(job, address, token, runtime_env)
-        out["submit_s"] = round(time.time() - t0, 2)
-        if not as_json:
-            click.echo(f"submitted: {out['job_id']}  (results: {out['results']})")
-        if wait:
-            out["submit_to_running_s"] = round(out["submit_s"] + remote.wait_until_running(address, token, out["job_id"], timeout_s=300), 2)
-    except remote.RemoteError as e:
-        _fail(str(e), 1)
+    t0 = time.time()
+    out = remote.submit(job, address, token, runtime_env)
+    out["submit_s"] = round(time.time() - t0, 2)
+    if not as_json:
+        click.echo(f"submitted: {out['job_id']}  (results: {out['results']})")
+    if wait:
+        out["submit_to_running_s"] = round(out["submit_s"] + remote.wait_until_running(address, token, out["job_id"], timeout_s=300), 2)
     if as_json:
         _print_json(out)
         return
@@ -480,15 +512,13 @@ def submit(job_file: str, sets: tuple[str, ...], address: str | None, insecure: 
 @click.argument("job_id")
 @_address_options
 @click.option("--json", "as_json", is_flag=True)
+@handled
 def status(job_id: str, address: str | None, insecure: bool, as_json: bool) -> None:
     """A submitted job's status and where its results are."""
     from orchestrator import remote
 
     address, token = _connection(address, insecure)
-    try:
-        row = remote.info(address, token, job_id)
-    except remote.RemoteError as e:
-        _fail(str(e), 1)
+    row = remote.info(address, token, job_id)
     if as_json:
         _print_json(row)
         return
@@ -501,44 +531,38 @@ def status(job_id: str, address: str | None, insecure: bool, as_json: bool) -> N
 @click.argument("job_id")
 @_address_options
 @click.option("--follow", "-f", is_flag=True, help="Stream until the job ends.")
+@handled
 def logs(job_id: str, address: str | None, insecure: bool, follow: bool) -> None:
     """A submitted job's output (progress, eval lines, errors)."""
     from orchestrator import remote
 
     address, token = _connection(address, insecure)
-    try:
-        remote.logs(address, token, job_id, follow, sys.stdout)
-    except remote.RemoteError as e:
-        _fail(str(e), 1)
+    remote.logs(address, token, job_id, follow, sys.stdout)
 
 
 @main.command()
 @click.argument("job_id")
 @_address_options
+@handled
 def stop(job_id: str, address: str | None, insecure: bool) -> None:
     """Stop a submitted job and wait until it has stopped."""
     from orchestrator import remote
 
     address, token = _connection(address, insecure)
-    try:
-        final = remote.stop(address, token, job_id)
-    except remote.RemoteError as e:
-        _fail(str(e), 1)
+    final = remote.stop(address, token, job_id)
     click.echo(f"{job_id}: {final}")
 
 
 @main.command("list")
 @_address_options
 @click.option("--json", "as_json", is_flag=True)
+@handled
 def list_(address: str | None, insecure: bool, as_json: bool) -> None:
     """Jobs on the cluster, newest first."""
     from orchestrator import remote
 
     address, token = _connection(address, insecure)
-    try:
-        rows = sorted(remote.list_jobs(address, token), key=lambda r: r["start"] or 0, reverse=True)
-    except remote.RemoteError as e:
-        _fail(str(e), 1)
+    rows = sorted(remote.list_jobs(address, token), key=lambda r: r["start"] or 0, reverse=True)
     if as_json:
         _print_json(rows)
         return
@@ -547,4 +571,4 @@ def list_(address: str | None, insecure: bool, as_json: bool) -> None:
 
 
 if __name__ == "__main__":  # python -m orchestrator.cli, as the console script
-    main()
+    run()

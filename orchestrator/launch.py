@@ -152,19 +152,22 @@ def data_cpus() -> int:
 
 
 @contextlib.contextmanager
-def output_to(log_path: Path) -> Iterator[IO[str]]:
+def output_to(log_path: Path, user_stream: IO[str] | None = None) -> Iterator[IO[str]]:
     """Send this process's stdout/stderr (Ray's own output, worker logs) to log_path; yield a stream that
-    still reaches the user's terminal for the progress display."""
+    still reaches where user_stream (default stdout; stderr under --json) went, for rayft's own progress."""
+    user_stream = user_stream or sys.stdout
     try:
         fd_out, fd_err = sys.stdout.fileno(), sys.stderr.fileno()
+        user_fd = user_stream.fileno()
     except (AttributeError, OSError, ValueError):  # already captured (CliRunner, notebooks): nothing to move
         with log_path.open("a"):
-            yield sys.stdout
+            yield user_stream
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    user_stream.flush()
     saved_out, saved_err = os.dup(fd_out), os.dup(fd_err)
-    user = os.fdopen(os.dup(saved_out), "w", buffering=1)
+    user = os.fdopen(os.dup({fd_out: saved_out, fd_err: saved_err}.get(user_fd, user_fd)), "w", buffering=1)
     with log_path.open("a") as log:
         os.dup2(log.fileno(), fd_out)
         os.dup2(log.fileno(), fd_err)
@@ -207,6 +210,9 @@ class ProgressView:
         progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
             console=console, transient=False, disable=not console.is_terminal,
+            # rich would otherwise swap sys.stdout/stderr for proxies that print above the bar: Ray's worker
+            # lines (which the driver prints to sys.stdout) would cover the bar and miss ray.log
+            redirect_stdout=False, redirect_stderr=False,
         )
         task = None
         with progress:
@@ -283,7 +289,12 @@ def export_run(
     model_dir = out_dir / MODEL_DIR
     # export writes model.partial and renames it to model/ once checked (it alone owns that step): a failed or
     # killed export leaves the previous model/ untouched and at most model.partial, which the next export removes.
-    parity = export(job, checkpoint, model_dir) if job.export.on == "driver" else _export_on_worker(job, run_dir, checkpoint, model_dir)
+    try:
+        parity = export(job, checkpoint, model_dir) if job.export.on == "driver" else _export_on_worker(job, run_dir, checkpoint, model_dir)
+    except RunFailed:
+        raise
+    except Exception as e:  # a failed parity check, a full disk, an unreadable checkpoint: the export failed
+        raise RunFailed(f"export failed: {e}") from e
     records = read_metrics(run_dir)
     evals = [r for r in records if r.get("event") == "eval"]
     start = next((r for r in records if r.get("event") == "start"), {})
@@ -514,7 +525,7 @@ def _train(
     outcome_said = "failed"
 
     started_ray = False
-    with output_to(run_dir / "ray.log") as user_stream:
+    with output_to(run_dir / "ray.log", stream) as user_stream:
         from jobs.tracking import Tracker
 
         tracker = Tracker(job, run_dir, user_stream).start()  # opens while Ray starts
@@ -566,7 +577,8 @@ def _train(
                 outcome = export_run(job, run_dir, checkpoint, write=False)  # the manifest is written once, below
             except Exception as e:
                 traceback.print_exc()  # into ray.log
-                raise RunFailed(f"export failed: {e}\n(checkpoint kept: {checkpoint}; retry with: rayft merge {run_dir})") from e
+                why = str(e) if isinstance(e, RunFailed) else f"export failed: {e}"
+                raise RunFailed(f"{why}\n(checkpoint kept: {checkpoint}; retry with: rayft merge {run_dir})") from e
             stamps["exported"] = time.time()
         except KeyboardInterrupt:
             started_ray = True

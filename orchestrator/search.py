@@ -206,9 +206,34 @@ def run(
     stream: IO[str],
     fit_check: bool = True,
     memory_limit: int | None = None,
+    job_file: str | None = None,
 ) -> dict[str, Any]:
     """fit_check: refuse a search none of whose trials is predicted to fit (planner.DoesNotFit), and skip
-    the trials predicted not to fit; memory_limit: bytes per worker to check against (default: detected)."""
+    the trials predicted not to fit; memory_limit: bytes per worker to check against (default: detected).
+    Ctrl-C and SIGTERM stop the search (Tune saves it) and raise Interrupted with the resume command, which
+    names job_file, as launch.train does for a run."""
+    from orchestrator.signals import sigterm_as_sigint
+
+    with sigterm_as_sigint() as got:
+        try:
+            return _run(job, base, search_dir, resume, stream, fit_check, memory_limit)
+        except (KeyboardInterrupt, Interrupted) as e:
+            signum = got.get("signal", signal.SIGINT)
+            name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT (Ctrl-C)"
+            directory = getattr(e, "directory", None)
+            raise Interrupted(f"stopped by {name}; continue with: rayft tune {job_file or 'JOB'} --resume {directory or 'SEARCH_DIR'}",
+                              128 + signum, directory) from None
+
+
+def _run(
+    job: JobConfig,
+    base: dict[str, Any],
+    search_dir: Path | None,
+    resume: Path | None,
+    stream: IO[str],
+    fit_check: bool,
+    memory_limit: int | None,
+) -> dict[str, Any]:
     import ray
     from ray import tune as rt
 
@@ -242,7 +267,7 @@ def run(
 
     attempts.record_invocation(search_dir, t0)
     started = False
-    with output_to(search_dir / "ray.log") as user_stream:
+    with output_to(search_dir / "ray.log", stream) as user_stream:
         from jobs.tracking import Tracker
 
         # one parent MLflow run for the search (a --resume continues it); each trial logs a child run under it
