@@ -46,6 +46,23 @@ def test_shipped_job_files_validate(world, tmp_path):
         assert Path(job.model).is_dir() and Path(job.data.train).is_file(), path
 
 
+def test_shipped_data_layout_examples_pass_the_row_checks(world, tmp_path):
+    """examples/data-*.yaml, one per data layout (docs/data.md names each): every row of their files passes
+    the checks the validation pass runs (conversation, images decode), in this process."""
+    from jobs.data import check_rows
+
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    (tmp_path / "quickstart").symlink_to(world)
+    (world / "base").exists() or shutil.copytree(world / "init", world / "base")
+    layouts = sorted((tmp_path / "examples").glob("data-*.yaml"))
+    assert len(layouts) >= 6
+    docs = (REPO / "docs/data.md").read_text()
+    for path in layouts:
+        assert f"examples/{path.name}" in docs, f"docs/data.md does not name examples/{path.name}"
+        job, _ = load_job(path)
+        assert check_rows(job.data.train, job.data, True) > 0, path
+
+
 def test_defaults_live_in_the_schema(world, tmp_path):
     job, _ = load_job(write_job(tmp_path, world))
     assert (job.method, job.quantization.type, job.precision, job.lora.rank) == ("qlora", "nf4", "bf16", 16)
