@@ -570,5 +570,25 @@ def list_(address: str | None, insecure: bool, as_json: bool) -> None:
         click.echo(f"{r['job_id']:48} {r['status']:10} {r['name'] or '-':20} {r['results'] or ''}")
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON Schema of a job file, for editors (the default).")
+@click.option("--markdown", "as_markdown", is_flag=True, help="The job-file reference, as in docs/job-reference.md.")
+def schema(as_json: bool, as_markdown: bool) -> None:
+    """The job file's schema: every key, its type, default, allowed values and doc.
+
+    \b
+    rayft schema --json > job.schema.json            # JSON Schema (yaml-language-server, VS Code); the default
+    rayft schema --markdown > docs/job-reference.md  # regenerate the reference
+    """
+    from orchestrator import schema_doc
+
+    if as_json and as_markdown:
+        raise click.UsageError("give --json or --markdown, not both")
+    if as_markdown:
+        click.echo(schema_doc.markdown(), nl=False)
+    else:
+        _print_json(schema_doc.json_schema())
+
+
 if __name__ == "__main__":  # python -m orchestrator.cli, as the console script
     run()

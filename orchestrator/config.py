@@ -182,9 +182,13 @@ class Dimension(_Section):
     """One searched key: exactly one of choice, uniform, loguniform, grid."""
 
     choice: list[Any] | None = None
+    """Values to pick from: random and optuna sample among them; search: grid takes each once."""
     uniform: tuple[float, float] | None = None
+    """[low, high]: a number drawn uniformly between the bounds (random and optuna; not search: grid)."""
     loguniform: tuple[float, float] | None = None
+    """[low, high], both above 0: a number drawn uniformly in log space, e.g. a learning rate (random and optuna)."""
     grid: list[Any] | None = None
+    """Values each run once: every combination with the other grid (and, for search: grid, choice) keys; not with optuna."""
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Dimension:
