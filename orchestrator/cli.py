@@ -573,6 +573,7 @@ def list_(address: str | None, insecure: bool, as_json: bool) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON Schema of a job file, for editors (the default).")
 @click.option("--markdown", "as_markdown", is_flag=True, help="The job-file reference, as in docs/job-reference.md.")
+@handled
 def schema(as_json: bool, as_markdown: bool) -> None:
     """The job file's schema: every key, its type, default, allowed values and doc.
 
@@ -583,7 +584,7 @@ def schema(as_json: bool, as_markdown: bool) -> None:
     from orchestrator import schema_doc
 
     if as_json and as_markdown:
-        raise click.UsageError("give --json or --markdown, not both")
+        raise BadInput("give --json or --markdown, not both")
     if as_markdown:
         click.echo(schema_doc.markdown(), nl=False)
     else:
