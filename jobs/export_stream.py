@@ -1,7 +1,7 @@
 """Shard-by-shard export: the base checkpoint is read one safetensors shard at a time, the adapter's
 `B @ A * scale` is added to each targeted weight in fp32, and each input shard becomes one output shard in
 the run's precision (with an index when there are several). Host memory stays at about one input shard
-(memory-mapped) plus one output shard plus the adapter, whatever the model's size.
+(memory-mapped) plus twice one output shard (the tensors and safetensors' serialized copy) plus the adapter, whatever the model's size.
 
 Every weight goes through the same dtype steps the in-memory merge (jobs/merge.py: export_in_memory) takes,
 so the two write the same bits:

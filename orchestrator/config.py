@@ -335,7 +335,7 @@ class ExportConfig(_Section):
 
     merge: Literal["streamed", "in_memory"] = "streamed"
     """streamed: the base is read one safetensors shard at a time and each merged shard written before the next
-    is read, so host memory stays near one input shard + one output shard + the adapter at any model size.
+    is read, so host memory stays near one input shard + twice one output shard (the tensors and their serialized copy) + the adapter at any model size.
     in_memory: load the whole model, merge with peft's merge_and_unload, save (several copies of the model in
     host memory; the reference the streamed export is tested against)."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
