@@ -466,7 +466,7 @@ def main() -> None:
     if fit:
         md += (f"\n\nstreamed peak fit ({fit['points']} exports): {runtime:.2f} GiB runtime + adapter + {fit['per_shard_byte']:.2f} x largest input shard "
                f"+ {fit['per_fp32_tensor_byte']:.2f} x largest tensor in fp32 (max residual {fit['max_abs_residual_gib']:.3f} GiB)")
-    md += "\n\n70B (Llama-2-70B shapes from orchestrator/planner.py, hub checkpoint in ~5 GB bf16 shards):\n\n" + "\n".join(
+    md += "\n\n70B (Llama-2-70B shapes from orchestrator/planner/shapes.py, hub checkpoint in ~5 GB bf16 shards):\n\n" + "\n".join(
         f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in seventy.items())
     (REPO / "bench" / "results" / "export_scale.md").write_text(f"# export_scale\n\n{md}\n")
     print(md)

@@ -95,7 +95,22 @@ def test_jobs_reach_into_the_controller_only_for_the_shared_parts():
         if name.startswith("jobs.")
         for target in targets
         if target.startswith("orchestrator.")
-        and target not in JOBS_MAY_IMPORT
+        and not shared(target)
         and not (name == "jobs.entrypoint" and target in ENTRYPOINT_MAY_IMPORT)
     }
     assert reaches == set()
+
+
+def shared(target: str) -> bool:
+    """One of the shared parts, or a module of one (orchestrator.planner is a package: its files count too)."""
+    return any(target == part or target.startswith(part + ".") for part in JOBS_MAY_IMPORT)
+
+
+def test_planner_files_import_downward():
+    """orchestrator/planner/: the walk finds its files, and each imports only the ones below it."""
+    order = ["orchestrator.planner.shapes", "orchestrator.planner.memory", "orchestrator.planner.fit", "orchestrator.planner.render"]
+    graph = import_graph()
+    assert set(order) | {"orchestrator.planner"} <= set(graph)
+    for k, name in enumerate(order):
+        assert graph[name] & {"orchestrator.planner", *order} <= set(order[:k]), name
+    assert shared("orchestrator.planner.fit") and not shared("orchestrator.plannerx")
