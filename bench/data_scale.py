@@ -188,7 +188,9 @@ def run(name: str, code: Path, model: Path, data: Path, eval_file: Path, work: P
         return result
     manifest = json.loads(stdout[stdout.index("{\n") :])
     run_dir = Path(manifest["run_dir"])
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from jobs.metrics_log import read_metrics
+
+    records = read_metrics(run_dir)
     t = manifest["timings"]
     rates = [r["samples_per_s"] for r in records if r.get("event") == "train"][1:]
     end = next(r for r in records if r.get("event") == "end")

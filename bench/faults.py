@@ -50,8 +50,10 @@ def train(job: Path, out: Path, *extra: str) -> subprocess.Popen:
 
 
 def records(out: Path) -> list[dict[str, Any]]:
-    files = list((out / "runs").glob("*/metrics.jsonl"))
-    return [json.loads(x) for x in files[0].read_text().splitlines() if x.strip()] if files else []
+    from jobs.metrics_log import METRICS_FILE, read_metrics
+
+    files = list((out / "runs").glob(f"*/{METRICS_FILE}"))
+    return read_metrics(files[0].parent) if files else []
 
 
 def registered(out: Path) -> list[int]:

@@ -118,7 +118,9 @@ def main() -> None:
                 row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1][:300]
             else:
                 manifest = json.loads(proc.stdout[proc.stdout.index("{\n") :])
-                records = [json.loads(x) for x in (Path(manifest["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+                from jobs.metrics_log import read_metrics
+
+                records = read_metrics(Path(manifest["run_dir"]))
                 tokens_per_s = manifest["metrics"]["tokens_per_s"]
                 row.update(
                     tokens_per_s=round(tokens_per_s),

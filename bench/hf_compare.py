@@ -275,6 +275,7 @@ def run_rayft_train(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
     """What `rayft train` runs (launch.train: preflight, Ray Train with 1 worker holding every core, merge and
     export) on the embedded local Ray this process started. Rates are the train loop's own per-step windows
     after warm-up (metrics.jsonl); peak RSS is the worker's; wall_s is the whole run, export included."""
+    from jobs.metrics_log import read_metrics
     from orchestrator import launch
     from orchestrator.config import build_job
 
@@ -289,7 +290,7 @@ def run_rayft_train(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
             raise
         export_error = str(e).splitlines()[0]  # trained to the end; the export refused (reported, not hidden)
     wall = time.time() - t0
-    timed = [r for r in launch.read_metrics(run_dir) if "steps_per_s" in r and r["step"] > warmup]
+    timed = [r for r in read_metrics(run_dir) if "steps_per_s" in r and r["step"] > warmup]
     elapsed = sum(1 / r["steps_per_s"] for r in timed)
     return {
         "samples_per_s": sum(r["samples_per_s"] / r["steps_per_s"] for r in timed) / elapsed,

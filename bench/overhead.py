@@ -71,7 +71,9 @@ def rayft_train(job_file: Path, out: Path, sets: list[str]) -> dict[str, float]:
         raise SystemExit(f"rayft train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     run_dir = Path(next(line.split(":", 1)[1].strip() for line in proc.stdout.splitlines() if line.startswith("run directory:")))
     timings = json.loads((run_dir / "manifest.json").read_text())["timings"]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from jobs.metrics_log import read_metrics
+
+    records = read_metrics(run_dir)
     first = next(r for r in records if r.get("event") == "first_step")
     return {**timings, "outside_first_step_s": first["time"] - launched, "outside_wall_s": wall}
 

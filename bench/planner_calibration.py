@@ -142,8 +142,9 @@ def measure_one(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure_zero(raw: dict[str, Any], stage: int, runs: Path) -> dict[str, Any]:
+    from jobs.metrics_log import read_metrics
     from orchestrator.config import build_job
-    from orchestrator.launch import read_metrics, train
+    from orchestrator.launch import train
 
     job, _ = build_job(
         {

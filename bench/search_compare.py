@@ -99,7 +99,9 @@ def read_curves(search_dir: Path) -> list[dict[str, Any]]:
     configs = []
     for trial in sorted((search_dir / "trials").iterdir()):
         overrides = json.loads((trial / "overrides.json").read_text())
-        records = [json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        from jobs.metrics_log import read_metrics
+
+        records = read_metrics(trial)
         evals = [r for r in records if r.get("event") == "eval"]
         curve = [(r["step"], r["eval_accuracy"], r["eval_loss"], round(r["time"] - evals[0]["time"], 2)) for r in evals]
         configs.append({"trial": trial.name, "lr": overrides["train.lr"], "rank": overrides["lora.rank"], "curve": curve})
@@ -376,7 +378,9 @@ def confirm(search_dir: Path) -> dict[str, Any]:
     fifo = {(c["lr"], c["rank"]): [tuple(p) for p in c["curve"]] for c in json.loads(CURVES.read_text())["tasks"][name]["configs"]}
     real = sorted(summary["trials"], key=lambda t: t["trial"].rsplit("_", 1)[1])  # Tune's trial ids: the order it started them
     keys = [(t["overrides"]["train.lr"], t["overrides"]["lora.rank"]) for t in real]
-    started = [json.loads((search_dir / "trials" / t["trial"] / "metrics.jsonl").read_text().splitlines()[0])["time"] for t in real]
+    from jobs.metrics_log import read_metrics
+
+    started = [read_metrics(search_dir / "trials" / t["trial"])[0]["time"] for t in real]
     sched = ASHAScheduler(time_attr="step", metric=summary["metric"], mode=summary["mode"], grace_period=rule["grace_period"],
                           max_t=rule["max_t"], reduction_factor=rule["reduction_factor"])
     replay = replay_asha([fifo[k] for k in keys], list(range(len(keys))), 1, sched)

@@ -60,7 +60,9 @@ def run(job_file: Path, out: Path, sets: list[str]) -> dict[str, Any]:
         raise RuntimeError(proc.stderr[-3000:])
     manifest = json.loads(proc.stdout[proc.stdout.index("{\n") :])  # --json prints the manifest
     run_dir = Path(manifest["run_dir"])
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from jobs.metrics_log import read_metrics
+
+    records = read_metrics(run_dir)
     windows = [1 / r["steps_per_s"] for r in records if r.get("event") in ("train", "eval") and r.get("steps_per_s")]
     steady = windows[2:] or windows
     state = json.loads((run_dir / "tracking.json").read_text()) if (run_dir / "tracking.json").is_file() else {}

@@ -53,7 +53,9 @@ def main() -> None:
         }
         job, _ = build_job(raw)
         out = launch.train(job, progress=False)
-        records = [json.loads(x) for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()]
+        from jobs.metrics_log import read_metrics
+
+        records = read_metrics(out.run_dir)
         train = [r for r in records if "steps_per_s" in r]
         first = next(r for r in train if "params_bytes" in r)
         rows[stage] = {

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.metrics_log import read_metrics
+
 STOP_FILE = "stop-requested.json"
 """Written by the driver on SIGTERM/SIGINT: rank 0 sees it after the current step, checkpoints and stops."""
 FATAL_FILE = "fatal-error.json"
@@ -136,8 +138,7 @@ def describe(rank: int, error: BaseException) -> str:
 def record_failure(run_dir: Path, worker_exceptions: dict[int, BaseException]) -> None:
     """Append why this attempt ended to failures.jsonl: the attempt is the newest in metrics.jsonl, or the
     next one when that one already has a failure (it died before writing its start)."""
-    metrics = run_dir / "metrics.jsonl"
-    records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+    records = read_metrics(run_dir)
     failed = failures(run_dir)
     attempt = next_attempt(records) - 1 or 1
     if any(f.get("attempt") == attempt for f in failed):

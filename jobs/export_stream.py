@@ -222,8 +222,8 @@ def _trained_inputs(job: JobConfig, checkpoint_dir: Path, layout: BaseLayout) ->
     return adapters, trained
 
 
-def merge_streamed(job: JobConfig, checkpoint_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Write the merged model's shards (and index) into out_dir, one input shard at a time, checking each merged
+def merge_streamed(job: JobConfig, checkpoint_dir: Path, model_dir: Path) -> dict[str, Any]:
+    """Write the merged model's shards (and index) into model_dir, one input shard at a time, checking each merged
     layer as it is made (probes, with the base as trained computed once) and each written shard read back.
     Returns the layer check's record with the export's shape (shards, fp32 size)."""
     import torch
@@ -235,7 +235,7 @@ def merge_streamed(job: JobConfig, checkpoint_dir: Path, out_dir: Path) -> dict[
     export_dtype = torch_dtype(job.export.precision(job.precision))
     adapters, trained = _trained_inputs(job, checkpoint_dir, layout)
     trained_keys = set(trained.keys()) if trained is not None else set()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
     total_size = merged = 0
     check = LayerCheck(job)
@@ -261,15 +261,15 @@ def merge_streamed(job: JobConfig, checkpoint_dir: Path, out_dir: Path) -> dict[
                     merged += 1
                 else:
                     tensors[key] = value.to(export_dtype)
-        save_file(tensors, str(out_dir / out_name), metadata={"format": "pt"})
+        save_file(tensors, str(model_dir / out_name), metadata={"format": "pt"})
         total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-        with safe_open(str(out_dir / out_name), "pt") as written:  # the file holds exactly what was checked
+        with safe_open(str(model_dir / out_name), "pt") as written:  # the file holds exactly what was checked
             check.missing += [k for k in tensors if k not in written.keys() or not torch.equal(written.get_tensor(k), tensors[k])]
         del tensors
         print(f"export: shard {i + 1}/{n} written ({merged} of {len(adapters)} adapters merged; host memory {_rss_text()})", file=sys.stderr, flush=True)
     if n > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (model_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     if merged != len(adapters):
         raise ExportError(f"{len(adapters) - merged} adapters found no base weight in {job.model}")
     record = {**check.record(), "written_back": "every written tensor read back and equal to the one checked"} if adapters else {}

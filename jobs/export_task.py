@@ -6,7 +6,7 @@ which each node advertises from its RAM, or `ray start --memory`), one CPU and n
 node that has that much unreserved; a GPU node's host RAM is usually the largest. A request larger than every
 node's `memory` would wait forever as infeasible, so it is refused here first, naming the sizes.
 
-Where it writes: checkpoint_dir and out_dir are paths of the driver's machine, and the task reads and writes
+Where it writes: checkpoint_dir and model_dir are paths of the driver's machine, and the task reads and writes
 them as they are, so the node it lands on must see the same files:
 - a run directory on a filesystem every node mounts (a local path on a one-machine cluster, NFS): the export
   lands in the run's storage directly;
@@ -14,7 +14,7 @@ them as they are, so the node it lands on must see the same files:
   (jobs/entrypoint.py). That scratch directory is on the driver's node only: the export works on a worker only
   when that node shares the driver's filesystem (e.g. one machine); a node on another machine cannot read the
   checkpoint there, and the task says so (naming the node and the path) instead of exporting elsewhere. What
-  it writes into out_dir is what the upload then reads.
+  it writes into model_dir is what the upload then reads.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def _run_export(job_dict: dict[str, Any], checkpoint_dir: str, out_dir: str) -> dict[str, Any]:
+def _run_export(job_dict: dict[str, Any], checkpoint_dir: str, model_dir: str) -> dict[str, Any]:
     """The task body, on the chosen node: export, or say why not (a ParityError's message, a path not seen here)."""
     import ray
 
@@ -75,7 +75,7 @@ def _run_export(job_dict: dict[str, Any], checkpoint_dir: str, out_dir: str) -> 
 
     where = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
     job = JobConfig.model_validate(job_dict)
-    checkpoint, out = Path(checkpoint_dir), Path(out_dir)
+    checkpoint, out = Path(checkpoint_dir), Path(model_dir)
     for what, path in (("checkpoint", checkpoint), ("base model", Path(job.model)), ("output directory's parent", out.parent)):
         if not path.exists():
             return {**where, "error": "unseen", "message": f"the {what} {path} is not visible on node {where['node_ip']} "
@@ -86,8 +86,8 @@ def _run_export(job_dict: dict[str, Any], checkpoint_dir: str, out_dir: str) -> 
         return {**where, "error": "parity", "message": str(e)}
 
 
-def export_on_worker(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """jobs.merge.export(job, checkpoint_dir, out_dir) as a Ray task on a node with the memory it needs; Ray
+def export_on_worker(job: JobConfig, checkpoint_dir: str | Path, model_dir: str | Path) -> dict[str, Any]:
+    """jobs.merge.export(job, checkpoint_dir, model_dir) as a Ray task on a node with the memory it needs; Ray
     must already be initialized (embedded or connected). Returns export's parity record with
     record["ran_on"] = {node_id, node_ip, node_name, memory_requested_bytes}. Raises ParityError (with the
     task's own message) on a failed check, ExportPlacementError when no node can take it or the node cannot
@@ -96,7 +96,7 @@ def export_on_worker(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | 
 
     from jobs.merge import ParityError
 
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    checkpoint_dir, model_dir = Path(checkpoint_dir), Path(model_dir)
     need = memory_request(job, checkpoint_dir)
     largest, address = _largest_node()
     if need > largest:
@@ -107,7 +107,7 @@ def export_on_worker(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | 
             "(0 skips the end-to-end check), or set export.on: driver")
     task = ray.remote(_run_export).options(num_cpus=1, num_gpus=0, memory=need, max_retries=0, name="rayft-export")
     try:
-        result = ray.get(task.remote(job.model_dump(mode="json"), str(checkpoint_dir), str(out_dir)))
+        result = ray.get(task.remote(job.model_dump(mode="json"), str(checkpoint_dir), str(model_dir)))
     except ray.exceptions.RayTaskError as e:  # anything but a failed check: the cause, not Ray's wall of text
         cause = getattr(e, "cause", None) or e
         raise RuntimeError(f"export.on: worker: the export task failed: {type(cause).__name__}: {cause}") from e

@@ -95,10 +95,10 @@ def _logits(model: Any, batch: dict[str, Any], autocast: Any = None) -> Any:
         return model(**inputs).logits.float()
 
 
-def partial_dir(out_dir: Path) -> Path:
-    """Where an export is written before it becomes out_dir: `<out_dir>.partial`, emptied first. Also
-    removes `<out_dir>.partial.partial`, which earlier versions left (they wrote it twice over)."""
-    tmp_dir = out_dir.with_name(out_dir.name + ".partial")
+def partial_dir(model_dir: Path) -> Path:
+    """Where an export is written before it becomes model_dir: `<model_dir>.partial`, emptied first. Also
+    removes `<model_dir>.partial.partial`, which earlier versions left (they wrote it twice over)."""
+    tmp_dir = model_dir.with_name(model_dir.name + ".partial")
     for stale in (tmp_dir, tmp_dir.with_name(tmp_dir.name + ".partial")):
         if stale.is_dir():
             shutil.rmtree(stale)
@@ -131,20 +131,20 @@ def make_readable(root: Path) -> None:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def _publish(tmp_dir: Path, out_dir: Path) -> None:
-    """The checked export becomes out_dir: the previous out_dir is removed only now, after every check."""
+def _publish(tmp_dir: Path, model_dir: Path) -> None:
+    """The checked export becomes model_dir: the previous model_dir is removed only now, after every check."""
     make_readable(tmp_dir)
-    if out_dir.is_dir():
-        shutil.rmtree(out_dir)
-    tmp_dir.rename(out_dir)
+    if model_dir.is_dir():
+        shutil.rmtree(model_dir)
+    tmp_dir.rename(model_dir)
 
 
-def export(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Write the standalone model to out_dir (through `<out_dir>.partial`, renamed into place once every check
+def export(job: JobConfig, checkpoint_dir: str | Path, model_dir: str | Path) -> dict[str, Any]:
+    """Write the standalone model to model_dir (through `<model_dir>.partial`, renamed into place once every check
     that ran passed); returns the parity record for the manifest: which checks ran, and their figures."""
     t0 = time.time()
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    tmp_dir = partial_dir(out_dir)
+    checkpoint_dir, model_dir = Path(checkpoint_dir), Path(model_dir)
+    tmp_dir = partial_dir(model_dir)
     if not (checkpoint_dir / WEIGHTS_FILE).is_file():
         record = export_zero(job, checkpoint_dir, tmp_dir)
     elif job.export.merge == "in_memory":
@@ -161,11 +161,11 @@ def export(job: JobConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> d
     failed = [name for name, check in record["checks"].items() if check.get("ran") and not check["passed"]]
     record["passed"] = not failed
     if failed:
-        kept = out_dir.with_name(out_dir.name + ".failed")
+        kept = model_dir.with_name(model_dir.name + ".failed")
         shutil.rmtree(kept, ignore_errors=True)
         tmp_dir.rename(kept)
         raise ParityError(f"{'; '.join(describe(record['checks'][name]) for name in failed)}; the unverified export is kept at {kept}")
-    _publish(tmp_dir, out_dir)
+    _publish(tmp_dir, model_dir)
     return record
 
 
@@ -250,18 +250,18 @@ def export_streamed(job: JobConfig, checkpoint_dir: Path, tmp_dir: Path) -> dict
     return record
 
 
-def write_side_files(job: JobConfig, out_dir: Path) -> None:
+def write_side_files(job: JobConfig, model_dir: Path) -> None:
     """config.json (dtype: the export's), generation config and processor beside the weights."""
     from transformers import AutoConfig, GenerationConfig
 
     config = AutoConfig.from_pretrained(job.model)
     config.dtype = torch_dtype(job.export.precision(job.precision))
-    config.save_pretrained(out_dir)
+    config.save_pretrained(model_dir)
     try:
-        GenerationConfig.from_pretrained(job.model).save_pretrained(out_dir)
+        GenerationConfig.from_pretrained(job.model).save_pretrained(model_dir)
     except OSError:
         pass  # the base has no generation config
-    save_processor(load_processor(job.model, architectures.for_model_dir(job.model)), job.model, out_dir)
+    save_processor(load_processor(job.model, architectures.for_model_dir(job.model)), job.model, model_dir)
 
 
 def _as_trained_and_reference(

@@ -71,17 +71,17 @@ _WARNED: set[str] = set()
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 
 
-def save_processor(processor: Any, base_dir: str, out_dir: Any) -> None:
+def save_processor(processor: Any, base_dir: str, model_dir: Any) -> None:
     """Save the processor beside an exported model, keeping the base's own processor config files: where an
     image-only subclass loaded it (no torchvision), save_pretrained would name that subclass, which plain
     transformers does not know; the base's files name the stock class."""
     import shutil
     from pathlib import Path
 
-    processor.save_pretrained(out_dir)
+    processor.save_pretrained(model_dir)
     for name in PROCESSOR_FILES:
         if (Path(base_dir) / name).is_file():
-            shutil.copy2(Path(base_dir) / name, Path(out_dir) / name)
+            shutil.copy2(Path(base_dir) / name, Path(model_dir) / name)
 
 
 def load_processor(model_dir: str, arch: Architecture):

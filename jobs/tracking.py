@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
+from jobs.metrics_log import metrics_path
 from orchestrator.config import JobConfig, MlflowConfig, WandbConfig, load_raw
 from orchestrator.dotted import flatten
 
@@ -326,7 +327,7 @@ class Tracker:
 
     def _forward(self) -> int:
         with self._lock:
-            path = self.run_dir / "metrics.jsonl"
+            path = metrics_path(self.run_dir)
             if not path.is_file() or not self._live():
                 return 0
             with path.open("rb") as f:

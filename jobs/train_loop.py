@@ -1,7 +1,7 @@
 """train_fn_per_worker: what every Ray Train worker runs, top to bottom.
 
 setup (job, threads, device, data shard, model, optimizer) -> restore checkpoint -> optimizer steps
--> eval/report/checkpoint on cadence -> final eval + checkpoint. Rank 0 writes metrics.jsonl.
+-> eval/report/checkpoint on cadence -> final eval + checkpoint. Rank 0 writes metrics.jsonl (jobs/metrics_log.py).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from jobs.batching import epoch_of
 from jobs.checkpoint import CHECKPOINTS, META_FILE, STATE_FILE, WEIGHTS_FILE
 from jobs.evaluate import evaluate, to_device
 from jobs.generate import EvalGenerator
+from jobs.metrics_log import append_metrics, read_metrics
 from jobs.model import (
     build_model,
     count_parameters,
@@ -62,11 +63,16 @@ class Training:
     deepspeed: bool
     ddp: bool
     max_grad_norm: float | None
+    zero3_config: Any = None
+    """transformers' HfDeepSpeedConfig under ZeRO-3, else None. transformers holds it only weakly and asks it
+    whether ZeRO-3 is on (to load each rank's partition of the model, and after): kept here, it lives as long
+    as the training does."""
 
 
 def build_training(job: JobConfig, arch: architectures.Architecture, device: Any, world: int, schedule: Callable[[int], float], ds_config: dict[str, Any] | None) -> Training:
     import torch
 
+    zero3_config = zero.hf_deepspeed_config(job, ds_config, arch) if ds_config else None
     model = build_model(job, arch, device)
     params = [p for p in model.parameters() if p.requires_grad]
     if ds_config:
@@ -87,6 +93,7 @@ def build_training(job: JobConfig, arch: architectures.Architecture, device: Any
             deepspeed=True,
             ddp=False,
             max_grad_norm=None,  # DeepSpeed clips (gradient_clipping in its config)
+            zero3_config=zero3_config,
         )
     core = model
     if world > 1:
@@ -168,6 +175,228 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         raise
 
 
+@dataclass
+class Log:
+    """metrics.jsonl as a worker writes it: rank 0 alone, each record stamped with its attempt and time."""
+
+    run_dir: Path
+    attempt: int
+    writes: bool
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if self.writes:
+            append_metrics(self.run_dir, {**record, "attempt": self.attempt, "time": record.get("time", time.time())})
+
+
+def previous_attempts(run_dir: Path) -> tuple[int, int | None]:
+    """(this attempt's number, the highest step the attempts before it reached: None if it is the first),
+    from metrics.jsonl."""
+    records = read_metrics(run_dir)
+    return attempts.next_attempt(records), max((r.get("step") or 0 for r in records), default=0) if records else None
+
+
+def restore(training: Training, checkpoint: Any) -> int:
+    """Load Ray Train's checkpoint to continue from (a restart's, a --resume's) into training; its step, or 0
+    without one."""
+    if not checkpoint:
+        return 0
+    import torch
+    from safetensors.torch import load_file
+
+    with checkpoint.as_directory() as ckpt_dir:
+        if training.deepspeed:
+            _, client_state = training.model.load_checkpoint(ckpt_dir)  # every rank its own shard
+            return client_state["step"]
+        load_trainable_state(training.core, load_file(os.path.join(ckpt_dir, WEIGHTS_FILE)))
+        state = torch.load(os.path.join(ckpt_dir, STATE_FILE), weights_only=False)
+        training.optimizer.load_state_dict(state["optimizer"])
+        training.scheduler.load_state_dict(state["scheduler"])
+        training.scaler.load_state_dict(state["scaler"])
+        return state["step"]
+
+
+@dataclass
+class Checkpoints:
+    """A worker's reports to Ray Train, each with a checkpoint of its step when asked for one."""
+
+    training: Training
+    job: JobConfig
+    rank: int
+    run_dir: Path
+    total_steps: int
+    last: int
+    """The step of the newest checkpoint (the restored one's until this attempt takes one)."""
+    kill_at: int | None
+    """The fault drill RAYFT_KILL_IN_CHECKPOINT's step in a run's first attempt; None in a later one."""
+
+    def save(self, step: int, metrics: dict[str, Any]) -> Any:
+        """Plain runs: rank 0 writes trainable weights + optimizer state. ZeRO: every rank writes its shard
+        and Ray merges the ranks' directories into one checkpoint. Adapters are also written whole by rank 0
+        (they are small and unpartitioned below ZeRO-3), so every adapter run merges the same way."""
+        import ray.train
+        import torch
+        from safetensors.torch import save_file
+
+        t = self.training
+        ckpt_dir = attempts.staging_dir(step)
+        if t.deepspeed:
+            t.model.save_checkpoint(ckpt_dir, tag=f"step_{step}", client_state={"step": step})
+        if self.rank == 0:
+            if not t.deepspeed or self.job.method != "full":
+                save_file(trainable_state(t.core), os.path.join(ckpt_dir, WEIGHTS_FILE))
+            if not t.deepspeed:
+                torch.save(
+                    {"step": step, "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict()},
+                    os.path.join(ckpt_dir, STATE_FILE),
+                )
+            Path(ckpt_dir, META_FILE).write_text(json.dumps(metrics))
+        if self.rank == 0 or t.deepspeed:
+            return ray.train.Checkpoint.from_directory(ckpt_dir)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return None
+
+    def report(self, metrics: dict[str, Any], step: int | None) -> None:
+        """Report to Ray Train, with a checkpoint of `step` if given. Ray Train copies the staged checkpoint
+        into storage and registers it only once the copy is complete; the staged copy is removed either way."""
+        import ray.train
+
+        checkpoint = self.save(step, metrics) if step is not None else None
+        try:
+            drill = step is not None and step == self.kill_at
+            upload = partial(kill_during_upload, self.run_dir) if drill else None
+            # total_steps rides along so a search's budget (orchestrator/budget.py) knows what a trial will spend
+            ray.train.report({**metrics, "total_steps": self.total_steps}, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload)
+        finally:
+            if checkpoint is not None:
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
+        if step is not None:
+            self.last = step
+
+
+def kill_during_upload(run_dir: Path, checkpoint: Any, dir_name: str) -> Any:
+    """The fault drill RAYFT_KILL_IN_CHECKPOINT=N: in a run's first attempt, copy half of step N's
+    checkpoint into storage, then die as a SIGKILL would (rehearses a kill during a checkpoint write)."""
+    import signal
+
+    from jobs.checkpoint import registered_checkpoints
+
+    # Ray Train registers a report when its controller next polls the workers (every 0.5 s): wait for the
+    # one before, so the drill always kills the write of the newest checkpoint, not of one Ray never saw
+    deadline = time.time() + 30
+    while not registered_checkpoints(run_dir) and time.time() < deadline:
+        time.sleep(0.1)
+    dest = run_dir / CHECKPOINTS / dir_name
+    dest.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in Path(checkpoint.path).rglob("*") if p.is_file())
+    for f in files[: max(1, len(files) // 2)]:
+        (dest / f.relative_to(checkpoint.path)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dest / f.relative_to(checkpoint.path))
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class Window:
+    """This worker's optimizer steps since the last train record (log_every): their loss, rows and tokens."""
+
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    """Useful (non-pad) tokens."""
+    padded: int = 0
+    samples: int = 0
+    t0: float = field(default_factory=time.time)
+
+    def count(self, micro: list[Any], batches: list[dict[str, Any]]) -> None:
+        """A step's rows and tokens, before it runs."""
+        self.tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+        self.padded += sum(b["attention_mask"].numel() for b in batches)
+        self.samples += sum(len(rows) for rows in micro)
+
+    def add_loss(self, step_loss: float) -> None:
+        self.loss, self.steps = self.loss + step_loss, self.steps + 1
+
+    def mean_loss(self) -> float:
+        return self.loss / max(1, self.steps)
+
+    def record(self, step: int, epoch: float, lr: float, world: int, device: Any) -> dict[str, Any]:
+        """The train record at `step`: the loss of the global batch (the mean over workers of each worker's
+        mean) and every worker's rates together. An all-reduce: every rank calls it after the same step."""
+        import torch
+        import torch.distributed as dist
+
+        elapsed = time.time() - self.t0
+        sums = torch.tensor([self.tokens, self.samples, self.loss, self.padded], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
+        if world > 1:
+            dist.all_reduce(sums)
+        return {
+            "step": step,
+            "epoch": epoch,
+            "train_loss": float(sums[2]) / world / self.steps,
+            "lr": lr,
+            "tokens_per_s": float(sums[0]) / elapsed,  # useful (non-pad) tokens
+            "padding": 1 - float(sums[0]) / max(1.0, float(sums[3])),
+            "samples_per_s": float(sums[1]) / elapsed,
+            "steps_per_s": self.steps / elapsed,
+        }
+
+
+def peak_memory(device: Any) -> dict[str, float]:
+    """This worker's peaks: its process's RSS, and the CUDA memory allocated on a GPU."""
+    import torch
+
+    peaks = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        peaks["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peaks
+
+
+def next_batches(stream_items: Iterator[Any], step: int, grad_accum: int) -> tuple[list[Any], list[dict[str, Any]]]:
+    """(the rows, the tensors) of each of this worker's micro batches of `step`, from the stream."""
+    micro, batches = [], []
+    for k in range(grad_accum):
+        got_step, got_micro, rows, tensors = next(stream_items)
+        while got_step < step:  # a restart from an older checkpoint than the driver planned for
+            got_step, got_micro, rows, tensors = next(stream_items)
+        if (got_step, got_micro) != (step, k):
+            raise RuntimeError(f"data stream out of order: expected step {step} micro batch {k}, got {got_step}/{got_micro}")
+        micro.append(rows)
+        batches.append(tensors)
+    return micro, batches
+
+
+def stop_reason(run_dir: Path, rank: int, world: int, device: Any) -> str | None:
+    """Why the driver asked to stop (SIGTERM, Ctrl-C), agreed by every rank after the same step."""
+    import torch
+    import torch.distributed as dist
+
+    reason = attempts.stop_request(run_dir) if rank == 0 else None
+    if world > 1:
+        flag = torch.tensor([1.0 if reason else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        reason = reason or ("stop requested" if flag.item() else None)
+    return reason
+
+
+def preempted_nodes() -> list[str] | None:
+    """The nodes Ray is draining (a spot reclaim, an autoscaler scale-down, KubeRay), agreed by every rank."""
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    return info.preempted_node_ids if info is not None else None
+
+
+def run_eval(training: Training, device: Any, eval_shard: Any, generator: EvalGenerator | None, log: Log, step: int) -> dict[str, Any]:
+    """The eval metrics at `step`, on this worker's eval rows (and eval.generate's answers, logged)."""
+    batches = (tensors for _, _, _, tensors in stream.micro_batches(eval_shard)) if eval_shard is not None else iter(())
+    metrics = evaluate(training.model, batches, device, training.autocast, training.input_dtype)
+    generated = generator(training, device) if generator else None
+    if generated is not None:
+        metrics["eval_generated_accuracy"] = generated["accuracy"]
+        log({"event": "generations", "step": step, **generated})
+    return metrics
+
+
 def _train(config: dict[str, Any]) -> None:
     # Wall-clock stamps (time.time(): comparable with the driver's on one machine) for the start-up breakdown
     # in the manifest: worker started -> data encoded -> model loaded -> first optimizer step done.
@@ -176,7 +405,6 @@ def _train(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from safetensors.torch import load_file, save_file
 
     # ---- setup ------------------------------------------------------------------------------------
     job = JobConfig.model_validate(config["job"])
@@ -196,21 +424,17 @@ def _train(config: dict[str, Any]) -> None:
     has_eval = plan["eval_rows"] > 0  # every rank takes part in an eval (it ends in an all-reduce), even one with no rows
     eval_shard = ray.train.get_dataset_shard(f"eval_{rank}") if f"eval_{rank}" in plan["datasets"] else None
 
-    def eval_batches() -> Any:
-        return (tensors for _, _, _, tensors in stream.micro_batches(eval_shard)) if eval_shard is not None else iter(())
-
     rows_log = run_dir / "rows" / f"rank-{rank}.jsonl"  # which rows each step trained on (exactly-once checks)
     rows_log.parent.mkdir(exist_ok=True)
     previous = fatal_error = None
     attempt = 0  # rank 0 writes the record
     if rank == 0:
         attempts.sweep_staging()  # checkpoint copies of workers killed while writing one
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] if (run_dir / "metrics.jsonl").is_file() else []
-        attempt = attempts.next_attempt(records)
-        previous = max((r.get("step") or 0 for r in records), default=0) if records else None
+        attempt, previous = previous_attempts(run_dir)
         fatal_error = attempts.fatal(run_dir)
     if fatal_error:  # an error that would repeat: this restart fails at once, without loading the model again
         raise RuntimeError(fatal_error)
+    log = Log(run_dir, attempt, writes=rank == 0)
     clock["data_encoded"] = time.time()
     warmup = int(job.train.warmup_ratio * total_steps)
     schedule = partial(lr_lambda, total=total_steps, warmup=warmup, schedule=job.train.schedule)
@@ -221,110 +445,16 @@ def _train(config: dict[str, Any]) -> None:
         ds_config, changed = zero.ds_config(job, world)
         if rank == 0:
             zero.write_config(run_dir, ds_config, changed)
-    keep_alive = zero.hf_deepspeed_config(job, ds_config, arch) if ds_config else None  # noqa: F841 (ZeRO-3 load)
     training = build_training(job, arch, device, world, schedule, ds_config)
-    model, core, optimizer, scheduler, scaler = training.model, training.core, training.optimizer, training.scheduler, training.scaler
-    trainable, total = count_parameters(core)
+    trainable, total = count_parameters(training.core)
 
     # ---- restore ----------------------------------------------------------------------------------
-    start_step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            if ds_config:
-                _, client_state = model.load_checkpoint(ckpt_dir)  # every rank its own shard
-                start_step = client_state["step"]
-            else:
-                load_trainable_state(core, load_file(os.path.join(ckpt_dir, WEIGHTS_FILE)))
-                state = torch.load(os.path.join(ckpt_dir, STATE_FILE), weights_only=False)
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                scaler.load_state_dict(state["scaler"])
-                start_step = state["step"]
-
-    def log(record: dict[str, Any]) -> None:
-        if rank == 0:
-            with (run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({**record, "attempt": attempt, "time": record.get("time", time.time())}) + "\n")
-
-    def save_checkpoint(step: int, metrics: dict[str, Any]) -> Any:
-        """Plain runs: rank 0 writes trainable weights + optimizer state. ZeRO: every rank writes its shard
-        and Ray merges the ranks' directories into one checkpoint. Adapters are also written whole by rank 0
-        (they are small and unpartitioned below ZeRO-3), so every adapter run merges the same way."""
-        ckpt_dir = attempts.staging_dir(step)
-        if ds_config:
-            model.save_checkpoint(ckpt_dir, tag=f"step_{step}", client_state={"step": step})
-        if rank == 0:
-            if not ds_config or job.method != "full":
-                save_file(trainable_state(core), os.path.join(ckpt_dir, WEIGHTS_FILE))
-            if not ds_config:
-                torch.save(
-                    {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
-                    os.path.join(ckpt_dir, STATE_FILE),
-                )
-            Path(ckpt_dir, META_FILE).write_text(json.dumps(metrics))
-        if rank == 0 or ds_config:
-            return ray.train.Checkpoint.from_directory(ckpt_dir)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        return None
-
-    def report(metrics: dict[str, Any], step: int | None) -> None:
-        """Report to Ray Train, with a checkpoint of `step` if given. Ray Train copies the staged checkpoint
-        into storage and registers it only once the copy is complete; the staged copy is removed either way."""
-        nonlocal last_checkpoint
-        checkpoint = save_checkpoint(step, metrics) if step is not None else None
-        try:
-            drill = step is not None and step == config.get("kill_in_checkpoint_at") and attempt == 1  # the first attempt only
-            upload = kill_during_upload if drill else None
-            # total_steps rides along so a search's budget (orchestrator/budget.py) knows what a trial will spend
-            ray.train.report({**metrics, "total_steps": total_steps}, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload)
-        finally:
-            if checkpoint is not None:
-                shutil.rmtree(checkpoint.path, ignore_errors=True)
-        if step is not None:
-            last_checkpoint = step
-
-    def kill_during_upload(checkpoint: Any, dir_name: str) -> Any:
-        """The fault drill RAYFT_KILL_IN_CHECKPOINT=N: in a run's first attempt, copy half of step N's
-        checkpoint into storage, then die as a SIGKILL would (rehearses a kill during a checkpoint write)."""
-        import signal
-
-        from jobs.checkpoint import registered_checkpoints
-
-        # Ray Train registers a report when its controller next polls the workers (every 0.5 s): wait for the
-        # one before, so the drill always kills the write of the newest checkpoint, not of one Ray never saw
-        deadline = time.time() + 30
-        while not registered_checkpoints(run_dir) and time.time() < deadline:
-            time.sleep(0.1)
-        dest = run_dir / CHECKPOINTS / dir_name
-        dest.mkdir(parents=True, exist_ok=True)
-        files = sorted(p for p in Path(checkpoint.path).rglob("*") if p.is_file())
-        for f in files[: max(1, len(files) // 2)]:
-            (dest / f.relative_to(checkpoint.path)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(f, dest / f.relative_to(checkpoint.path))
-        os.kill(os.getpid(), signal.SIGKILL)
-        raise AssertionError("unreachable")
+    start_step = restore(training, ray.train.get_checkpoint())
+    checkpoints = Checkpoints(training, job, rank, run_dir, total_steps, last=start_step, kill_at=config.get("kill_in_checkpoint_at") if attempt == 1 else None)
 
     node_ids = [ray.get_runtime_context().get_node_id()] * world
     if world > 1:  # which Ray nodes the workers landed on (placement: pack | spread)
         dist.all_gather_object(node_ids, node_ids[0])
-    last_checkpoint = start_step
-    last_eval: dict[str, Any] = {}
-    preemption_saved = False
-
-    def stop_reason() -> str | None:
-        """Why the driver asked to stop (SIGTERM, Ctrl-C), agreed by every rank after the same step."""
-        reason = attempts.stop_request(run_dir) if rank == 0 else None
-        if world > 1:
-            flag = torch.tensor([1.0 if reason else 0.0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            reason = reason or ("stop requested" if flag.item() else None)
-        return reason
-
-    def preemption() -> list[str] | None:
-        """The nodes Ray is draining (a spot reclaim, an autoscaler scale-down, KubeRay), agreed by every rank."""
-        info = ray.train.get_preemption_info()
-        return info.preempted_node_ids if info is not None else None
     log(
         {
             "event": "start",
@@ -348,51 +478,33 @@ def _train(config: dict[str, Any]) -> None:
     )
     # eval.generate: greedy answers on the first eval rows at every eval (ZeRO-3: every rank, else rank 0)
     generator = EvalGenerator(job, arch, rank, zero3=bool(job.deepspeed and job.deepspeed.stage == 3)) if job.eval.generate and has_eval else None
-
-    def run_eval(step: int) -> dict[str, Any]:
-        metrics = evaluate(model, eval_batches(), device, training.autocast, training.input_dtype)
-        generated = generator(training, device) if generator else None
-        if generated is not None:
-            metrics["eval_generated_accuracy"] = generated["accuracy"]
-            log({"event": "generations", "step": step, **generated})
-        return metrics
-
+    last_eval: dict[str, Any] = {}
     if start_step == 0 and has_eval:  # the "before" number
-        before = run_eval(0)
+        before = run_eval(training, device, eval_shard, generator, log, 0)
         log({"event": "eval", "step": 0, **before})
         last_eval = {**before, "eval_step": 0}
-        report({"step": 0, **before}, None)
+        checkpoints.report({"step": 0, **before}, None)
 
     # ---- optimizer steps --------------------------------------------------------------------------
-    model.train()
-    memory_logged = False
-    window_loss, window_steps, window_tokens, window_padded, window_samples, window_t0 = 0.0, 0, 0, 0, 0, time.time()
+    training.model.train()
+    memory_logged = preemption_saved = False
+    window = Window()
     data_wait_s = 0.0  # time waiting for the stream's next micro batches (the data path's cost to training)
     steps_s = 0.0  # time in optimizer steps (forward, backward, update); evals, reports, checkpoints excluded
     encode_nodes: set[str] = set()
     stream_items = stream.micro_batches(train_shard, encode_nodes)
     for step in range(start_step, total_steps):
         t_wait = time.time()
-        micro, batches = [], []
-        for k in range(job.train.grad_accum):
-            got_step, got_micro, rows, tensors = next(stream_items)
-            while got_step < step:  # a restart from an older checkpoint than the driver planned for
-                got_step, got_micro, rows, tensors = next(stream_items)
-            if (got_step, got_micro) != (step, k):
-                raise RuntimeError(f"data stream out of order: expected step {step} micro batch {k}, got {got_step}/{got_micro}")
-            micro.append(rows)
-            batches.append(tensors)
+        micro, batches = next_batches(stream_items, step, job.train.grad_accum)
         t_step = time.time()
         data_wait_s += t_step - t_wait
         with rows_log.open("a") as f:
             f.write(json.dumps({"step": step + 1, "rows": micro}) + "\n")
-        window_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
-        window_padded += sum(b["attention_mask"].numel() for b in batches)
-        window_samples += sum(len(rows) for rows in micro)
+        window.count(micro, batches)
         step_loss = optimizer_step(training, batches, device)
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"train loss is {step_loss} at step {step + 1}; lower train.lr or use precision: bf16")
-        window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        window.add_loss(step_loss)
         t_done = time.time()
         steps_s += t_done - t_step
         if step == start_step:
@@ -402,49 +514,32 @@ def _train(config: dict[str, Any]) -> None:
         if done == config["fault_at_step"]:
             raise InjectedFault(f"RAYFT_FAULT_AT_STEP={done}: fault injected after step {done}")
         # Ray's preemption notice is a collective through Ray (6.6 ms a call here, 1 worker): asked every log_every steps
-        stop, preempted = stop_reason(), preemption() if done % job.train.log_every == 0 else None
-        if (stop or (preempted and not preemption_saved)) and done != last_checkpoint and done != total_steps:
+        stop, preempted = stop_reason(run_dir, rank, world, device), preempted_nodes() if done % job.train.log_every == 0 else None
+        if (stop or (preempted and not preemption_saved)) and done != checkpoints.last and done != total_steps:
             # a checkpoint of this step now, unless the newest is of it (the last step checkpoints below)
             # with the newest eval's numbers (a search's checkpoint ranking and its scheduler need its metric)
-            now = {"step": done, "epoch": round(epoch_of(done, epoch_starts, total_steps), 3), "train_loss": window_loss / max(1, window_steps)}
-            report({**last_eval, **now}, done)
+            now = {"step": done, "epoch": round(epoch_of(done, epoch_starts, total_steps), 3), "train_loss": window.mean_loss()}
+            checkpoints.report({**last_eval, **now}, done)
         if preempted and not preemption_saved:  # a node is being drained: Ray Train restarts from this checkpoint
             preemption_saved = True
-            log({"event": "preemption", "step": done, "nodes": preempted, "checkpoint_step": last_checkpoint})
+            log({"event": "preemption", "step": done, "nodes": preempted, "checkpoint_step": checkpoints.last})
         if stop and done != total_steps:
-            log({"event": "stopped", "step": done, "reason": stop, "checkpoint_step": last_checkpoint})
+            log({"event": "stopped", "step": done, "reason": stop, "checkpoint_step": checkpoints.last})
             return
         is_last = done == total_steps
         do_eval = has_eval and (done % job.train.eval_every == 0 or is_last)
         do_ckpt = done % job.train.checkpoint_every == 0 or is_last
         if done % job.train.log_every == 0 or do_eval or do_ckpt:
-            elapsed = time.time() - window_t0
-            # the loss of the global batch: the mean over workers of each worker's mean
-            sums = torch.tensor([window_tokens, window_samples, window_loss, window_padded], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
-            if world > 1:
-                dist.all_reduce(sums)
-            metrics = {
-                "step": done,
-                "epoch": round(epoch_of(done, epoch_starts, total_steps), 3),
-                "train_loss": float(sums[2]) / world / window_steps,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": float(sums[0]) / elapsed,  # useful (non-pad) tokens
-                "padding": 1 - float(sums[0]) / max(1.0, float(sums[3])),
-                "samples_per_s": float(sums[1]) / elapsed,
-                "steps_per_s": window_steps / elapsed,
-            }
-            window_loss, window_steps, window_tokens, window_padded, window_samples = 0.0, 0, 0, 0, 0
-            metrics["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's peak
-            if device.type == "cuda":
-                metrics["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            metrics = window.record(done, round(epoch_of(done, epoch_starts, total_steps), 3), training.scheduler.get_last_lr()[0], world, device)
+            metrics.update(peak_memory(device))
             if ds_config and not memory_logged:  # after the first step, when optimizer state exists
-                metrics.update(zero.memory_breakdown(model, world))
+                metrics.update(zero.memory_breakdown(training.model, world))
                 memory_logged = True
             if do_eval:
-                metrics.update(run_eval(done))
+                metrics.update(run_eval(training, device, eval_shard, generator, log, done))
                 last_eval = {k: v for k, v in metrics.items() if k.startswith("eval_")} | {"eval_step": done}
             log({"event": "eval" if do_eval else "train", **metrics})
             if do_eval or do_ckpt:
-                report(metrics, done if do_ckpt else None)
-            window_t0 = time.time()
+                checkpoints.report(metrics, done if do_ckpt else None)
+            window = Window()
     log({"event": "end", "step": total_steps, "steps_s": steps_s, "data_wait_s": round(data_wait_s, 3), "encode_nodes": len(encode_nodes), "time": time.time()})

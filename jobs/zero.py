@@ -67,7 +67,7 @@ def init_comm(device: Any) -> None:
 def hf_deepspeed_config(job: JobConfig, config: dict[str, Any], arch: Architecture) -> Any:
     """Under ZeRO-3, transformers builds the model inside deepspeed.zero.Init and loads only each rank's
     partition, so no worker ever holds the whole model. transformers holds this object weakly: the caller
-    keeps it referenced while the model loads."""
+    keeps it referenced for as long as the model is trained (jobs/train_loop.py: Training.zero3_config)."""
     if job.deepspeed is None or job.deepspeed.stage != 3:
         return None
     from transformers.integrations import HfDeepSpeedConfig
@@ -97,7 +97,7 @@ def initialize(model: Any, config: dict[str, Any], params: list[Any], lr: float,
     return engine, optimizer, scheduler
 
 
-def consolidate(checkpoint_dir: str | Path, out_dir: Path, dtype: Any, stage: int) -> None:
+def consolidate(checkpoint_dir: str | Path, model_dir: Path, dtype: Any, stage: int) -> None:
     """Write the ZeRO checkpoint as HF safetensors shards in `dtype`. Stages 1-3: DeepSpeed's lazy
     consolidation, tensor by tensor, so the driver never holds more than one copy of the model. Stage 0
     has no partitions: the module's weights are whole in the model-states file."""
@@ -113,19 +113,19 @@ def consolidate(checkpoint_dir: str | Path, out_dir: Path, dtype: Any, stage: in
         states = torch.load(Path(checkpoint_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
         module = states["module"]
         split = split_torch_state_dict_into_shards(module, max_shard_size="2GB")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        model_dir.mkdir(parents=True, exist_ok=True)
         for filename, keys in split.filename_to_tensors.items():
             # copies (copy=True): tied weights share storage, which safetensors refuses to write twice
             shard = {k: module[k].to(dtype=dtype if module[k].is_floating_point() else None, copy=True) for k in keys}
-            save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
+            save_file(shard, str(model_dir / filename), metadata={"format": "pt"})
             del shard
         if split.is_sharded:
             index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-            (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         return
     from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
 
-    convert_zero_checkpoint_to_state_dict(str(checkpoint_dir), str(out_dir), dtype=dtype, max_shard_size="2GB", safe_serialization=True)
+    convert_zero_checkpoint_to_state_dict(str(checkpoint_dir), str(model_dir), dtype=dtype, max_shard_size="2GB", safe_serialization=True)
 
 
 def memory_breakdown(engine: Any, world_size: int) -> dict[str, int]:

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from jobs.errors import root_message
+from jobs.metrics_log import METRICS_FILE, metrics_path, read_metrics
 from orchestrator import rundir
 from orchestrator.config import JobConfig, load_raw, to_yaml, uses_gpu
-from orchestrator.rundir import read_metrics
 
 MODEL_DIR = "model"
 MANIFEST = "manifest.json"
@@ -278,15 +278,15 @@ def _export_on_worker(job: JobConfig, run_dir: Path, checkpoint: Path, model_dir
 
 
 def export_run(
-    job: JobConfig, run_dir: Path, checkpoint: Path, extra: dict[str, Any] | None = None, out_dir: Path | None = None, write: bool = True
+    job: JobConfig, run_dir: Path, checkpoint: Path, extra: dict[str, Any] | None = None, parent: Path | None = None, write: bool = True
 ) -> RunOutcome:
-    """Merge/export a checkpoint into <out_dir or run_dir>/model and write manifest.json beside it (write=False:
+    """Merge/export a checkpoint into <parent or run_dir>/model and write manifest.json beside it (write=False:
     the caller adds to the manifest and writes it once, at its end, with write_manifest)."""
     from jobs.generate import manifest_section
     from jobs.merge import export
 
-    out_dir = out_dir or run_dir
-    model_dir = out_dir / MODEL_DIR
+    parent = parent or run_dir
+    model_dir = parent / MODEL_DIR
     # export writes model.partial and renames it to model/ once checked (it alone owns that step): a failed or
     # killed export leaves the previous model/ untouched and at most model.partial, which the next export removes.
     try:
@@ -326,7 +326,7 @@ def export_run(
         **(extra or {}),
     }
     if write:
-        manifest = write_manifest(out_dir / MANIFEST, manifest)
+        manifest = write_manifest(parent / MANIFEST, manifest)
     return RunOutcome(run_dir, model_dir, manifest)
 
 
@@ -593,7 +593,7 @@ def _train(
             if run_dir.exists():  # (a run that found bad data before training is removed)
                 attempts.record_invocation(run_dir, stamps["started"], "exported" if "exported" in stamps else outcome_said)
             if "exported" not in stamps:  # failed or stopped: the trackers' runs say so (a --resume continues them)
-                tracker.finish("killed" if outcome_said.startswith("stopped") else "failed", [run_dir / "job.yaml", run_dir / "metrics.jsonl"])
+                tracker.finish("killed" if outcome_said.startswith("stopped") else "failed", [run_dir / "job.yaml", metrics_path(run_dir)])
             else:
                 tracker.stop()
     stamps["finished"] = time.time()
@@ -623,7 +623,7 @@ def finish_tracking(tracker: Any, run_dir: Path, outcome: RunOutcome, records: l
     parity = manifest.get("parity") or {}
     merged = ((manifest.get("generation") or {}).get("merged") or {}).get("accuracy")
     summary = {"merged_accuracy": parity.get("merged_accuracy"), "merged_generated_accuracy": merged}
-    files = [run_dir / n for n in (MANIFEST, "job.yaml", "metrics.jsonl", "report.md", "report.png")]
+    files = [run_dir / n for n in (MANIFEST, "job.yaml", METRICS_FILE, "report.md", "report.png")]
     tracker.finish("finished", files, outcome.model_dir, summary, tables=generations_table(records, manifest))
 
 

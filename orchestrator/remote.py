@@ -208,7 +208,7 @@ def build_package(job: JobConfig, stamp: str) -> Package:
     raw["tune"] = None
     (directory / "job.yaml").write_text(to_yaml(JobConfig.model_validate(raw)))
     storage = job.submit.storage_path or job.output
-    run_location = f"{storage.rstrip('/')}/{job.name}-{stamp}"
+    run_location = f"{storage.rstrip('/')}/{rundir.run_name(job.name, stamp)}"
     return Package(directory, run_location, round(total / 2**20, 2))
 
 
@@ -237,7 +237,7 @@ def submit(job: JobConfig, address: str, token: Token | None, runtime_env: dict[
     grace = {"RAY_JOB_STOP_WAIT_TIME_S": str(int(job.scaling.stop_grace_s) + 30)}
     env_vars = {**grace, **env.get("env_vars", {}), "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     env = {**env, "working_dir": str(package.directory), "env_vars": env_vars}
-    submission_id = f"rayft-{job.name}-{stamp}-{secrets.token_hex(2)}"
+    submission_id = f"rayft-{rundir.run_name(job.name, stamp)}-{secrets.token_hex(2)}"
     jobs = client(address, token)
     try:
         for attempt in range(AGENT_RETRIES + 1):

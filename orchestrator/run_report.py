@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs import attempts as attempts_mod
+from jobs.metrics_log import metrics_path, read_metrics
 from orchestrator import dotted
-from orchestrator.rundir import read_metrics
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
@@ -91,7 +91,7 @@ def save_png(img: Any, path: Path) -> None:
 
 
 def is_run_dir(directory: Path) -> bool:
-    return (directory / "job.yaml").is_file() and (directory / "metrics.jsonl").is_file()
+    return (directory / "job.yaml").is_file() and metrics_path(directory).is_file()
 
 
 # ---- the run's report: RUN_DIR/report.png and RUN_DIR/report.md --------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from jobs.checkpoint import kept_checkpoints
+from jobs.metrics_log import metrics_path, read_metrics
 from orchestrator import planner
 from orchestrator.config import (
     JobConfig,
@@ -48,7 +49,7 @@ from orchestrator.launch import (
     resources_for,
     shutdown_ray,
 )
-from orchestrator.rundir import new_dir, read_metrics
+from orchestrator.rundir import new_dir
 from orchestrator.search_report import Report, trial_memory, write_report
 from orchestrator.trial import SKIPPED
 
@@ -372,7 +373,7 @@ def _run(
     trial_dir = search_dir / "trials" / best["trial"]
     trial, _ = build_job(load_raw(trial_dir / "job.yaml"))
     with output_to(search_dir / "export.log"):
-        outcome = export_run(trial, trial_dir, Path(best["checkpoint"]), {"search": summary}, out_dir=search_dir / "best")
+        outcome = export_run(trial, trial_dir, Path(best["checkpoint"]), {"search": summary}, parent=search_dir / "best")
     summary["best_model"] = str(outcome.model_dir)
     summary["search_dir"] = str(search_dir)
     summary["best_manifest"] = outcome.manifest
@@ -513,7 +514,7 @@ def _segments(records: list[dict[str, Any]], metric: str) -> list[list[tuple[int
 
 
 def _wall(trial_dir: Path) -> float | None:
-    files = [p for p in (trial_dir / "metrics.jsonl", trial_dir / "job.yaml") if p.is_file()]
+    files = [p for p in (metrics_path(trial_dir), trial_dir / "job.yaml") if p.is_file()]
     if len(files) < 2:
         return None
     return round(files[0].stat().st_mtime - files[1].stat().st_mtime, 1)

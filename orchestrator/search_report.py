@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jobs.metrics_log import read_metrics
 from orchestrator.run_report import PALETTE, _font, _wrap, nice_ticks, polyline, save_png, tick_label
-from orchestrator.rundir import read_metrics
 
 if TYPE_CHECKING:
     from orchestrator.config import JobConfig

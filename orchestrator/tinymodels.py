@@ -83,7 +83,7 @@ def build_tokenizer(
 
 
 def build_tiny_llava(
-    out_dir: str | Path,
+    model_dir: str | Path,
     seed: int = 0,
     hidden: int = 64,
     layers: int = 2,
@@ -108,7 +108,7 @@ def build_tiny_llava(
         SiglipVisionConfig,
     )
 
-    out = Path(out_dir)
+    out = Path(model_dir)
     tokenizer = build_tokenizer()
     image_processor = SiglipImageProcessorPil(  # PIL backend: no torchvision needed
         size={"height": image_size, "width": image_size}, do_resize=True, do_normalize=True
@@ -205,11 +205,11 @@ def _small_vit(hidden: int, layers: int) -> dict[str, Any]:
     }
 
 
-def _save(model: Any, processor: Any, out_dir: str | Path) -> Path:
+def _save(model: Any, processor: Any, model_dir: str | Path) -> Path:
     tokenizer = processor.tokenizer
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    out = Path(out_dir)
+    out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -217,7 +217,7 @@ def _save(model: Any, processor: Any, out_dir: str | Path) -> Path:
 
 
 def build_tiny_idefics3(
-    out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 1, image_splitting: bool = False
+    model_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 1, image_splitting: bool = False
 ) -> Path:
     """Idefics3 (SigLIP-like vision + pixel-shuffle connector + Llama text). image_splitting: as the released
     checkpoints do, resize the longest edge to 64 and cut 32x32 crops (up to 2x2) plus a global image."""
@@ -252,10 +252,10 @@ def build_tiny_idefics3(
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    return _save(Idefics3ForConditionalGeneration(config), processor, out_dir)
+    return _save(Idefics3ForConditionalGeneration(config), processor, model_dir)
 
 
-def build_tiny_text(out_dir: str | Path, arch: str = "llama", seed: int = 0, hidden: int = 32, layers: int = 2, max_shard_size: str | None = None) -> Path:
+def build_tiny_text(model_dir: str | Path, arch: str = "llama", seed: int = 0, hidden: int = 32, layers: int = 2, max_shard_size: str | None = None) -> Path:
     """A text-only decoder (Llama or Qwen2) over the colour task's tokenizer, random weights, saved with the
     tokenizer; max_shard_size (e.g. "200MB") saves it in several safetensors shards, as hub checkpoints are."""
     import torch
@@ -267,7 +267,7 @@ def build_tiny_text(out_dir: str | Path, arch: str = "llama", seed: int = 0, hid
     model = model_cls(config_cls(**_small_text(tokenizer, hidden, layers)))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    out = Path(out_dir)
+    out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(out)
@@ -283,7 +283,7 @@ def qwen2_vl_image_processor_class() -> type:
     return qwen2_vl_image_only_processor("qwen2_vl")
 
 
-def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
+def build_tiny_qwen2_vl(model_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
     """Qwen2-VL (ViT with 2x2 patch merger + Qwen2 text with multimodal RoPE); images resized to 32x32."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
@@ -320,7 +320,7 @@ def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, hidden: int = 32, la
         vision_end_token_id=ids("<|vision_end|>"),
     )
     torch.manual_seed(seed)
-    return as_stock_qwen2_vl(_save(Qwen2VLForConditionalGeneration(config), processor, out_dir))
+    return as_stock_qwen2_vl(_save(Qwen2VLForConditionalGeneration(config), processor, model_dir))
 
 
 def as_stock_qwen2_vl(model_dir: Path) -> Path:
@@ -336,7 +336,7 @@ def as_stock_qwen2_vl(model_dir: Path) -> Path:
     return model_dir
 
 
-def build_tiny_paligemma(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
+def build_tiny_paligemma(model_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
     """PaliGemma (SigLIP + Gemma text). No chat template, like the released checkpoints: the processor
     writes the prefix itself (image tokens, bos, prompt, newline)."""
     import torch
@@ -363,7 +363,7 @@ def build_tiny_paligemma(out_dir: str | Path, seed: int = 0, hidden: int = 32, l
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
     )
     torch.manual_seed(seed)
-    return _save(PaliGemmaForConditionalGeneration(config), processor, out_dir)
+    return _save(PaliGemmaForConditionalGeneration(config), processor, model_dir)
 
 
 TINY_VLMS: dict[str, Callable[..., Path]] = {
@@ -484,8 +484,8 @@ def write_jsonl_with_image_files(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def write_colour_data(out_dir: str | Path, task: str, n_train: int, n_eval: int, seed: int = 0) -> dict[str, Path]:
-    out = Path(out_dir)
+def write_colour_data(data_dir: str | Path, task: str, n_train: int, n_eval: int, seed: int = 0) -> dict[str, Path]:
+    out = Path(data_dir)
     return {
         "train": write_parquet(colour_rows(n_train, task, seed), out / f"{task}_train.parquet"),
         "eval": write_parquet(colour_rows(n_eval, task, seed + 10_000), out / f"{task}_eval.parquet"),

@@ -11,6 +11,7 @@ from typing import Any
 
 from jobs.driver import DATA_CACHE, Resources, build_trainer
 from jobs.errors import root_message
+from jobs.metrics_log import metrics_path
 from orchestrator import planner
 from orchestrator.config import JobConfig
 from orchestrator.search_report import write_trial_memory
@@ -79,4 +80,4 @@ def tune_trial(
         (trial_dir / "error.txt").write_text(root_message(e))
         tracker.finish("failed", [trial_dir / "job.yaml"])
         raise
-    tracker.finish("finished", [trial_dir / "job.yaml", trial_dir / "metrics.jsonl"])
+    tracker.finish("finished", [trial_dir / "job.yaml", metrics_path(trial_dir)])
