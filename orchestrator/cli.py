@@ -30,10 +30,6 @@ class BadInput(Exception):
         self.problems = problems or []
 
 
-class Failed(Exception):
-    """The command ran and failed (exit 1)."""
-
-
 def _loaded(module: str, name: str) -> type | None:
     """An exception class, if its module has been imported: an exception of a module that was never
     imported cannot have been raised, and importing one (torch's, for jobs.merge) would slow every error."""
@@ -63,8 +59,7 @@ def exit_for(e: BaseException) -> tuple[int, str, list[str]]:
         return int(getattr(e, "exit_code", 130)), str(e), []
     if isinstance(e, KeyboardInterrupt):
         return 130, "stopped by SIGINT (Ctrl-C)", []
-    if isinstance(e, Failed) or _isinstance(e, ("orchestrator.launch", "RunFailed"), ("orchestrator.remote", "RemoteError"),
-                                            ("orchestrator.cluster", "ClusterError")):
+    if _isinstance(e, ("orchestrator.launch", "RunFailed"), ("orchestrator.remote", "RemoteError"), ("orchestrator.cluster", "ClusterError")):
         return FAILED, str(e), []
     if isinstance(e, OSError):  # a file that cannot be read or written, a port that is taken
         return FAILED, f"{type(e).__name__}: {e}", []

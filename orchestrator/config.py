@@ -606,20 +606,32 @@ def _schema_at(loc: list[str], root: type[BaseModel]) -> tuple[FieldInfo | None,
 def _range_problem(path: str, field: FieldInfo | None, ctx: Mapping[str, Any], given: str) -> Problem:
     """A number out of range, with the field's whole allowed range read from its Ge/Gt/Le/Lt constraints
     (pydantic's error names only the bound broken, which is all there is without a field)."""
-    found: dict[str, Any] = dict(ctx)
-    for constraint in field.metadata if field else []:
-        if isinstance(constraint, (Ge, Gt, Le, Lt)):
-            found.update((op, getattr(constraint, op)) for op in _BOUNDS if hasattr(constraint, op))
-    bounds = {op: found[op] for op in _BOUNDS if op in found}  # lower bound first
-    allowed = " and ".join(f"{_BOUNDS[op]} {_number(value)}" for op, value in bounds.items())
-    if set(bounds) == {"ge", "le"}:
-        allowed_words = f"from {_number(bounds['ge'])} to {_number(bounds['le'])}"
+    found: dict[str, Any] = {**ctx, **bounds(field)}
+    limits = {op: found[op] for op in _BOUNDS if op in found}  # lower bound first
+    allowed = bounds_text(limits)
+    if set(limits) == {"ge", "le"}:
+        allowed_words = f"from {number_text(limits['ge'])} to {number_text(limits['le'])}"
     else:
         allowed_words = allowed
     return Problem(path, f"{given} is out of range: must be {allowed}", f"set {path} to {_number_kind(field)} {allowed_words}")
 
 
-def _number(value: float) -> str:
+def bounds(field: FieldInfo | None) -> dict[str, Any]:
+    """A field's numeric bounds from its Ge/Gt/Le/Lt constraints, lower bound first: {"ge": 1, "le": 8}."""
+    found: dict[str, Any] = {}
+    for constraint in field.metadata if field else []:
+        if isinstance(constraint, (Ge, Gt, Le, Lt)):
+            found.update((op, getattr(constraint, op)) for op in _BOUNDS if hasattr(constraint, op))
+    return {op: found[op] for op in _BOUNDS if op in found}
+
+
+def bounds_text(limits: Mapping[str, Any]) -> str:
+    """{"ge": 1, "le": 8} -> ">= 1 and <= 8", as the job file's errors and its reference say it."""
+    return " and ".join(f"{_BOUNDS[op]} {number_text(value)}" for op, value in limits.items())
+
+
+def number_text(value: float) -> str:
+    """A bound as a job file would write it: 1, not 1.0; 0.5 as is."""
     return str(int(value)) if float(value).is_integer() else str(value)
 
 

@@ -495,6 +495,7 @@ def _train(
     from jobs.data import DataError
     from jobs.driver import build_trainer
     from jobs.encoded import encode_once
+    from orchestrator.signals import stopped_by
 
     stream = stream or sys.stdout
     t0 = time.time()
@@ -582,7 +583,7 @@ def _train(
             stamps["exported"] = time.time()
         except KeyboardInterrupt:
             started_ray = True
-            name = {2: "SIGINT (Ctrl-C)", 15: "SIGTERM"}.get(stopper.received or 2, f"signal {stopper.received}")
+            name = stopped_by(stopper.received)
             outcome_said = f"stopped by {name}"
             step = resume_step(run_dir)
             saved = f"the newest checkpoint is of step {step}" if step else "no checkpoint was written yet"

@@ -15,14 +15,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
-from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from orchestrator.config import JobConfig
+from orchestrator.config import JobConfig, bounds, bounds_text
 
 COMMAND = "rayft schema --markdown > docs/job-reference.md"
-_BOUNDS = ((Ge, "ge", ">="), (Gt, "gt", ">"), (Le, "le", "<="), (Lt, "lt", "<"))
 
 
 def json_schema() -> dict[str, Any]:
@@ -189,21 +187,13 @@ def _allowed(field: FieldInfo) -> str:
     if choices:
         listed = " | ".join(_value(v) for v in choices) + (" | `null`" if type(None) in members else "")
         parts.append(listed + "".join(f", or a {other}" for other in others))
-    bounds = []
     for constraint in field.metadata:
-        for kind, attr, sign in _BOUNDS:
-            if isinstance(constraint, kind):
-                bounds.append(f"{sign} {_number(getattr(constraint, attr))}")
         pattern = getattr(constraint, "pattern", None)
         if pattern:
             parts.append(f"matches `{pattern}`")
-    if bounds:
-        parts.append(" and ".join(bounds))
+    if limits := bounds(field):
+        parts.append(bounds_text(limits))
     return "; ".join(parts)
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def _doc(text: str | None) -> str:

@@ -213,16 +213,15 @@ def run(
     the trials predicted not to fit; memory_limit: bytes per worker to check against (default: detected).
     Ctrl-C and SIGTERM stop the search (Tune saves it) and raise Interrupted with the resume command, which
     names job_file, as launch.train does for a run."""
-    from orchestrator.signals import sigterm_as_sigint
+    from orchestrator.signals import sigterm_as_sigint, stopped_by
 
     with sigterm_as_sigint() as got:
         try:
             return _run(job, base, search_dir, resume, stream, fit_check, memory_limit)
         except (KeyboardInterrupt, Interrupted) as e:
             signum = got.get("signal", signal.SIGINT)
-            name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT (Ctrl-C)"
             directory = getattr(e, "directory", None)
-            raise Interrupted(f"stopped by {name}; continue with: rayft tune {job_file or 'JOB'} --resume {directory or 'SEARCH_DIR'}",
+            raise Interrupted(f"stopped by {stopped_by(signum)}; continue with: rayft tune {job_file or 'JOB'} --resume {directory or 'SEARCH_DIR'}",
                               128 + signum, directory) from None
 
 

@@ -21,6 +21,12 @@ from jobs import attempts
 NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
 
+def stopped_by(signum: int | None) -> str:
+    """The signal that stopped a run or a search, as its message says it (no signal: Ctrl-C, the usual one)."""
+    signum = signum or signal.SIGINT
+    return {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}.get(signum, f"signal {signum}")
+
+
 class GracefulStop:
     def __init__(self, run_dir: Path, grace_s: float):
         self.run_dir, self.grace_s = run_dir, grace_s

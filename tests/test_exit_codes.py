@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 from click.testing import CliRunner
 
 from orchestrator import cli
+from orchestrator.processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,6 @@ def test_each_kind_of_failure_has_its_exit_code():
         RunFailed("training failed: boom"): 1,
         RemoteError("cannot reach http://127.0.0.1:1"): 1,
         ClusterError("no cluster in DIR"): 1,
-        cli.Failed("x"): 1,
         OSError(28, "No space left on device"): 1,
         ValueError("a bug"): 1,
         Interrupted("stopped by SIGTERM; continue with: ...", 143): 143,
@@ -81,12 +80,6 @@ def test_each_kind_of_failure_has_its_exit_code():
     assert bug[1] == "unexpected error: ValueError: a bug" and bug[2][0].startswith("Traceback"), bug
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def inputs(tmp_path, world):
     """A job that validates, a run directory whose checkpoint is not one, and a cluster address nobody serves."""
@@ -100,7 +93,7 @@ def inputs(tmp_path, world):
     empty = tmp_path / "empty"
     empty.mkdir()
     return {"good": str(good), "missing": str(tmp_path / "missing.yaml"), "run": str(run_dir), "empty": str(empty),
-            "nowhere": f"http://127.0.0.1:{closed_port()}"}
+            "nowhere": f"http://127.0.0.1:{free_port()}"}
 
 
 # (command line, exit code, words the message has); {name} fills from the inputs fixture

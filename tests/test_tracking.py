@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,12 @@ import pytest
 import wandb_offline
 from conftest import RAYFT, REPO
 
+from orchestrator.processes import free_port
+
 pytestmark = pytest.mark.slow
 
 CANARY = {"MLFLOW_TRACKING_TOKEN": "canary-mlflow-3f9a1c", "WANDB_API_KEY": "canary-wandb-7d2e4b"}
 SERVER = Path(os.environ.get("RAYFT_MLFLOW_SERVER", REPO / ".venv" / "mlflow-server" / "bin" / "mlflow"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
