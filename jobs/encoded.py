@@ -29,6 +29,7 @@ from jobs.data import encode_row_payload
 from jobs.stream import (
     PAYLOAD,
     Index,
+    in_process,
     index_key,
     job_from_json,
     one_thread,
@@ -44,27 +45,33 @@ def _root(job: JobConfig, store: rowstore.Store) -> Path:
     return Path(store.root) / f"encoded-{key}"
 
 
-def _encode_chunk(batch: Any, job_json: str, store: rowstore.Store, out: str, with_image: bool) -> Any:
+def encode_chunk(job: JobConfig, processor: Any, store: rowstore.Store, c: int, out: Path, with_image: bool) -> int:
     """Chunk c of the row store, encoded, written as chunk c of the encoded store 32 rows at a time (a
-    chunk of 384x384 images is ~435 MB encoded: it is never held whole)."""
+    chunk of 384x384 images is ~435 MB encoded: it is never held whole); the bytes written."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
-    one_thread()
-    job = job_from_json(job_json)
-    processor = processor_for(job.model)
-    c = int(batch.column("chunk")[0].as_py())
     data_file = Path(store.data_file)
     rows = store.chunk(c)
     schema = pa.schema([(PAYLOAD, pa.binary())])
     written = 0
-    with pa.OSFile(str(Path(out) / f"chunk-{c:06d}.arrow"), "wb") as sink, ipc.new_file(sink, schema) as writer:
+    with pa.OSFile(str(out / f"chunk-{c:06d}.arrow"), "wb") as sink, ipc.new_file(sink, schema) as writer:
         for start in range(0, rows.num_rows, 32):
             part = rows.slice(start, 32).to_pylist()
             payloads = [encode_row_payload(row, c * rowstore.CHUNK + start + j, job.data, processor, with_image, data_file) for j, row in enumerate(part)]
             writer.write_batch(pa.record_batch([pa.array(payloads, pa.binary())], schema=schema))
             written += sum(len(p) for p in payloads)
-    return pa.table({"chunk": [c], "bytes": [written]})
+    return written
+
+
+def _encode_chunk(batch: Any, job_json: str, store: rowstore.Store, out: str, with_image: bool) -> Any:
+    """encode_chunk as a Ray Data task."""
+    import pyarrow as pa
+
+    one_thread()
+    job = job_from_json(job_json)
+    c = int(batch.column("chunk")[0].as_py())
+    return pa.table({"chunk": [c], "bytes": [encode_chunk(job, processor_for(job.model), store, c, Path(out), with_image)]})
 
 
 def _memory_bytes() -> int:
@@ -84,9 +91,8 @@ def attach(job: JobConfig, indexes: dict[str, Index]) -> dict[str, Index]:
 def encode_once(job: JobConfig, indexes: dict[str, Index]) -> tuple[dict[str, Index], dict[str, str]]:
     """Encode every row of every data file once (Ray Data tasks, spread over the nodes), unless
     data.encode_once is off or the result would not fit the disk budget. Returns the indexes with their
-    encoded rows attached, and per file what happened (for the run's output)."""
-    import ray.data
-
+    encoded rows attached, and per file what happened (for the run's output). A small file (jobs/stream.py:
+    in_process) is encoded in this process; a larger one by Ray Data tasks (Ray must be up)."""
     if job.data.encode_once == "off":
         return indexes, {which: "encoded as rows stream (data.encode_once: off)" for which in indexes}
     with_image = architectures.for_model_dir(job.model).kind == "vlm"
@@ -106,11 +112,16 @@ def encode_once(job: JobConfig, indexes: dict[str, Index]) -> tuple[dict[str, In
             continue
         tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=ix.store.root))
         try:
-            quiet_data_context()
-            ds = ray.data.from_items([{"chunk": c} for c in range(ix.store.n_chunks)], override_num_blocks=ix.store.n_chunks)
-            ds = ds.map_batches(_encode_chunk, batch_size=1, batch_format="pyarrow", scheduling_strategy="SPREAD",
-                                fn_kwargs={"job_json": job.model_dump_json(), "store": ix.store, "out": str(tmp), "with_image": with_image})
-            written = sum(int(b) for t in ds.iter_batches(batch_size=None, batch_format="pyarrow") for b in t.column("bytes").to_pylist())
+            if in_process(ix.store):  # a small file: here, as its validation pass ran (jobs/stream.py)
+                written = sum(encode_chunk(job, processor, ix.store, c, tmp, with_image) for c in range(ix.store.n_chunks))
+            else:
+                import ray.data
+
+                quiet_data_context()
+                ds = ray.data.from_items([{"chunk": c} for c in range(ix.store.n_chunks)], override_num_blocks=ix.store.n_chunks)
+                ds = ds.map_batches(_encode_chunk, batch_size=1, batch_format="pyarrow", scheduling_strategy="SPREAD",
+                                    fn_kwargs={"job_json": job.model_dump_json(), "store": ix.store, "out": str(tmp), "with_image": with_image})
+                written = sum(int(b) for t in ds.iter_batches(batch_size=None, batch_format="pyarrow") for b in t.column("bytes").to_pylist())
             (tmp / rowstore.META).write_text(json.dumps({"n_rows": ix.store.n_rows, "bytes": written}))
             tmp.chmod(0o755)
             try:

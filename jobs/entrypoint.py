@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             upload(run_dir, args.run_dir)
     m = outcome.manifest["metrics"]
     if m.get("eval_accuracy") is not None:
-        print(f"rayft: eval accuracy {m['initial_eval_accuracy']:.1%} -> {m['eval_accuracy']:.1%}", flush=True)
+        print(f"rayft: {launch.accuracy_line(m)}", flush=True)
     print(f"rayft: merged model {args.run_dir.rstrip('/')}/model", flush=True)
     return 0
 

@@ -62,9 +62,9 @@ def model_problems(job: JobConfig, store: rowstore.Store | None) -> list[str]:
     except Exception as e:
         return [problem(where, f"config.json does not load ({type(e).__name__}: {_short(e)})", "point model at a Hugging Face model directory saved by save_pretrained")]
     try:
-        from jobs.model import load_processor
+        from jobs.stream import processor_for
 
-        processor = load_processor(job.model, arch)
+        processor = processor_for(job.model)  # kept: the in-process validation pass uses it next
     except Exception as e:
         return [problem(where, f"its processor does not load ({type(e).__name__}: {_short(e)})", "save the processor beside the weights (processor.save_pretrained(model_dir))")]
     if store is None:

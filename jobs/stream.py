@@ -46,6 +46,10 @@ PREFETCH = 2  # micro batches each worker holds ready beyond the one it trains o
 # item per block capped a stream at ~20-40 micro batches/s and took that CPU from training (10k rows of
 # bench/data_scale.py ran at 12 samples/s against 45 at 1k); 20 per block ran 625 items/s.
 ITEMS_PER_BLOCK = 8
+# Data files of at most this many rows are checked and encoded once in the driver's process, not by Ray Data
+# tasks: a task process starts, imports torch and transformers and loads the processor (seconds each, and the
+# 2-core machine here ran several at once), while 1,000 64x64-image rows check in ~1 s in one process.
+LOCAL_ROWS = 2048
 INDEX_VERSION = 2  # 2: chat layouts, several images per row, multi-turn
 
 
@@ -61,7 +65,7 @@ class Index:
     cached: bool
     """The validation pass had run before (for this data and processor) and was read back."""
     nodes: int
-    """Ray nodes whose CPUs ran the validation pass (0: read from the cache)."""
+    """Ray nodes whose CPUs ran the validation pass (0: the driver's process ran it, or it was read from the cache)."""
     encoded: rowstore.Store | None = None
     """Every row's encoded tensors, written once for a search (jobs/encoded.py); None: encode as it streams."""
 
@@ -87,9 +91,16 @@ def job_from_json(job_json: str) -> JobConfig:
     return JobConfig.model_validate(json.loads(job_json))
 
 
-@lru_cache(maxsize=2)
 def processor_for(model: str) -> Any:
-    """The model's processor, loaded once per Ray worker process (Ray reuses them across tasks)."""
+    """The model's processor, loaded once per process (Ray reuses its task processes across tasks; the driver
+    loads it once for the preflight and the in-process passes), and again when its files change."""
+    folder = Path(model)
+    files = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in folder.glob("*.json"))) if folder.is_dir() else ()
+    return _load_processor(model, files)
+
+
+@lru_cache(maxsize=2)
+def _load_processor(model: str, files: tuple[tuple[str, int], ...]) -> Any:
     from jobs.model import load_processor
 
     return load_processor(model, architectures.for_model_dir(model))
@@ -105,14 +116,9 @@ def one_thread() -> None:
 
 # ---- the validation pass ------------------------------------------------------------------------------
 
-def _scan_chunk(batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool) -> Any:
-    import pyarrow as pa
-
-    one_thread()
-    job = job_from_json(job_json)
-    processor = processor_for(job.model)
+def check_chunk(job: JobConfig, processor: Any, store: rowstore.Store, c: int, option: str, with_image: bool) -> tuple[list[int], list[int], list[list[str]]]:
+    """Chunk c of the store, every row checked and measured: (row ids, lengths: -1 for a bad row, each row's problems)."""
     max_images = architectures.for_model_dir(job.model).max_images
-    c = int(batch.column("chunk")[0].as_py())
     data_file = Path(store.data_file)
     ids, lengths, problems = [], [], []
     for j, row in enumerate(store.chunk(c).to_pylist()):
@@ -129,6 +135,17 @@ def _scan_chunk(batch: Any, job_json: str, store: rowstore.Store, option: str, w
         ids.append(i)
         lengths.append(length)
         problems.append(said)
+    return ids, lengths, problems
+
+
+def _scan_chunk(batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool) -> Any:
+    """check_chunk as a Ray Data task."""
+    import pyarrow as pa
+
+    one_thread()
+    job = job_from_json(job_json)
+    c = int(batch.column("chunk")[0].as_py())
+    ids, lengths, problems = check_chunk(job, processor_for(job.model), store, c, option, with_image)
     node = _node_id()
     return pa.table(
         {"row": pa.array(ids, pa.int64()), "length": pa.array(lengths, pa.int32()), "problem": pa.array(problems, pa.list_(pa.string())), "node": [node] * len(ids)}
@@ -150,29 +167,44 @@ def index_key(job: JobConfig, store: rowstore.Store) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def scan(job: JobConfig, store: rowstore.Store, option: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Every row checked and measured by Ray Data tasks, spread over the cluster's nodes; (row ids, lengths,
-    nodes that ran the pass: 0 when read back from the cache beside the store). Raises DataError listing
-    every bad row."""
-    import ray.data
+def in_process(store: rowstore.Store) -> bool:
+    """Whether a data file is small enough to check (and encode once) in the driver's own process: up to
+    LOCAL_ROWS rows, where starting Ray Data tasks (a process each, importing torch and transformers and
+    loading the processor) costs more than the rows themselves."""
+    return store.n_rows <= LOCAL_ROWS
 
+
+def scan(job: JobConfig, store: rowstore.Store, option: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every row checked and measured: in this process for a small file (in_process), else by Ray Data
+    tasks spread over the cluster's nodes; (row ids, lengths, nodes that ran the pass: 0 when this process
+    did or the index was read back from the cache beside the store). Raises DataError listing every bad row."""
     cache = Path(store.root) / f"index-{index_key(job, store)}.npz"
     if cache.is_file():
         saved = np.load(cache)
         return saved["rows"], saved["lengths"], 0
     with_image = architectures.for_model_dir(job.model).kind == "vlm"
-    quiet_data_context()
-    ds = ray.data.from_items([{"chunk": c} for c in range(store.n_chunks)], override_num_blocks=store.n_chunks)
-    ds = ds.map_batches(
-        _scan_chunk, batch_size=1, batch_format="pyarrow", scheduling_strategy="SPREAD",
-        fn_kwargs={"job_json": job.model_dump_json(), "store": store, "option": option, "with_image": with_image},
-    )
     ids, lengths, problems, nodes = [], [], [], set()
-    for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        ids.append(b.column("row").to_numpy())
-        lengths.append(b.column("length").to_numpy())
-        problems.extend(q for p in b.column("problem").to_pylist() for q in p)
-        nodes.update(b.column("node").to_pylist())
+    if in_process(store):
+        processor = processor_for(job.model)
+        for c in range(store.n_chunks):
+            got_ids, got_lengths, got_problems = check_chunk(job, processor, store, c, option, with_image)
+            ids.append(np.asarray(got_ids, np.int64))
+            lengths.append(np.asarray(got_lengths, np.int32))
+            problems.extend(q for p in got_problems for q in p)
+    else:
+        import ray.data
+
+        quiet_data_context()
+        ds = ray.data.from_items([{"chunk": c} for c in range(store.n_chunks)], override_num_blocks=store.n_chunks)
+        ds = ds.map_batches(
+            _scan_chunk, batch_size=1, batch_format="pyarrow", scheduling_strategy="SPREAD",
+            fn_kwargs={"job_json": job.model_dump_json(), "store": store, "option": option, "with_image": with_image},
+        )
+        for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            ids.append(b.column("row").to_numpy())
+            lengths.append(b.column("length").to_numpy())
+            problems.extend(q for p in b.column("problem").to_pylist() for q in p)
+            nodes.update(b.column("node").to_pylist())
     rows, lens = np.concatenate(ids), np.concatenate(lengths)
     if problems:  # with the rows too long among the others, so that every problem is named at once
         if job.data.too_long == "error":
@@ -225,16 +257,35 @@ def quiet_data_context() -> None:
     ctx.enable_progress_bars = False
 
 
-def _encode_items(batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool, encoded: rowstore.Store | None) -> Any:
+def _warm() -> None:
+    import torch  # noqa: F401  (collate and the payloads' tensors)
+
+
+def warm_task_processes(n: int) -> None:
+    """Have n of Ray's idle task processes import what the stream's tasks need (torch: 1-2 s a process here)
+    while Ray Train starts its workers, so that the first eval and step do not wait for those imports.
+    Nothing waits for them: Ray runs the tasks and keeps the processes for the stream's tasks."""
+    import ray
+
+    warm = ray.remote(num_cpus=1)(_warm)
+    for _ in range(n):
+        warm.remote()
+
+
+def pad_token_id(processor: Any) -> int:
+    return getattr(processor, "tokenizer", processor).pad_token_id or 0
+
+
+def _encode_items(batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool, encoded: rowstore.Store | None, pad_id: int) -> Any:
     """One schedule item (a worker's micro batch: row ids) -> the collated micro batch, pickled. A row that
     fails here is sent on as the item's `problem` (not raised: Ray Data's task error would bury it), and
-    the worker fails the run naming it."""
+    the worker fails the run naming it. Rows encoded once are only read and collated: the task loads no
+    processor (a task process would otherwise spend seconds importing transformers and loading it)."""
     import pyarrow as pa
 
     one_thread()
     job = job_from_json(job_json)
-    processor = processor_for(job.model)
-    pad_id = getattr(processor, "tokenizer", processor).pad_token_id or 0
+    processor = processor_for(job.model) if encoded is None else None
     ids = batch.column("rows")[0].as_py()
     data_file = Path(store.data_file)
     examples, problem, payload = [], "", b""
@@ -262,7 +313,8 @@ def _dataset(items: list[dict[str, Any]], job: JobConfig, index: Index) -> Any:
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // ITEMS_PER_BLOCK)))
     return ds.map_batches(
         _encode_items, batch_size=1, batch_format="pyarrow", scheduling_strategy="SPREAD",  # encode on every node with CPUs
-        fn_kwargs={"job_json": job.model_dump_json(), "store": index.store, "option": index.option, "with_image": with_image, "encoded": index.encoded},
+        fn_kwargs={"job_json": job.model_dump_json(), "store": index.store, "option": index.option, "with_image": with_image, "encoded": index.encoded,
+                   "pad_id": pad_token_id(processor_for(job.model))},
     )
 
 

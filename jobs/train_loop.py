@@ -479,7 +479,7 @@ def _train(config: dict[str, Any]) -> None:
     # eval.generate: greedy answers on the first eval rows at every eval (ZeRO-3: every rank, else rank 0)
     generator = EvalGenerator(job, arch, rank, zero3=bool(job.deepspeed and job.deepspeed.stage == 3)) if job.eval.generate and has_eval else None
     last_eval: dict[str, Any] = {}
-    if start_step == 0 and has_eval:  # the "before" number
+    if start_step == 0 and has_eval and job.eval.at_start:  # the "before" number
         before = run_eval(training, device, eval_shard, generator, log, 0)
         log({"event": "eval", "step": 0, **before})
         last_eval = {**before, "eval_step": 0}

@@ -225,7 +225,7 @@ def train(
     m = outcome.manifest["metrics"]
     click.echo(f"run directory: {outcome.run_dir}")
     if m.get("eval_accuracy") is not None:
-        click.echo(f"eval accuracy: {m['initial_eval_accuracy']:.1%} -> {m['eval_accuracy']:.1%} (eval loss {m['eval_loss']:.4f})")
+        click.echo(launch.accuracy_line(m))
     click.echo(f"merged model:  {outcome.model_dir}")
     if written:
         click.echo(f"report: {written['report']}")

@@ -379,6 +379,9 @@ class GenerateConfig(_Section):
 class EvalConfig(_Section):
     """What an eval measures besides teacher-forced loss and answer accuracy."""
 
+    at_start: bool = False
+    """Also evaluate before the first optimizer step (the "before" number: initial_eval_accuracy in the
+    manifest), as HF Trainer's eval_on_start. Off by default: it delays the first step by a whole eval."""
     generate: GenerateConfig | None = None
     """Generate answers for a few eval rows (eval_generated_accuracy) at each eval and with the merged model
     after export; null: teacher-forced metrics only."""

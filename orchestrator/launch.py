@@ -437,22 +437,57 @@ def checked(job: JobConfig, stores: dict[str, Any], problems: list[str]) -> dict
     return indexes
 
 
+class DataPass:
+    """checked() and encode_once() on a thread of this process, for data small enough to need no Ray
+    (jobs/stream.py: in_process): started at once, joined by result()."""
+
+    def __init__(self, job: JobConfig, stores: dict[str, Any], problems: list[str]):
+        self._out: tuple[Any, ...] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(job, stores, problems), daemon=True)
+        self._thread.start()
+
+    def _run(self, job: JobConfig, stores: dict[str, Any], problems: list[str]) -> None:
+        from jobs.encoded import encode_once
+
+        try:
+            indexes = checked(job, stores, problems)
+            at = time.time()
+            indexes, said = encode_once(job, indexes)
+            self._out = (indexes, said, at)
+        except BaseException as e:  # raised again in the caller's thread
+            self._error = e
+
+    def result(self) -> tuple[dict[str, Any], dict[str, str], float]:
+        """(indexes with their encoded rows, what encode-once did per file, when the rows were checked)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._out is not None
+        return self._out  # type: ignore[return-value]
+
+
 def validate_data(job: JobConfig) -> dict[str, dict[str, int]]:
     """`rayft validate`'s data checks: the same preflight and validation pass as `rayft train` (whose index
     a later run reuses), on an embedded Ray whose output goes to <output>/.rayft-data/validate.log. Returns
     per file (train, eval): rows usable, rows dropped (data.too_long: drop) and the longest row in tokens;
     raises DataError naming every problem."""
+    from jobs.stream import in_process
+
     cache = data_cache(job)
     stores, problems = preflight(job, cache)
-    resources = resources_for(job)
-    cache.mkdir(parents=True, exist_ok=True)
-    with output_to(cache / "validate.log"):
-        started = ensure_local_ray(resources.cpus_per_worker * job.scaling.workers)
-        try:
-            indexes = checked(job, stores, problems)
-        finally:
-            if started:
-                shutdown_ray()
+    if all(in_process(store) for store in stores.values()):  # small files: checked here, no Ray started
+        indexes = checked(job, stores, problems)
+    else:
+        resources = resources_for(job)
+        cache.mkdir(parents=True, exist_ok=True)
+        with output_to(cache / "validate.log"):
+            started = ensure_local_ray(resources.cpus_per_worker * job.scaling.workers)
+            try:
+                indexes = checked(job, stores, problems)
+            finally:
+                if started:
+                    shutdown_ray()
     return {which: {"rows": len(ix.rows), "dropped": ix.dropped, "longest": int(ix.lengths.max()) if len(ix.lengths) else 0} for which, ix in indexes.items()}
 
 
@@ -495,6 +530,7 @@ def _train(
     from jobs.data import DataError
     from jobs.driver import build_trainer
     from jobs.encoded import encode_once
+    from jobs.stream import in_process, warm_task_processes
     from orchestrator.signals import stopped_by
 
     stream = stream or sys.stdout
@@ -536,19 +572,28 @@ def _train(
         # threads do not contend for the same modules.
         torch_import = threading.Thread(target=importlib.import_module, args=("torch",), daemon=True)
         torch_import.start()
+        # Small data files are checked (and encoded once) in this process, on a thread, while Ray starts;
+        # larger ones by Ray Data tasks once it is up (jobs/stream.py: in_process).
+        local_pass = DataPass(job, stores, problems) if all(in_process(store) for store in stores.values()) else None
         try:
             started_ray = ensure_local_ray(resources.cpus_per_worker * job.scaling.workers, connect=connect)
             stamps["ray_ready"] = time.time()
             try:
-                indexes = checked(job, stores, problems)  # every row checked and measured, in parallel, before any worker starts
+                if local_pass:
+                    indexes, said, checked_at = local_pass.result()
+                    stamps["data_checked"] = max(checked_at, stamps["ray_ready"])
+                else:
+                    indexes = checked(job, stores, problems)  # every row checked and measured, in parallel, before any worker starts
+                    stamps["data_checked"] = time.time()
+                    indexes, said = encode_once(job, indexes)
             except DataError:
                 if created:  # nothing trained: leave nothing behind
                     shutil.rmtree(run_dir, ignore_errors=True)
                 raise
-            stamps["data_checked"] = time.time()
-            indexes, said = encode_once(job, indexes)
             for which, text in said.items():
                 print(f"data.{which}: {text}", file=user_stream, flush=True)
+            if started_ray:  # a fresh Ray: its task processes have imported nothing yet
+                warm_task_processes(data_cpus())
             stamps["encoded_once"] = time.time()
             torch_import.join()
             with ProgressView(run_dir, user_stream, enabled=progress):
@@ -640,6 +685,13 @@ def generations_table(records: list[dict[str, Any]], manifest: dict[str, Any]) -
     table = {"step": [step for step, _, _ in rows], "model": [model for _, model, _ in rows]}
     table |= {c: [s.get(c) for _, _, s in rows] for c in columns}
     return {"generations": table}
+
+
+def accuracy_line(metrics: dict[str, Any]) -> str:
+    """The eval accuracy at the exported checkpoint, from the step-0 number where eval.at_start took one."""
+    before = metrics.get("initial_eval_accuracy")
+    now = f"{metrics['eval_accuracy']:.1%} (eval loss {metrics['eval_loss']:.4f})"
+    return f"eval accuracy: {before:.1%} -> {now}" if before is not None else f"eval accuracy: {now}"
 
 
 def failure_message(job: JobConfig, run_dir: Path, error: BaseException, resume_command: str) -> str:

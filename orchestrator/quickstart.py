@@ -45,7 +45,8 @@ def job_files(root: Path) -> dict[str, Path]:
         "precision": "bf16",
         "train": {**common_train, "epochs": 2, "lr": 5.0e-3},
         # answers are one word (one token + end of turn): greedy answers to the first 32 eval rows at each eval
-        "eval": {"generate": {"samples": GENERATE_ROWS, "max_new_tokens": 4}},
+        # and one eval before the first step: the accuracy before adapting (0%: the base never answered in French)
+        "eval": {"at_start": True, "generate": {"samples": GENERATE_ROWS, "max_new_tokens": 4}},
         "output": "../runs",
     }
     paths = {}

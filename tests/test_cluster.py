@@ -121,7 +121,7 @@ def test_submitted_job_succeeds_and_its_model_lands_in_storage(cluster, quicksta
     # logs --follow streams while the job runs and returns when it ends
     follow = rayft("logs", submitted["job_id"], "--follow", "--address", ADDRESS, env=cluster["env"], timeout=600)
     assert follow.returncode == 0, follow.stderr
-    assert "rayft: inputs ok" in follow.stdout and "step 0: eval" in follow.stdout and "rayft: merged model" in follow.stdout
+    assert "rayft: inputs ok" in follow.stdout and "step 8: eval" in follow.stdout and "rayft: merged model" in follow.stdout
     status = rayft("status", submitted["job_id"], "--address", ADDRESS, "--json", env=cluster["env"])
     row = json.loads(status.stdout)
     assert row["status"] == "SUCCEEDED" and row["results"] == submitted["results"]

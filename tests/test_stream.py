@@ -127,10 +127,15 @@ def test_killed_mid_epoch_resume_reproduces_the_run(world, ray_local, tmp_path, 
 
 
 @pytest.mark.slow
-def test_bad_rows_are_found_by_the_parallel_pass_with_file_and_row(world, ray_local, tmp_path):
+@pytest.mark.parametrize("local_rows", [0, 2048], ids=["ray-data-tasks", "in-process"])
+def test_bad_rows_are_found_by_the_parallel_pass_with_file_and_row(world, ray_local, tmp_path, monkeypatch, local_rows):
+    """The same problems, all at once, whether Ray Data tasks check the file (larger than LOCAL_ROWS) or the
+    driver's process does (a small file, checked while Ray starts)."""
+    from jobs import stream
     from jobs.data import DataError
     from orchestrator import launch
 
+    monkeypatch.setattr(stream, "LOCAL_ROWS", local_rows)
     rows = tinymodels.colour_rows(1100, seed=9)  # three chunks of the row store: three validation tasks
     rows[7]["image"] = b"not an image"
     rows[600]["answer"] = " "

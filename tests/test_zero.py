@@ -157,7 +157,8 @@ def test_zero3_bf16_with_optimizer_offload_learns_the_colour_task(world, ray_loc
     raw["train"]["lr"] = 3e-3
     job, _ = build_job(raw)
     out = launch.train(job, progress=False)
-    assert out.manifest["metrics"]["initial_eval_accuracy"] <= 1 / 8
+    # from random init (chance: 1/8) to far above; no step-0 eval (eval.at_start is off by default)
+    assert out.manifest["metrics"]["initial_eval_accuracy"] is None
     assert out.manifest["metrics"]["eval_accuracy"] > 0.9
     assert out.manifest["parity"]["merged_accuracy"] > 0.9  # the consolidated bf16 export
 
@@ -166,8 +167,10 @@ MULTINODE = r"""
 import json, os, sys
 import ray
 from ray.cluster_utils import Cluster
+from jobs import stream
 from orchestrator import launch
 from orchestrator.config import build_job
+stream.LOCAL_ROWS = 0  # the Ray Data pass, spread over the nodes, even for these 512 rows
 # 2 logical CPUs a node: one for its training worker, one for Ray Data's tasks
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
 cluster.add_node(num_cpus=2)
