@@ -1,8 +1,8 @@
-"""The job file's reference, generated from the schema in `orchestrator/config.py` (`rayft schema`).
+"""The job file's reference, generated from the schema in `orchestrator/config/` (`rayft schema`).
 
 `json_schema()` is JobConfig's JSON Schema, for editors that validate YAML (yaml-language-server);
 `markdown()` is docs/job-reference.md: one table per section, each key with its type, default, allowed
-values and doc, all read from the fields (defaults and docs live only in config.py). Output is
+values and doc, all read from the fields (defaults and docs live only in the schema). Output is
 deterministic, so a test can compare the committed file with a fresh one.
 """
 
