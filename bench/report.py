@@ -42,7 +42,7 @@ def _zero(d: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _search(d: dict[str, Any]) -> list[dict[str, Any]]:
-    rule = d["combined_asha_accuracy"]["5/8 (step 20), rf 3"]  # the default (orchestrator/config.py TuneConfig)
+    rule = d["combined_asha_accuracy"]["5/8 (step 20), rf 3"]  # the default (orchestrator/config/tune.py TuneConfig)
     return [
         {"benchmark": "ASHA (default rule) vs FIFO, 2 tasks x 12-trial grids, replayed", "measure": "trial-steps, worst run",
          "rayft": rule["max_cost_ratio"], "baseline": 1.0, "ratio": rule["max_cost_ratio"],

@@ -9,7 +9,7 @@ A search directory:
                          reason), best metric, steps, wall time
     metrics.png          every trial's eval metric over steps, labelled with its hyperparameters; early-stopped
                          trials dashed, the winner thick
-    frontier.png / .md   best metric against predicted memory per worker, Pareto points marked (search_report.py)
+    frontier.png / .md   best metric against predicted memory per worker, Pareto points marked (search_report/)
     asha.json            ASHA's milestones (grace_period, max_t in optimizer steps; reduction_factor)
     budget.json          tune.budget's ledger: steps reserved and spent per trial, wall time, why the search ended
     best/                model/ (merged standalone) + manifest.json listing every trial

@@ -122,7 +122,7 @@ def test_architecture_capabilities_are_enforced(world, tmp_path):
 
 
 def test_fp16_on_cpu_warns(world, tmp_path, monkeypatch):
-    monkeypatch.setattr("orchestrator.config.gpu_present", lambda: False)
+    monkeypatch.setattr("orchestrator.config.checks.gpu_present", lambda: False)
     _, warnings = load_job(write_job(tmp_path, world, precision="fp16"))
     assert any("tens of times slower than bf16" in w for w in warnings)
 

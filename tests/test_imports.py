@@ -10,7 +10,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("orchestrator", "jobs")
 # what jobs/ may import from orchestrator/ (docs/architecture.md): the schema (and its dotted keys), the capability matrix and the
-# planner are below both sides; jobs/entrypoint.py is a cluster job's `rayft train`, so it calls the controller
+# planner are below both sides (orchestrator.config and orchestrator.planner are packages: their files count too, see
+# shared()); jobs/entrypoint.py is a cluster job's `rayft train`, so it calls the controller
 JOBS_MAY_IMPORT = {"orchestrator.config", "orchestrator.dotted", "orchestrator.architectures", "orchestrator.planner"}
 ENTRYPOINT_MAY_IMPORT = {"orchestrator.launch", "orchestrator.remote"}
 
@@ -114,3 +115,22 @@ def test_planner_files_import_downward():
     for k, name in enumerate(order):
         assert graph[name] & {"orchestrator.planner", *order} <= set(order[:k]), name
     assert shared("orchestrator.planner.fit") and not shared("orchestrator.plannerx")
+
+
+# each package's files, lowest first: a file may import only the ones before it (never its package's __init__)
+PACKAGE_ORDER = {
+    "orchestrator.config": ["sections", "tune", "job", "problems", "checks", "load"],
+    "orchestrator.search_report": ["memory", "labels", "frontier", "draw", "metrics_chart", "frontier_chart", "write"],
+}
+
+
+def test_package_files_import_downward():
+    """orchestrator/config/ and orchestrator/search_report/: the walk finds their files, and each imports only
+    the ones below it; jobs/ may import the schema's files."""
+    graph = import_graph()
+    for package, names in PACKAGE_ORDER.items():
+        order = [f"{package}.{name}" for name in names]
+        assert set(order) | {package} == {name for name in graph if name == package or name.startswith(package + ".")}
+        for k, name in enumerate(order):
+            assert graph[name] & {package, *order} <= set(order[:k]), name
+    assert shared("orchestrator.config.job") and not shared("orchestrator.configx")

@@ -40,7 +40,7 @@ def reference_key(key: str) -> str | None:
 
 def test_reference_is_current():
     assert REFERENCE.read_text() == schema_doc.markdown(), (
-        "docs/job-reference.md is stale (orchestrator/config.py changed): regenerate it with "
+        "docs/job-reference.md is stale (orchestrator/config/ changed): regenerate it with "
         f"`{schema_doc.COMMAND}`"
     )
 
@@ -48,7 +48,7 @@ def test_reference_is_current():
 def test_every_key_has_a_doc_type_and_default():
     rows = reference_rows(schema_doc.markdown())
     undocumented = [key for key, (_type, _default, _allowed, doc) in rows.items() if not doc]
-    assert not undocumented, f"keys without a doc (give each field an attribute docstring in orchestrator/config.py): {undocumented}"
+    assert not undocumented, f"keys without a doc (give each field an attribute docstring in orchestrator/config/): {undocumented}"
     assert all(cells[0] and cells[1] for cells in rows.values())
     # every field of every section is a row, top-level keys included
     assert set(JobConfig.model_fields) <= set(rows)

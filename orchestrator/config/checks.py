@@ -1,0 +1,179 @@
+"""The checks a valid schema cannot make alone: across fields (qlora needs a 4-bit base, ZeRO-3 and
+adapters, batch sizes in DeepSpeed overrides), against the model's architecture, the files named, the
+trackers' clients, and whether the run uses a GPU (gpu_present, uses_gpu)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from orchestrator import dotted
+from orchestrator.config.job import JobConfig
+from orchestrator.config.problems import Problem
+from orchestrator.config.sections import DATA_SUFFIXES
+
+
+def gpu_present() -> bool:
+    """Cheap, import-free: the controller never imports torch to answer this."""
+    return shutil.which("nvidia-smi") is not None
+
+
+def uses_gpu(job: JobConfig, gpus: bool | None = None) -> bool:
+    """The one "use a GPU?" rule: scaling.gpu on, or auto where a GPU is visible (gpus: known presence)."""
+    return job.scaling.gpu == "on" or (job.scaling.gpu == "auto" and (gpu_present() if gpus is None else gpus))
+
+
+def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = None) -> tuple[list[Problem], list[str]]:
+    """Cross-field, architecture and filesystem checks. Returns (problems, warnings)."""
+    from orchestrator import architectures
+
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    gpus = gpu_present() if gpus is None else gpus
+
+    if job.method == "qlora" and job.quantization.type == "none":
+        problems.append(
+            Problem("quantization.type", "qlora needs a 4-bit base", "set quantization.type: nf4 (or fp4), or use method: lora")
+        )
+    if job.method != "qlora" and job.quantization.type != "none":
+        problems.append(
+            Problem(
+                "quantization.type",
+                f"{job.quantization.type} quantization applies to qlora only, not method: {job.method}",
+                "set method: qlora, or quantization.type: none",
+            )
+        )
+    if job.data.batching == "tokens" and job.data.batch_tokens is None:
+        problems.append(Problem("data.batch_tokens", "batching: tokens needs a token budget", f"set data.batch_tokens, e.g. {job.train.micro_batch_size * job.data.max_length}"))
+    elif job.data.batching == "tokens" and job.data.batch_tokens < job.data.max_length:  # type: ignore[operator]
+        problems.append(
+            Problem("data.batch_tokens", f"{job.data.batch_tokens} is below data.max_length={job.data.max_length}: the longest row would not fit",
+                    f"set data.batch_tokens >= {job.data.max_length}")
+        )
+    elif job.data.batch_tokens is not None and job.data.batching != "tokens":
+        problems.append(Problem("data.batch_tokens", f"applies to batching: tokens, not {job.data.batching}", "set data.batching: tokens, or remove batch_tokens"))
+    if isinstance(job.lora.targets, list) and not job.lora.targets:
+        problems.append(Problem("lora.targets", "empty list", "use targets: auto or name at least one module"))
+    if job.deepspeed is not None:
+        problems.extend(_deepspeed_problems(job))
+    if job.freeze and job.method != "full":
+        problems.append(Problem("freeze", f"applies to method: full (with {job.method} only adapters train)", "remove freeze"))
+    if job.tune is not None and job.tune.metric == "eval_generated_accuracy" and (job.eval.generate is None or not job.data.eval):
+        problems.append(Problem("tune.metric", "eval_generated_accuracy is reported only when eval.generate is set and there is a data.eval file",
+                                "set eval.generate: {samples: 16} (and data.eval), or use metric: eval_accuracy"))
+    if job.scaling.gpu == "on" and not gpus:
+        problems.append(Problem("scaling.gpu", "on, but no CUDA GPU is visible (nvidia-smi not found)", "use gpu: auto or off"))
+    use_gpu = uses_gpu(job, gpus)
+    if job.precision == "fp16" and not use_gpu:
+        warnings.append(
+            "precision: fp16 on a CPU-only run works (with a GradScaler) but is tens of times slower than bf16 "
+            "there, which CPUs with avx512_bf16 run natively; prefer precision: bf16"
+        )
+
+    problems.extend(_tracking_problems(job, local_files))
+    if local_files:
+        model_dir = Path(job.model)
+        if not model_dir.is_dir():
+            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+            if offline or job.model.startswith((".", "/")):
+                problems.append(
+                    Problem("model", f"not a local directory: {job.model}", "point model at a directory holding config.json")
+                )
+            else:
+                warnings.append(f"model: {job.model} is not a local directory; treating it as a hub id")
+        elif not (model_dir / "config.json").is_file():
+            problems.append(Problem("model", f"{job.model} has no config.json", "point model at a Hugging Face model directory"))
+        else:
+            try:
+                arch = architectures.for_model_dir(model_dir)
+            except architectures.UnknownArchitecture as e:
+                if job.method != "full" and job.lora.targets == "auto":
+                    problems.append(Problem("model", str(e), "name lora.targets explicitly, or use method: full"))
+                else:
+                    warnings.append(str(e))
+            else:
+                if job.method not in arch.methods:
+                    allowed = " or ".join(f"method: {m}" for m in arch.methods)
+                    problems.append(
+                        Problem("method", f"{arch.name} does not support {job.method} ({arch.note or 'not in its capability matrix'})", f"use {allowed}")
+                    )
+                if job.lora.train_vision and arch.kind == "text":
+                    problems.append(Problem("lora.train_vision", f"{arch.name} has no vision tower", "set train_vision: false"))
+
+        for key, value in (("data.train", job.data.train), ("data.eval", job.data.eval)):
+            if value is None:
+                continue
+            if not value.endswith(DATA_SUFFIXES):
+                problems.append(Problem(key, f"{value}: unsupported file type", "use a .parquet or .jsonl file"))
+            elif not Path(value).is_file():
+                problems.append(Problem(key, f"file not found: {value}", "check the path (relative paths resolve against the job file)"))
+    return problems, warnings
+
+
+def _tracking_problems(job: JobConfig, local_files: bool) -> list[Problem]:
+    """The MLflow URI's form (credentials belong in the environment), and the clients a tracker needs where
+    this process is the one that logs (not for `rayft submit`: the cluster's environment has its own)."""
+    import importlib.util
+    from urllib.parse import urlsplit
+
+    problems = []
+    mlflow = job.tracking.mlflow
+    if mlflow is not None:
+        uri = mlflow.tracking_uri
+        parts = urlsplit(uri)
+        key = "tracking.mlflow.tracking_uri"
+        if parts.scheme in ("http", "https"):
+            if not parts.hostname:
+                problems.append(Problem(key, f"{uri!r} names no host", "give e.g. http://mlflow.internal:5000"))
+            elif parts.username or parts.password:
+                problems.append(Problem(key, "the URI carries credentials, which would end up in logs and in the job file",
+                                        "remove user:password@ and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"))
+            try:
+                parts.port  # noqa: B018 (raises on a bad port)
+            except ValueError:
+                problems.append(Problem(key, f"{uri!r}: the port is not a number", "give e.g. http://mlflow.internal:5000"))
+        elif parts.scheme not in ("file", "databricks"):
+            problems.append(Problem(key, f"{uri!r} is not an MLflow tracking URI", "give http(s)://host:port of a tracking server, or file:/path"))
+        if local_files and importlib.util.find_spec("mlflow") is None:
+            problems.append(Problem("tracking.mlflow", "the MLflow client is not installed", "pip install 'rayft[mlflow]' (or remove tracking.mlflow)"))
+    if job.tracking.wandb is not None and local_files and importlib.util.find_spec("wandb") is None:
+        problems.append(Problem("tracking.wandb", "the wandb client is not installed", "pip install 'rayft[wandb]' (or remove tracking.wandb)"))
+    return problems
+
+
+def _deepspeed_problems(job: JobConfig) -> list[Problem]:
+    ds = job.deepspeed
+    assert ds is not None
+    problems = []
+    if ds.offload_params != "none" and ds.stage != 3:
+        problems.append(Problem("deepspeed.offload_params", f"needs ZeRO stage 3 (stage is {ds.stage})", "set deepspeed.stage: 3 or offload_params: none"))
+    if job.method == "qlora" and ds.stage == 3:
+        problems.append(
+            Problem("deepspeed.stage", "qlora cannot run under ZeRO-3: 4-bit weights cannot be partitioned", "use method: full, or deepspeed.stage: 0-2, or drop deepspeed")
+        )
+    if job.method == "lora" and ds.stage == 3:
+        problems.append(Problem("deepspeed.stage", "lora under ZeRO-3 is not supported yet", "use deepspeed.stage: 0-2 (adapters are small), or method: full"))
+    if job.method == "qlora" and ds.offload_optimizer != "none":
+        problems.append(Problem("deepspeed.offload_optimizer", "not supported with qlora", "set offload_optimizer: none"))
+    flat = dotted.flatten(ds.overrides)
+    global_batch = job.train.micro_batch_size * job.train.grad_accum * job.scaling.workers
+    for key, expected in (
+        ("train_batch_size", global_batch),
+        ("train_micro_batch_size_per_gpu", job.train.micro_batch_size),
+        ("gradient_accumulation_steps", job.train.grad_accum),
+    ):
+        if key in flat and flat[key] != expected:
+            problems.append(
+                Problem(
+                    f"deepspeed.overrides.{key}",
+                    f"{flat[key]} disagrees with train.micro_batch_size x train.grad_accum x scaling.workers = {global_batch}"
+                    if key == "train_batch_size"
+                    else f"{flat[key]} disagrees with the job ({expected})",
+                    "set batch sizes in train: (micro_batch_size, grad_accum) and drop this override",
+                )
+            )
+    for key in ("bf16.enabled", "fp16.enabled"):
+        if key in flat:
+            problems.append(Problem(f"deepspeed.overrides.{key}", "precision is set by the job's precision key", "set precision: bf16 | fp16 | fp32"))
+    return problems
