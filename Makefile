@@ -36,7 +36,7 @@ $(MLFLOW_SERVER):
 
 # Ray-using tests run inside a private network + pid namespace: only loopback exists and no process outlives the run.
 test: setup $(MLFLOW_SERVER)
-	scripts/netns.sh $(PY) -m pytest -q $(PYTEST_ARGS)
+	scripts/netns.sh $(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # Benchmarks (not tests): each prints a markdown table and writes bench/results/<name>.json.
 bench: setup $(MLFLOW_SERVER)
