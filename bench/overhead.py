@@ -12,6 +12,13 @@ The breakdown comes from the run's manifest (`timings`: the driver's and the wor
 stamps); start -> first step is also measured from outside, from just before the subprocess starts.
 `--long` adds one run of about 10 minutes of optimizer steps (sized from the fastest short run's step rate;
 eval and checkpoint every 2000 steps) for the overhead of a long run. Results: bench/results/overhead.json.
+
+    scripts/netns.sh .venv/bin/python bench/overhead.py [QUICKSTART_DIR] --rows 1000 50000 --before REV
+
+compares each span of `rayft train` at two data sizes, this tree against an earlier commit REV (checked out in a
+git worktree and run from there, PYTHONPATH first; Ray's processes inherit it): the QLoRA job on N colour rows,
+one epoch at 1,000 rows, 32 steps at larger sizes (start -> first step and the first steps, not an epoch).
+Runs alternate (before, after) per size. Results: bench/results/overhead_sizes.json.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +67,15 @@ def print_breakdown(t: dict[str, float]) -> None:
         print(f"  {whose}: {sum(t.get(k, 0.0) for k, w, _ in BREAKDOWN if w == whose):.2f} s")
 
 
-def rayft_train(job_file: Path, out: Path, sets: list[str]) -> dict[str, float]:
-    """One `rayft train` subprocess; its manifest's timings plus start -> first step seen from outside."""
+def rayft_train(job_file: Path, out: Path, sets: list[str], code: Path | None = None) -> dict[str, float]:
+    """One `rayft train` subprocess; its manifest's timings plus start -> first step seen from outside.
+    code: run rayft from that source tree (a worktree of an earlier commit) instead of this one."""
     args = [RAYFT, "train", str(job_file), "--no-progress", "--set", f"output={out}"]
     for s in sets:
         args += ["--set", s]
+    env = {**os.environ, "PYTHONPATH": str(code)} if code else None
     launched = time.time()
-    proc = subprocess.run(args, capture_output=True, text=True)
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
     wall = time.time() - launched
     if proc.returncode != 0:
         raise SystemExit(f"rayft train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -180,6 +190,62 @@ def ray_floor_main(out: str) -> None:
     print(json.dumps({**stamps, **result}))
 
 
+SIZE_SPANS = ("preflight_s", "ray_init_s", "validation_s", "encode_once_s", "trainer_build_s", "worker_start_s", "data_s",
+              "model_s", "initial_eval_s", "first_step_s", "start_to_first_step_s", "steps_s", "training_s", "wall_s")
+RAYS_OWN = ("ray_init_s", "worker_start_s")  # Ray's (ray.init, Ray Train's controller and worker start); the rest up to step 1 is rayft's
+
+
+def rayft_share(t: dict[str, float]) -> float:
+    """rayft's own share of start -> first step: everything but ray.init and Ray Train's worker start (and the
+    first step itself, which is the model's work)."""
+    return t["start_to_first_step_s"] - sum(t.get(k, 0.0) for k in RAYS_OWN) - t.get("first_step_s", 0.0)
+
+
+def sizes_main(quickstart: Path, sizes: list[int], before: str, rounds: int) -> None:
+    """Each span of `rayft train` at each data size, the tree at `before` against this one."""
+    import yaml
+
+    from orchestrator import tinymodels
+
+    out = Path(tempfile.mkdtemp(prefix="rayft-overhead-sizes-"))
+    old = out / "before"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), before], check=True, capture_output=True)
+    try:
+        result: dict[str, Any] = {"before": before, "sizes": {}}
+        for n in sizes:
+            data = tinymodels.write_colour_data(out / f"data-{n}", "french", n, 128, seed=1)
+            body = yaml.safe_load((quickstart / "jobs" / "qlora.yaml").read_text())
+            body.update(model=str((quickstart / "base").resolve()), output=str(out / f"runs-{n}"))
+            body["data"].update(train=str(data["train"]), eval=str(data["eval"]))
+            job_file = out / f"job-{n}.yaml"
+            job_file.write_text(yaml.safe_dump(body))
+            # 1,000 rows: one epoch (the epoch's wall against its summed step time); larger: the first 32 steps
+            sets = ["train.epochs=1"] if n <= 1000 else ["train.max_steps=32"]
+            print(f"\n{n} rows ({' '.join(sets)}): before ({before}) and after, {rounds} round(s) ...", flush=True)
+            rows = alternate(
+                {"before": partial(rayft_train, job_file, out / f"runs-{n}", sets, code=old),
+                 "after": partial(rayft_train, job_file, out / f"runs-{n}", sets)},
+                rounds=rounds,
+            )
+            b, a = rows["before"]["median"], rows["after"]["median"]
+            result["sizes"][n] = {"sets": sets, **rows}
+            print(f"{'span':<22} {'before':>9} {'after':>9}  ratio")
+            for key in SIZE_SPANS:
+                if key in b or key in a:
+                    bv, av = b.get(key, float("nan")), a.get(key, float("nan"))
+                    print(f"{key:<22} {bv:>9.2f} {av:>9.2f}  {av / bv if bv else float('nan'):.2f}")
+            print(f"{'rayft share to step 1':<22} {rayft_share(b):>9.2f} {rayft_share(a):>9.2f}  (all but ray.init, worker start, the step)")
+            if "steps_s" in a:
+                print(f"wall / summed step time: before {b['wall_s'] / b['steps_s']:.2f}x, after {a['wall_s'] / a['steps_s']:.2f}x")
+        firsts = {n: result["sizes"][n]["after"]["median"]["start_to_first_step_s"] for n in sizes}
+        if len(sizes) > 1:
+            print("\nstart -> first step, after: " + ", ".join(f"{n} rows {v:.1f} s" for n, v in firsts.items())
+                  + f"; largest / smallest {firsts[max(sizes)] / firsts[min(sizes)]:.2f}x")
+        write_result("overhead_sizes", result)
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], capture_output=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("quickstart", nargs="?", default=str(REPO / "quickstart"), help="a built `rayft quickstart` directory (base/, data/, jobs/)")
@@ -192,6 +258,8 @@ def main() -> None:
         "other work at nice 0, Ray Train's workers then get a small share of the CPU while the plain-process floor "
         "does not; 0 compares them on equal terms. Default: Ray's own.",
     )
+    ap.add_argument("--rows", type=int, nargs="+", help="data sizes to compare (with --before), e.g. 1000 50000")
+    ap.add_argument("--before", help="an earlier commit to compare with, span by span (with --rows)")
     ap.add_argument("--floor", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--ray-floor", metavar="OUT", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -200,6 +268,9 @@ def main() -> None:
         return
     if args.ray_floor:
         ray_floor_main(args.ray_floor)
+        return
+    if args.rows:
+        sizes_main(Path(args.quickstart).resolve(), args.rows, args.before or "HEAD", args.rounds)
         return
     if args.worker_niceness is not None:
         os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # the rayft subprocesses inherit it

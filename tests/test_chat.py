@@ -283,6 +283,7 @@ def test_validate_checks_the_data_of_a_good_job_and_train_reuses_the_pass(world,
     assert yaml.safe_load(proc.stdout)["data"]["images"] == "images"
     cache = tmp_path / "runs" / ".rayft-data"
     assert list(cache.glob("rows-good-*/index-*.npz")), "the validation pass's index is kept for the run"
+    assert not (cache / "validate.log").exists(), "40 rows are checked in rayft's own process: no Ray started"
     missing = rayft("validate", str(path), "--set", "data.images=pictures")
     assert missing.returncode == 2 and "missing column `pictures`" in missing.stderr and "fix: set data.images to the right column" in missing.stderr
 
