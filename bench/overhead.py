@@ -39,7 +39,7 @@ from common import REPO, alternate, write_result
 RAYFT = str(Path(sys.executable).parent / "rayft")
 SHORT = ["train.epochs=1"]
 LONG_SECONDS = 600
-# The manifest's spans (orchestrator/launch.py SPANS), what each holds, and whose cost it is: "ray" (Ray and the
+# The manifest's spans (orchestrator/launch/record.py SPANS), what each holds, and whose cost it is: "ray" (Ray and the
 # driver's Ray Train import), "work" (what a plain process does too: imports, data, model, steps), "rayft"
 # (what rayft adds: CLI, preflight, the step-0 eval, the merged export).
 BREAKDOWN = (

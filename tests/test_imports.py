@@ -121,12 +121,13 @@ def test_planner_files_import_downward():
 PACKAGE_ORDER = {
     "orchestrator.config": ["sections", "tune", "job", "problems", "checks", "load"],
     "orchestrator.search_report": ["memory", "labels", "frontier", "draw", "metrics_chart", "frontier_chart", "write"],
+    "orchestrator.launch": ["outcome", "localray", "progress", "record", "export", "data_checks", "run"],
 }
 
 
 def test_package_files_import_downward():
-    """orchestrator/config/ and orchestrator/search_report/: the walk finds their files, and each imports only
-    the ones below it; jobs/ may import the schema's files."""
+    """orchestrator/config/, orchestrator/search_report/ and orchestrator/launch/: the walk finds their files, and
+    each imports only the ones below it; jobs/ may import the schema's files."""
     graph = import_graph()
     for package, names in PACKAGE_ORDER.items():
         order = [f"{package}.{name}" for name in names]

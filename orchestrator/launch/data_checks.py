@@ -1,0 +1,98 @@
+"""The controller's data checks before training: the preflight (jobs/preflight.py), the validation pass over
+every row (checked, or DataPass on a thread for small files) and `rayft validate`'s (validate_data)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import JobConfig
+from orchestrator.launch.localray import ensure_local_ray, output_to, resources_for, shutdown_ray
+
+
+def data_cache(job: JobConfig, run_dir: Path | None = None) -> Path:
+    """Where row stores and validation indexes live: beside the run directories, shared by runs and resumes."""
+    from jobs.driver import DATA_CACHE
+
+    return (run_dir.parent if run_dir is not None else Path(job.output)) / DATA_CACHE
+
+
+def preflight(job: JobConfig, cache: Path, strict: bool = False) -> Any:
+    """The controller's checks, before Ray starts (jobs/preflight.py): each data file parses, has the job's
+    columns and rows; the model's config and processor load and its chat
+    template encodes a row. Returns (row stores, problems of files that have none), or with strict the
+    stores, raising DataError for any problem. Every row is then checked by a Ray Data pass
+    (jobs/stream.py: index) before the first step; checked() reports its problems with these."""
+    from jobs import preflight as checks
+
+    return checks.checked_stores(job, cache) if strict else checks.check(job, cache)
+
+
+def checked(job: JobConfig, stores: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The validation pass over the stores, raising DataError with its problems and the preflight's, all at once."""
+    from jobs.data import DataError
+    from jobs.stream import index
+
+    try:
+        indexes = index(job, stores)
+    except DataError as e:
+        raise DataError(problems + e.problems) from None
+    if problems:
+        raise DataError(problems)
+    return indexes
+
+
+class DataPass:
+    """checked() and encode_once() on a thread of this process, for data small enough to need no Ray
+    (jobs/stream.py: in_process): started at once, joined by result()."""
+
+    def __init__(self, job: JobConfig, stores: dict[str, Any], problems: list[str]):
+        self._out: tuple[Any, ...] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(job, stores, problems), daemon=True)
+        self._thread.start()
+
+    def _run(self, job: JobConfig, stores: dict[str, Any], problems: list[str]) -> None:
+        from jobs.encoded import encode_once
+
+        try:
+            indexes = checked(job, stores, problems)
+            at = time.time()
+            indexes, said = encode_once(job, indexes)
+            self._out = (indexes, said, at)
+        except BaseException as e:  # raised again in the caller's thread
+            self._error = e
+
+    def result(self) -> tuple[dict[str, Any], dict[str, str], float]:
+        """(indexes with their encoded rows, what encode-once did per file, when the rows were checked)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._out is not None
+        return self._out  # type: ignore[return-value]
+
+
+def validate_data(job: JobConfig) -> dict[str, dict[str, int]]:
+    """`rayft validate`'s data checks: the same preflight and validation pass as `rayft train` (whose index
+    a later run reuses), on an embedded Ray whose output goes to <output>/.rayft-data/validate.log. Returns
+    per file (train, eval): rows usable, rows dropped (data.too_long: drop) and the longest row in tokens;
+    raises DataError naming every problem."""
+    from jobs.stream import in_process
+
+    cache = data_cache(job)
+    stores, problems = preflight(job, cache)
+    if all(in_process(store) for store in stores.values()):  # small files: checked here, no Ray started
+        indexes = checked(job, stores, problems)
+    else:
+        resources = resources_for(job)
+        cache.mkdir(parents=True, exist_ok=True)
+        with output_to(cache / "validate.log"):
+            started = ensure_local_ray(resources.cpus_per_worker * job.scaling.workers)
+            try:
+                indexes = checked(job, stores, problems)
+            finally:
+                if started:
+                    shutdown_ray()
+    return {which: {"rows": len(ix.rows), "dropped": ix.dropped, "longest": int(ix.lengths.max()) if len(ix.lengths) else 0} for which, ix in indexes.items()}
