@@ -35,7 +35,9 @@ $(MLFLOW_SERVER):
 	$(VENV)/mlflow-server/bin/pip install -q "mlflow==3.17.2"
 
 # Ray-using tests run inside a private network + pid namespace: only loopback exists and no process outlives the run.
-test: setup $(MLFLOW_SERVER)
+# The two set-ups in parallel: the MLflow server's venv installs while DeepSpeed's ops compile.
+test:
+	$(MAKE) -j2 setup $(MLFLOW_SERVER)
 	scripts/netns.sh $(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # Benchmarks (not tests): each prints a markdown table and writes bench/results/<name>.json.

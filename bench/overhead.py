@@ -44,13 +44,15 @@ LONG_SECONDS = 600
 # (what rayft adds: CLI, preflight, the step-0 eval, the merged export).
 BREAKDOWN = (
     ("startup_s", "rayft", "CLI start-up: interpreter, imports, job file, fit check"),
-    ("preflight_s", "rayft", "preflight: every data row checked, run directory"),
+    ("preflight_s", "rayft", "run directory (the preflight runs on a thread while Ray starts)"),
     ("ray_init_s", "ray", "Ray start (ray.init)"),
+    ("validation_s", "rayft", "every row checked (what is left after Ray is up, for a small file)"),
+    ("encode_once_s", "rayft", "every row encoded once"),
     ("trainer_build_s", "ray", "driver imports ray.train + torch, builds the TorchTrainer"),
     ("worker_start_s", "ray", "worker start: Ray Train controller, placement group, worker process"),
     ("data_s", "work", "data: worker imports, processor, rows encoded"),
     ("model_s", "work", "model load: 4-bit base, adapters, optimizer"),
-    ("initial_eval_s", "rayft", "step-0 eval (the 'before' accuracy)"),
+    ("initial_eval_s", "rayft", "first batches streamed (+ the step-0 eval with eval.at_start)"),
     ("first_step_s", "work", "first optimizer step"),
     ("training_s", "work", "the other steps, evals, checkpoints"),
     ("fit_teardown_s", "ray", "worker end -> fit() returns"),

@@ -1,4 +1,4 @@
-"""What the controller checks before Ray starts, so that a broken input fails in seconds, not inside a worker:
+"""What the controller checks first (`rayft train`: on a thread while Ray starts), so that a broken input fails in seconds, not inside a worker:
 each data file's row store (schema, row counts: jobs/rowstore.py), and the model directory:
 its config and processor load, and its chat template renders a row of the data.
 

@@ -181,7 +181,7 @@ def test_the_ray_processes_of_a_killed_driver_are_stopped_by_the_next_command(wo
     assert ray_processes()
     proc.kill()
     proc.wait()
-    nxt = rayft_train(world, tmp_path / "next", env={"RAYFT_HOME": str(tmp_path / "home")})
+    nxt = rayft_train(world, tmp_path / "next", "--set", "train.max_steps=8", env={"RAYFT_HOME": str(tmp_path / "home")})
     _, err = nxt.communicate(timeout=600)
     assert nxt.returncode == 0, err[-3000:]
     deadline = time.time() + 10

@@ -46,7 +46,8 @@ def client(server):
 def quick_job(quickstart_run, tmp_path: Path, server_uri: str | None, *extra: str) -> list[str]:
     """`rayft train` of the quickstart's QLoRA job, 16 steps, with tracking settings."""
     job_file = Path(quickstart_run["root"]) / "jobs" / "qlora.yaml"
-    sets = {"output": str(tmp_path / "runs"), "train.max_steps": 16, "train.eval_every": 8, "train.checkpoint_every": 8, "train.log_every": 2}
+    sets = {"output": str(tmp_path / "runs"), "train.max_steps": 16, "train.eval_every": 8, "train.checkpoint_every": 8, "train.log_every": 2,
+            "eval.at_start": False}
     if server_uri:
         sets |= {"tracking.mlflow.tracking_uri": server_uri, "tracking.mlflow.experiment": tmp_path.name}
     args = [RAYFT, "train", str(job_file), "--no-progress", "--json"]

@@ -29,6 +29,13 @@ def search_file(quickstart_run, tmp_path: Path, **tune) -> Path:
     return path
 
 
+def short_trials(path: Path, steps: int) -> None:
+    """Trials of `steps` optimizer steps (examples/tune.yaml's: one epoch, 32) with an eval every 8."""
+    body = yaml.safe_load(path.read_text())
+    body["train"]["max_steps"] = steps
+    path.write_text(yaml.safe_dump(body))
+
+
 def test_space_keys_and_values_are_checked_before_anything_starts(quickstart_run, tmp_path):
     path = search_file(quickstart_run, tmp_path, space={"lora.rnak": {"choice": [4]}, "precision": {"choice": ["bf16", "fp8"]}, "train.lr": {"uniform": [0.1, 0.01]}})
     with pytest.raises(ConfigError) as e:
@@ -136,7 +143,9 @@ def test_every_trial_records_its_memory_and_the_search_writes_its_frontier(searc
 
 @pytest.mark.slow
 def test_interrupted_search_resumes_without_redoing_finished_trials(quickstart_run, tmp_path):
-    path = search_file(quickstart_run, tmp_path, num_samples=4, scheduler="fifo")
+    # 3 trials, 2 at a time: the interrupt comes as the first ends, the second is cut short, the third not started
+    path = search_file(quickstart_run, tmp_path, num_samples=3, scheduler="fifo")
+    short_trials(path, 16)
     proc = subprocess.Popen([RAYFT, "tune", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 400
     finished: list[Path] = []
@@ -155,7 +164,7 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(quickstart_r
     resumed = subprocess.run([RAYFT, "tune", str(path), "--resume", str(search_dir), "--json"], capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads(resumed.stdout[resumed.stdout.index("{\n") :])
-    assert len(summary["trials"]) == 4 and all(t["status"] == "finished" for t in summary["trials"])
+    assert len(summary["trials"]) == 3 and all(t["status"] == "finished" for t in summary["trials"])
     for trial_dir in finished:  # finished before the interrupt: no step trained again
         records = [json.loads(x) for x in (trial_dir / "metrics.jsonl").read_text().splitlines()]
         steps = [r["step"] for r in records if "train_loss" in r]

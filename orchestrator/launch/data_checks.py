@@ -20,11 +20,11 @@ def data_cache(job: JobConfig, run_dir: Path | None = None) -> Path:
 
 
 def preflight(job: JobConfig, cache: Path, strict: bool = False) -> Any:
-    """The controller's checks, before Ray starts (jobs/preflight.py): each data file parses, has the job's
-    columns and rows; the model's config and processor load and its chat
+    """The controller's checks (jobs/preflight.py; `rayft train` runs them on a thread while Ray starts): each
+    data file parses, has the job's columns and rows; the model's config and processor load and its chat
     template encodes a row. Returns (row stores, problems of files that have none), or with strict the
-    stores, raising DataError for any problem. Every row is then checked by a Ray Data pass
-    (jobs/stream.py: index) before the first step; checked() reports its problems with these."""
+    stores, raising DataError for any problem. Every row is then checked (jobs/stream.py: index) before
+    the first step; checked() reports its problems with these."""
     from jobs import preflight as checks
 
     return checks.checked_stores(job, cache) if strict else checks.check(job, cache)
@@ -45,28 +45,35 @@ def checked(job: JobConfig, stores: dict[str, Any], problems: list[str]) -> dict
 
 
 class DataPass:
-    """checked() and encode_once() on a thread of this process, for data small enough to need no Ray
-    (jobs/stream.py: in_process): started at once, joined by result()."""
+    """The preflight and, for data small enough to need no Ray (jobs/stream.py: in_process), checked() and
+    encode_once(), on a thread of this process: started at once, so that they run while Ray starts (the
+    preflight alone spends seconds importing transformers and loading the processor); joined by result()."""
 
-    def __init__(self, job: JobConfig, stores: dict[str, Any], problems: list[str]):
+    def __init__(self, job: JobConfig, cache: Path):
         self._out: tuple[Any, ...] | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(job, stores, problems), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(job, cache), daemon=True)
         self._thread.start()
 
-    def _run(self, job: JobConfig, stores: dict[str, Any], problems: list[str]) -> None:
+    def _run(self, job: JobConfig, cache: Path) -> None:
         from jobs.encoded import encode_once
+        from jobs.stream import in_process
 
         try:
-            indexes = checked(job, stores, problems)
-            at = time.time()
-            indexes, said = encode_once(job, indexes)
-            self._out = (indexes, said, at)
+            stores, problems = preflight(job, cache)
+            done = None
+            if all(in_process(store) for store in stores.values()):
+                indexes = checked(job, stores, problems)
+                at = time.time()
+                indexes, said = encode_once(job, indexes)
+                done = (indexes, said, at)
+            self._out = (stores, problems, done)
         except BaseException as e:  # raised again in the caller's thread
             self._error = e
 
-    def result(self) -> tuple[dict[str, Any], dict[str, str], float]:
-        """(indexes with their encoded rows, what encode-once did per file, when the rows were checked)."""
+    def result(self) -> tuple[dict[str, Any], list[str], tuple[dict[str, Any], dict[str, str], float] | None]:
+        """(row stores, the preflight's problems, and for small data (indexes with their encoded rows, what
+        encode-once did per file, when the rows were checked); None where the rows are Ray Data's to check)."""
         self._thread.join()
         if self._error is not None:
             raise self._error

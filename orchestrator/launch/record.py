@@ -61,15 +61,17 @@ def process_started() -> float:
 # train(); worker stamps from rank 0's records in metrics.jsonl (the same clock on one machine).
 SPANS = (
     ("startup_s", "started", "train_called"),  # interpreter, imports, job file, fit check
-    ("preflight_s", "train_called", "ray_starting"),  # row stores (schema, row counts), model + processor + chat template, run directory
+    ("preflight_s", "train_called", "ray_starting"),  # the run directory (the preflight itself runs on a thread while Ray starts)
     ("ray_init_s", "ray_starting", "ray_ready"),
-    ("validation_s", "ray_ready", "data_checked"),  # the Ray Data pass over every row (cached for resumes and searches)
+    # every row checked: a Ray Data pass, or for a small file the driver's own thread, which ran while Ray
+    # started: then only what was left of it after ray_ready (cached for resumes and searches)
+    ("validation_s", "ray_ready", "data_checked"),
     ("encode_once_s", "data_checked", "encoded_once"),  # every row encoded once, where it fits the disk (jobs/encoded.py)
     ("trainer_build_s", "encoded_once", "trainer_built"),  # import ray.train + torch, batch schedule, datasets, TorchTrainer
     ("worker_start_s", "trainer_built", "worker_started"),  # Ray Train controller, placement group, worker process
     ("data_s", "worker_started", "data_encoded"),  # worker imports, its dataset shards
     ("model_s", "data_encoded", "model_loaded"),  # base (4-bit) + adapters + optimizer (+ checkpoint restored)
-    ("initial_eval_s", "model_loaded", "first_step_started"),  # the step-0 eval ("before" accuracy), the first batches streamed
+    ("initial_eval_s", "model_loaded", "first_step_started"),  # the first batches streamed (+ the step-0 eval with eval.at_start)
     ("first_step_s", "first_step_started", "first_step_done"),
     ("training_s", "first_step_done", "worker_done"),  # the other steps, evals, checkpoints
     ("fit_teardown_s", "worker_done", "fit_returned"),

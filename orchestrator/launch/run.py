@@ -17,7 +17,7 @@ from typing import IO, Any
 from jobs.metrics_log import metrics_path, read_metrics
 from orchestrator import rundir
 from orchestrator.config import JobConfig, load_raw, to_yaml
-from orchestrator.launch.data_checks import DataPass, checked, data_cache, preflight
+from orchestrator.launch.data_checks import DataPass, checked, data_cache
 from orchestrator.launch.export import export_run, finished, latest_checkpoint
 from orchestrator.launch.localray import data_cpus, ensure_local_ray, output_to, resources_for, shutdown_ray
 from orchestrator.launch.outcome import Interrupted, RunFailed, RunOutcome, failure_message
@@ -68,14 +68,15 @@ def _train(
     from jobs.data import DataError
     from jobs.driver import build_trainer
     from jobs.encoded import encode_once
-    from jobs.stream import in_process, warm_task_processes
+    from jobs.stream import warm_task_processes
     from orchestrator.signals import stopped_by
 
     stream = stream or sys.stdout
     t0 = time.time()
     stamps = {"started": started or t0, "train_called": t0}  # wall-clock moments for the manifest's timings
     created = not resume and (run_dir is None or not run_dir.exists())
-    stores, problems = preflight(job, data_cache(job, resume.resolve() if resume else run_dir))
+    # The preflight (and for small data every row's checks) on a thread from here, while Ray starts
+    data_pass = DataPass(job, data_cache(job, resume.resolve() if resume else run_dir))
     if resume:
         run_dir = resume.resolve()
         if not (run_dir / "job.yaml").is_file():
@@ -110,15 +111,15 @@ def _train(
         # threads do not contend for the same modules.
         torch_import = threading.Thread(target=importlib.import_module, args=("torch",), daemon=True)
         torch_import.start()
-        # Small data files are checked (and encoded once) in this process, on a thread, while Ray starts;
-        # larger ones by Ray Data tasks once it is up (jobs/stream.py: in_process).
-        local_pass = DataPass(job, stores, problems) if all(in_process(store) for store in stores.values()) else None
         try:
             started_ray = ensure_local_ray(resources.cpus_per_worker * job.scaling.workers, connect=connect)
             stamps["ray_ready"] = time.time()
             try:
-                if local_pass:
-                    indexes, said, checked_at = local_pass.result()
+                # small data files were checked (and encoded once) on the thread; larger ones are Ray Data's
+                # to check now that it is up (jobs/stream.py: in_process)
+                stores, problems, done = data_pass.result()
+                if done:
+                    indexes, said, checked_at = done
                     stamps["data_checked"] = max(checked_at, stamps["ray_ready"])
                 else:
                     indexes = checked(job, stores, problems)  # every row checked and measured, in parallel, before any worker starts
