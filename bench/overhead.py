@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +74,10 @@ def rayft_train(job_file: Path, out: Path, sets: list[str], code: Path | None = 
     args = [RAYFT, "train", str(job_file), "--no-progress", "--set", f"output={out}"]
     for s in sets:
         args += ["--set", s]
+    # Ray's worker processes put the driver's working directory first on their path: run from `code` too
     env = {**os.environ, "PYTHONPATH": str(code)} if code else None
     launched = time.time()
-    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=code)
     wall = time.time() - launched
     if proc.returncode != 0:
         raise SystemExit(f"rayft train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -224,9 +224,10 @@ def sizes_main(quickstart: Path, sizes: list[int], before: str, rounds: int) -> 
             # 1,000 rows: one epoch (the epoch's wall against its summed step time); larger: the first 32 steps
             sets = ["train.epochs=1"] if n <= 1000 else ["train.max_steps=32"]
             print(f"\n{n} rows ({' '.join(sets)}): before ({before}) and after, {rounds} round(s) ...", flush=True)
+            # every run in an output directory of its own: its data cache is new, as on a first run over this data
             rows = alternate(
-                {"before": partial(rayft_train, job_file, out / f"runs-{n}", sets, code=old),
-                 "after": partial(rayft_train, job_file, out / f"runs-{n}", sets)},
+                {"before": lambda: rayft_train(job_file, Path(tempfile.mkdtemp(dir=out)), sets, code=old),  # noqa: B023
+                 "after": lambda: rayft_train(job_file, Path(tempfile.mkdtemp(dir=out)), sets)},  # noqa: B023
                 rounds=rounds,
             )
             b, a = rows["before"]["median"], rows["after"]["median"]

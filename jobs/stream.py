@@ -257,21 +257,6 @@ def quiet_data_context() -> None:
     ctx.enable_progress_bars = False
 
 
-def _warm() -> None:
-    import torch  # noqa: F401  (collate and the payloads' tensors)
-
-
-def warm_task_processes(n: int) -> None:
-    """Have n of Ray's idle task processes import what the stream's tasks need (torch: 1-2 s a process here)
-    while Ray Train starts its workers, so that the first eval and step do not wait for those imports.
-    Nothing waits for them: Ray runs the tasks and keeps the processes for the stream's tasks."""
-    import ray
-
-    warm = ray.remote(num_cpus=1)(_warm)
-    for _ in range(n):
-        warm.remote()
-
-
 def pad_token_id(processor: Any) -> int:
     return getattr(processor, "tokenizer", processor).pad_token_id or 0
 

@@ -19,7 +19,7 @@ from orchestrator import rundir
 from orchestrator.config import JobConfig, load_raw, to_yaml
 from orchestrator.launch.data_checks import DataPass, checked, data_cache
 from orchestrator.launch.export import export_run, finished, latest_checkpoint
-from orchestrator.launch.localray import data_cpus, ensure_local_ray, output_to, resources_for, shutdown_ray
+from orchestrator.launch.localray import ensure_local_ray, output_to, resources_for, shutdown_ray
 from orchestrator.launch.outcome import Interrupted, RunFailed, RunOutcome, failure_message
 from orchestrator.launch.progress import ProgressView
 from orchestrator.launch.record import MANIFEST, finish_tracking, timeline, write_manifest
@@ -68,7 +68,6 @@ def _train(
     from jobs.data import DataError
     from jobs.driver import build_trainer
     from jobs.encoded import encode_once
-    from jobs.stream import warm_task_processes
     from orchestrator.signals import stopped_by
 
     stream = stream or sys.stdout
@@ -131,8 +130,6 @@ def _train(
                 raise
             for which, text in said.items():
                 print(f"data.{which}: {text}", file=user_stream, flush=True)
-            if started_ray:  # a fresh Ray: its task processes have imported nothing yet
-                warm_task_processes(data_cpus())
             stamps["encoded_once"] = time.time()
             torch_import.join()
             with ProgressView(run_dir, user_stream, enabled=progress):
