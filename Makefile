@@ -35,8 +35,10 @@ $(MLFLOW_SERVER):
 	$(VENV)/mlflow-server/bin/pip install -q "mlflow==3.17.2"
 
 # Ray-using tests run inside a private network + pid namespace: only loopback exists and no process outlives the run.
-# The two set-ups in parallel: the MLflow server's venv installs while DeepSpeed's ops compile.
+# The two set-ups in parallel: the MLflow server's venv installs while DeepSpeed's ops compile (.venv first:
+# the server's venv lives inside it, and two `python -m venv` racing for it fail).
 test:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(MAKE) -j2 setup $(MLFLOW_SERVER)
 	scripts/netns.sh $(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 

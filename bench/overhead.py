@@ -18,7 +18,7 @@ eval and checkpoint every 2000 steps) for the overhead of a long run. Results: b
 compares each span of `rayft train` at two data sizes, this tree against an earlier commit REV (checked out in a
 git worktree and run from there, PYTHONPATH first; Ray's processes inherit it): the QLoRA job on N colour rows,
 one epoch at 1,000 rows, 32 steps at larger sizes (start -> first step and the first steps, not an epoch).
-Runs alternate (before, after) per size. Results: bench/results/overhead_sizes.json.
+Runs alternate (before, after) per size. Results: bench/results/overhead_sizes_<sizes>.json.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def sizes_main(quickstart: Path, sizes: list[int], before: str, rounds: int) -> 
         if len(sizes) > 1:
             print("\nstart -> first step, after: " + ", ".join(f"{n} rows {v:.1f} s" for n, v in firsts.items())
                   + f"; largest / smallest {firsts[max(sizes)] / firsts[min(sizes)]:.2f}x")
-        write_result("overhead_sizes", result)
+        write_result("overhead_sizes_" + "_".join(str(n) for n in sizes), result)
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], capture_output=True)
 
