@@ -76,7 +76,7 @@ def test_a_run_is_tracked_in_mlflow_wandb_and_tensorboard_without_leaking_creden
     env = {**os.environ, **CANARY}
     args = quick_job(quickstart_run, tmp_path, mlflow_server["uri"], "tracking.mlflow.log_model=true",
                      "tracking.wandb.project=rayft-tests", "tracking.wandb.mode=offline",
-                     "eval.generate.samples=4", "eval.generate.max_new_tokens=4")
+                     "eval.generate.samples=4", "eval.generate.max_new_tokens=4", "eval.at_start=true")
     proc = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     run_dir = run_dir_of(tmp_path)

@@ -119,9 +119,6 @@ def test_adapters_learn_and_export(quickstart_run, ray_local, tmp_path, method, 
     assert 0 < out.manifest["trainable_params"] < 0.25 * out.manifest["total_params"]
     records = [json.loads(x) for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["tokens_per_s"] > 0 for r in records if "tokens_per_s" in r)
-    # 512 + 128 rows: checked and encoded once in the driver's process while Ray started (no Ray Data pass)
-    start = next(r for r in records if r.get("event") == "start")
-    assert start["validation"] == {k: {"cached": False, "nodes": 0, "encoded_once": True} for k in ("train", "eval")}
     # the manifest's timings: contiguous spans (driver and worker stamps) that add up to the wall time
     t = out.manifest["timings"]
     assert abs(sum(t[name] for name, _, _ in launch.SPANS) - t["wall_s"]) < 0.01
