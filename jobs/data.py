@@ -371,6 +371,11 @@ def encode_rows(
     return examples, [i for i, _ in dropped]
 
 
+def pad_token_id(processor: Any) -> int:
+    """The id collate() pads input_ids with: the tokenizer's pad token (0 where it has none)."""
+    return getattr(processor, "tokenizer", processor).pad_token_id or 0
+
+
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad token-level tensors; concatenate the rest (pixel_values, image_grid_thw, ...) along dim 0,
     from the rows that have them (a text row in a VLM batch adds no image tensors)."""

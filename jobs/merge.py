@@ -388,7 +388,7 @@ def _parity_batches(job: JobConfig, processor: Any, arch: architectures.Architec
     head = data_mod.read_head(source, PARITY_BATCHES * job.train.micro_batch_size).to_pylist()
     encoded = [data_mod.encode_row(row, i, job.data, processor, arch.kind == "vlm", source) for i, row in enumerate(head)]
     rows = [e for e in encoded if len(e.input_ids) <= job.data.max_length]
-    pad_id = getattr(processor, "tokenizer", processor).pad_token_id or 0
+    pad_id = data_mod.pad_token_id(processor)
     mbs = job.train.micro_batch_size
     return [data_mod.collate(rows[i : i + mbs], pad_id) for i in range(0, len(rows), mbs)]
 

@@ -34,6 +34,7 @@ from jobs.data import (
     encode_row,
     measure,
     optional_columns,
+    pad_token_id,
     too_long_message,
 )
 from jobs.rowstore import problem
@@ -174,6 +175,11 @@ def in_process(store: rowstore.Store) -> bool:
     return store.n_rows <= LOCAL_ROWS
 
 
+def all_in_process(stores: dict[str, rowstore.Store]) -> bool:
+    """Every data file of the job is in_process: its checks need no Ray at all."""
+    return all(in_process(store) for store in stores.values())
+
+
 def scan(job: JobConfig, store: rowstore.Store, option: str) -> tuple[np.ndarray, np.ndarray, int]:
     """Every row checked and measured: in this process for a small file (in_process), else by Ray Data
     tasks spread over the cluster's nodes; (row ids, lengths, nodes that ran the pass: 0 when this process
@@ -255,10 +261,6 @@ def quiet_data_context() -> None:
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
-
-
-def pad_token_id(processor: Any) -> int:
-    return getattr(processor, "tokenizer", processor).pad_token_id or 0
 
 
 def _encode_items(batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool, encoded: rowstore.Store | None, pad_id: int) -> Any:

@@ -57,12 +57,12 @@ class DataPass:
 
     def _run(self, job: JobConfig, cache: Path) -> None:
         from jobs.encoded import encode_once
-        from jobs.stream import in_process
+        from jobs.stream import all_in_process
 
         try:
             stores, problems = preflight(job, cache)
             done = None
-            if all(in_process(store) for store in stores.values()):
+            if all_in_process(stores):
                 indexes = checked(job, stores, problems)
                 at = time.time()
                 indexes, said = encode_once(job, indexes)
@@ -86,11 +86,11 @@ def validate_data(job: JobConfig) -> dict[str, dict[str, int]]:
     a later run reuses), on an embedded Ray whose output goes to <output>/.rayft-data/validate.log. Returns
     per file (train, eval): rows usable, rows dropped (data.too_long: drop) and the longest row in tokens;
     raises DataError naming every problem."""
-    from jobs.stream import in_process
+    from jobs.stream import all_in_process
 
     cache = data_cache(job)
     stores, problems = preflight(job, cache)
-    if all(in_process(store) for store in stores.values()):  # small files: checked here, no Ray started
+    if all_in_process(stores):  # small files: checked here, no Ray started
         indexes = checked(job, stores, problems)
     else:
         resources = resources_for(job)
