@@ -55,15 +55,18 @@ def fatal(run_dir: Path) -> str | None:
         return None
 
 
-def staging_dir(step: int) -> str:
-    return tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{os.getpid()}-{step}-")
+def staging_dir(step: int, under: str | None = None) -> str:
+    """A new directory for one checkpoint of `step`, under `under` (scaling.staging_dir; None: $TMPDIR)."""
+    if under is not None:
+        Path(under).mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{os.getpid()}-{step}-", dir=under)
 
 
-def sweep_staging() -> int:
-    """Remove checkpoint staging copies left in $TMPDIR by workers that were killed while writing one
-    (their pid is gone). Returns how many were removed."""
+def sweep_staging(under: str | None = None) -> int:
+    """Remove checkpoint staging copies left under `under` ($TMPDIR by default) by workers that were killed
+    while writing one (their pid is gone). Returns how many were removed."""
     removed = 0
-    for path in Path(tempfile.gettempdir()).glob(f"{CHECKPOINT_PREFIX}*"):
+    for path in Path(under or tempfile.gettempdir()).glob(f"{CHECKPOINT_PREFIX}*"):
         try:
             pid = int(path.name[len(CHECKPOINT_PREFIX) :].split("-")[0])
         except ValueError:

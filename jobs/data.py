@@ -371,6 +371,30 @@ def encode_rows(
     return examples, [i for i, _ in dropped]
 
 
+def filler_row(processor: Any, with_image: bool) -> Encoded:
+    """A row that trains and scores nothing (every label ignored): one small grey image under an empty
+    prompt for a VLM, one token for a text model. Under DeepSpeed every rank must run the same modules in
+    every step (ZeRO-3 gathers the parameters of the modules that run; ZeRO-1/2 reduce gradients in buckets
+    as they are produced): a VLM micro batch without an image gets this row, so every rank runs the vision
+    tower; under ZeRO-3 a rank with fewer eval batches than another also runs batches of it alone (docs/scaling.md, "Keeping ranks in step"). Its loss terms are ignored, so the step's loss and
+    gradients are those of the real rows."""
+    import torch
+    from PIL import Image
+
+    if with_image:
+        enc = _tokens(processor, prompt_text(processor, "", True), [Image.new("RGB", (64, 64), (128, 128, 128))], True, True)
+        ids = enc["input_ids"][0]
+        extras = {k: v[0] for k, v in enc.items() if k in TOKEN_LEVEL_FILL and isinstance(v, torch.Tensor)}
+        extras.update(_image_tensors(enc))
+    else:
+        ids, extras = torch.tensor([pad_token_id(processor)], dtype=torch.long), {}
+    return Encoded(input_ids=ids, labels=torch.full_like(ids, IGNORE_INDEX), extras=extras, row=-1)
+
+
+def has_image(example: Encoded) -> bool:
+    return any(k not in TOKEN_LEVEL_FILL for k in example.extras)
+
+
 def pad_token_id(processor: Any) -> int:
     """The id collate() pads input_ids with: the tokenizer's pad token (0 where it has none)."""
     return getattr(processor, "tokenizer", processor).pad_token_id or 0

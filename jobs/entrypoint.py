@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     is_uri = "://" in args.run_dir
     run_dir = Path(os.environ.get(SCRATCH) or tempfile.mkdtemp(prefix="rayft-run-")) / Path(args.run_dir).name if is_uri else Path(args.run_dir)
     try:
-        job, warnings = load_job(args.job_file)
+        job, warnings = load_job(args.job_file, cluster=True)  # on the head: the GPUs are the workers' nodes
         launch.preflight(job, launch.data_cache(job, run_dir), strict=True)
     except ConfigError as e:
         print("rayft: the job's inputs are not usable on the cluster:", *(f"  {p}" for p in e.problems), sep="\n", flush=True)

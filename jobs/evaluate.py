@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jobs.collective import reduce
 from jobs.data import IGNORE_INDEX
 
 
@@ -27,26 +28,24 @@ def answer_stats(logits: Any, labels: Any) -> tuple[float, int, int, int]:
     mask = targets != IGNORE_INDEX
     loss = F.cross_entropy(shift_logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
     hits = (shift_logits.argmax(-1) == targets) | ~mask
-    correct = int(torch.all(hits, dim=1).sum())
-    return float(loss), int(mask.sum()), correct, int(labels.shape[0])
+    scored = mask.any(dim=1)  # a filler row (jobs/data.filler_row) has no answer: not an example
+    correct = int((torch.all(hits, dim=1) & scored).sum())
+    return float(loss), int(mask.sum()), correct, int(scored.sum())
 
 
 def evaluate(model: Any, batches: list[dict[str, Any]], device: Any, autocast: Any, float_dtype: Any = None) -> dict[str, float]:
     """Summed over this worker's batches and then over all workers (a collective when distributed)."""
     import torch
-    import torch.distributed as dist
 
     was_training = model.training
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)
+    totals = [0.0, 0.0, 0.0, 0.0]
     with torch.no_grad(), autocast():
         for batch in batches:
             batch = to_device(batch, device, float_dtype)
             labels = batch.pop("labels")
             logits = model(**batch).logits
-            totals += torch.tensor(answer_stats(logits, labels), dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(totals)
+            totals = [a + b for a, b in zip(totals, answer_stats(logits, labels), strict=True)]
+    loss, tokens, correct, count = reduce(totals, device)  # every rank, with or without rows
     model.train(was_training)
-    loss, tokens, correct, count = totals.tolist()
     return {"eval_loss": loss / max(tokens, 1), "eval_accuracy": correct / max(count, 1), "eval_examples": int(count)}

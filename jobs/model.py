@@ -57,9 +57,12 @@ def qwen2_vl_image_only_processor(arch_name: str = "qwen2_vl") -> type:
 
     class ImageOnlyProcessor(base):  # type: ignore[misc, valid-type]
         def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any):
-            self.image_token = tokenizer.image_token
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token, self.video_token_id = "<|video_pad|>", tokenizer.convert_tokens_to_ids("<|video_pad|>")
+            # as the stock class: the published checkpoints list their special tokens without naming an
+            # image_token, and the stock processor falls back to <|image_pad|>
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(self.video_token)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
     ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = f"{base.__name__}ImageOnly"
@@ -122,8 +125,9 @@ def load_base(job: JobConfig, arch: Architecture, device: torch.device) -> Any:
     kwargs: dict[str, Any] = {"dtype": base_dtype(job)}
     if job.quantized:
         kwargs["quantization_config"] = quantization_config(job, arch)
-        if device.type == "cuda":
-            kwargs["device_map"] = {"": device.index or 0}
+        # Placed explicitly, CPU included: left to transformers, the bitsandbytes quantizer puts a 4-bit model
+        # on the current CUDA device whenever CUDA exists (the export's CPU parity check on a GPU host).
+        kwargs["device_map"] = {"": "cpu"} if device.type == "cpu" else {"": device.index or 0}
     model = model_class(arch).from_pretrained(job.model, **kwargs)
     if job.quantized:
         disable_cpu_bf16_repack(model)

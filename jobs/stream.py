@@ -32,6 +32,8 @@ from jobs.data import (
     columns,
     decode_payload,
     encode_row,
+    filler_row,
+    has_image,
     measure,
     optional_columns,
     pad_token_id,
@@ -263,11 +265,14 @@ def quiet_data_context() -> None:
     ctx.enable_progress_bars = False
 
 
-def _encode_items(batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool, encoded: rowstore.Store | None, pad_id: int) -> Any:
+def _encode_items(
+    batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool, encoded: rowstore.Store | None, pad_id: int, filler: bytes | None = None
+) -> Any:
     """One schedule item (a worker's micro batch: row ids) -> the collated micro batch, pickled. A row that
     fails here is sent on as the item's `problem` (not raised: Ray Data's task error would bury it), and
     the worker fails the run naming it. Rows encoded once are only read and collated: the task loads no
-    processor (a task process would otherwise spend seconds importing transformers and loading it)."""
+    processor (a task process would otherwise spend seconds importing transformers and loading it).
+    filler (ZeRO-3): a pickled jobs.data.filler_row, added to a micro batch without an image (or without rows)."""
     import pyarrow as pa
 
     one_thread()
@@ -288,12 +293,14 @@ def _encode_items(batch: Any, job_json: str, store: rowstore.Store, option: str,
             break
         examples.append(e)
     if not problem:
+        if filler is not None and not any(has_image(e) for e in examples) and (with_image or not examples):
+            examples.append(pickle.loads(filler))
         tensors = {k: v.numpy() for k, v in collate(examples, pad_id).items()}
         payload = pickle.dumps({"rows": ids, "tensors": tensors, "node": _node_id()}, protocol=5)
     return pa.table({"step": batch.column("step"), "micro": batch.column("micro"), "batch": pa.array([payload], pa.binary()), "problem": [problem]})
 
 
-def _dataset(items: list[dict[str, Any]], job: JobConfig, index: Index) -> Any:
+def _dataset(items: list[dict[str, Any]], job: JobConfig, index: Index, filler: bytes | None) -> Any:
     import ray.data
 
     with_image = architectures.for_model_dir(job.model).kind == "vlm"
@@ -301,7 +308,7 @@ def _dataset(items: list[dict[str, Any]], job: JobConfig, index: Index) -> Any:
     return ds.map_batches(
         _encode_items, batch_size=1, batch_format="pyarrow", scheduling_strategy="SPREAD",  # encode on every node with CPUs
         fn_kwargs={"job_json": job.model_dump_json(), "store": index.store, "option": index.option, "with_image": with_image, "encoded": index.encoded,
-                   "pad_id": pad_token_id(processor_for(job.model))},
+                   "pad_id": pad_token_id(processor_for(job.model)), "filler": filler},
     )
 
 
@@ -316,6 +323,17 @@ class Plan:
     eval_rows: int
 
 
+def deepspeed_filler(job: JobConfig) -> bytes | None:
+    """The pickled filler row (jobs/data.filler_row) a DeepSpeed run's micro batches may need; None otherwise.
+    Every stage needs it for a VLM: ZeRO-3 gathers the parameters of the modules that run, and ZeRO-1/2
+    reduce gradients in buckets as they are produced, so a rank whose micro batch skipped the vision tower
+    reduces other buckets than its peers (gloo aborts, NCCL hangs)."""
+    if job.deepspeed is None:
+        return None
+    with_image = architectures.for_model_dir(job.model).kind == "vlm"
+    return pickle.dumps(filler_row(processor_for(job.model), with_image), protocol=5)
+
+
 def plan(job: JobConfig, indexes: dict[str, Index], world: int, start_step: int) -> Plan:
     """Each worker's datasets from `start_step` on (a resumed run starts mid-schedule: exactly the rows it
     would have seen next)."""
@@ -326,18 +344,23 @@ def plan(job: JobConfig, indexes: dict[str, Index], world: int, start_step: int)
     except ValueError as e:
         raise DataError([problem(f"{train.store.data_file} (data.train)", str(e), "lower train.micro_batch_size or train.grad_accum, or add rows")]) from None
     datasets = {}
+    filler = deepspeed_filler(job)
+    eval_split = {}
+    if "eval" in indexes:
+        ev = indexes["eval"]
+        eval_split = {r: batching.eval_batches(ev.rows, ev.lengths, job.data, job.train.micro_batch_size, r, world) for r in range(world)}
+        if filler is not None and job.deepspeed.stage == 3:  # every rank runs as many eval forwards: the short ones add filler-only batches
+            most = max(len(b) for b in eval_split.values())
+            eval_split = {r: b + [np.array([], dtype=np.int64)] * (most - len(b)) for r, b in eval_split.items()}
     for r in range(world):
         items = [
             {"step": s, "micro": k, "rows": [int(i) for i in micro[r]]}
             for s in range(start_step, schedule.total_steps)
             for k, micro in enumerate(schedule.steps[s])
         ]
-        datasets[f"train_{r}"] = _dataset(items, job, train)
-        if "eval" in indexes:
-            ev = indexes["eval"]
-            batches = batching.eval_batches(ev.rows, ev.lengths, job.data, job.train.micro_batch_size, r, world)
-            if batches:
-                datasets[f"eval_{r}"] = _dataset([{"step": -1, "micro": k, "rows": [int(i) for i in b]} for k, b in enumerate(batches)], job, ev)
+        datasets[f"train_{r}"] = _dataset(items, job, train, filler)
+        if eval_split.get(r):
+            datasets[f"eval_{r}"] = _dataset([{"step": -1, "micro": k, "rows": [int(i) for i in b]} for k, b in enumerate(eval_split[r])], job, indexes["eval"], filler)
     return Plan(datasets, schedule.total_steps, schedule.epoch_starts, len(train.rows), train.dropped, len(indexes["eval"].rows) if "eval" in indexes else 0)
 
 

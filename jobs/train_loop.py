@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from jobs import attempts, stream, zero
+from jobs import attempts, collective, stream, zero
 from jobs.batching import epoch_of
 from jobs.checkpoint import CHECKPOINTS, META_FILE, STATE_FILE, WEIGHTS_FILE
 from jobs.evaluate import evaluate, to_device
@@ -63,6 +63,10 @@ class Training:
     deepspeed: bool
     ddp: bool
     max_grad_norm: float | None
+    device: Any
+    """The worker's training device: where restored state goes."""
+    adapters: bool
+    """lora/qlora: only adapter weights train (and are checkpointed)."""
     zero3_config: Any = None
     """transformers' HfDeepSpeedConfig under ZeRO-3, else None. transformers holds it only weakly and asks it
     whether ZeRO-3 is on (to load each rank's partition of the model, and after): kept here, it lives as long
@@ -93,6 +97,8 @@ def build_training(job: JobConfig, arch: architectures.Architecture, device: Any
             deepspeed=True,
             ddp=False,
             max_grad_norm=None,  # DeepSpeed clips (gradient_clipping in its config)
+            device=device,
+            adapters=job.method != "full",
             zero3_config=zero3_config,
         )
     core = model
@@ -119,6 +125,8 @@ def build_training(job: JobConfig, arch: architectures.Architecture, device: Any
         deepspeed=False,
         ddp=world > 1,
         max_grad_norm=job.train.max_grad_norm,
+        device=device,
+        adapters=job.method != "full",
     )
 
 
@@ -205,10 +213,12 @@ def restore(training: Training, checkpoint: Any) -> int:
 
     with checkpoint.as_directory() as ckpt_dir:
         if training.deepspeed:
-            _, client_state = training.model.load_checkpoint(ckpt_dir)  # every rank its own shard
+            # every rank its own shard; an adapter run's holds no frozen weights (they come from the base)
+            _, client_state = training.model.load_checkpoint(ckpt_dir, load_module_strict=not training.adapters)
             return client_state["step"]
         load_trainable_state(training.core, load_file(os.path.join(ckpt_dir, WEIGHTS_FILE)))
-        state = torch.load(os.path.join(ckpt_dir, STATE_FILE), weights_only=False)
+        # saved by rank 0 from its device (cuda:0): every tensor comes back on this worker's own
+        state = torch.load(os.path.join(ckpt_dir, STATE_FILE), map_location=training.device, weights_only=False)
         training.optimizer.load_state_dict(state["optimizer"])
         training.scheduler.load_state_dict(state["scheduler"])
         training.scaler.load_state_dict(state["scaler"])
@@ -238,9 +248,11 @@ class Checkpoints:
         from safetensors.torch import save_file
 
         t = self.training
-        ckpt_dir = attempts.staging_dir(step)
+        ckpt_dir = attempts.staging_dir(step, self.job.scaling.staging_dir)
         if t.deepspeed:
-            t.model.save_checkpoint(ckpt_dir, tag=f"step_{step}", client_state={"step": step})
+            # adapters: the engine's shard holds the trainable weights and their optimizer state, never the
+            # frozen base (a bf16 7B's 15 GB per checkpoint otherwise)
+            t.model.save_checkpoint(ckpt_dir, tag=f"step_{step}", client_state={"step": step}, exclude_frozen_parameters=self.job.method != "full")
         if self.rank == 0:
             if not t.deepspeed or self.job.method != "full":
                 save_file(trainable_state(t.core), os.path.join(ckpt_dir, WEIGHTS_FILE))
@@ -322,13 +334,8 @@ class Window:
     def record(self, step: int, epoch: float, lr: float, world: int, device: Any) -> dict[str, Any]:
         """The train record at `step`: the loss of the global batch (the mean over workers of each worker's
         mean) and every worker's rates together. An all-reduce: every rank calls it after the same step."""
-        import torch
-        import torch.distributed as dist
-
         elapsed = time.time() - self.t0
-        sums = torch.tensor([self.tokens, self.samples, self.loss, self.padded], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
-        if world > 1:
-            dist.all_reduce(sums)
+        sums = collective.reduce([self.tokens, self.samples, self.loss, self.padded], device)
         return {
             "step": step,
             "epoch": epoch,
@@ -367,14 +374,10 @@ def next_batches(stream_items: Iterator[Any], step: int, grad_accum: int) -> tup
 
 def stop_reason(run_dir: Path, rank: int, world: int, device: Any) -> str | None:
     """Why the driver asked to stop (SIGTERM, Ctrl-C), agreed by every rank after the same step."""
-    import torch
-    import torch.distributed as dist
-
     reason = attempts.stop_request(run_dir) if rank == 0 else None
     if world > 1:
-        flag = torch.tensor([1.0 if reason else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        reason = reason or ("stop requested" if flag.item() else None)
+        (flag,) = collective.reduce([1.0 if reason else 0.0], device, op="max")
+        reason = reason or ("stop requested" if flag else None)
     return reason
 
 
@@ -389,7 +392,11 @@ def preempted_nodes() -> list[str] | None:
 def run_eval(training: Training, device: Any, eval_shard: Any, generator: EvalGenerator | None, log: Log, step: int) -> dict[str, Any]:
     """The eval metrics at `step`, on this worker's eval rows (and eval.generate's answers, logged)."""
     batches = (tensors for _, _, _, tensors in stream.micro_batches(eval_shard)) if eval_shard is not None else iter(())
-    metrics = evaluate(training.model, batches, device, training.autocast, training.input_dtype)
+    # DDP: the unwrapped model, whose forward runs no collective (DDP's broadcasts its buffers at every forward,
+    # and ranks run different numbers of eval batches); ZeRO-3's forwards gather, so its short ranks get filler
+    # batches (jobs/stream.py)
+    model = training.core if training.ddp else training.model
+    metrics = evaluate(model, batches, device, training.autocast, training.input_dtype)
     generated = generator(training, device) if generator else None
     if generated is not None:
         metrics["eval_generated_accuracy"] = generated["accuracy"]
@@ -404,7 +411,6 @@ def _train(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
 
     # ---- setup ------------------------------------------------------------------------------------
     job = JobConfig.model_validate(config["job"])
@@ -413,6 +419,8 @@ def _train(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda":  # this worker's GPU (not cuda:0) for every default-device allocation, NCCL's included
+        torch.cuda.set_device(device)
     arch = architectures.for_model_dir(job.model)
     t_setup = time.time()
 
@@ -429,7 +437,7 @@ def _train(config: dict[str, Any]) -> None:
     previous = fatal_error = None
     attempt = 0  # rank 0 writes the record
     if rank == 0:
-        attempts.sweep_staging()  # checkpoint copies of workers killed while writing one
+        attempts.sweep_staging(job.scaling.staging_dir)  # checkpoint copies of workers killed while writing one
         attempt, previous = previous_attempts(run_dir)
         fatal_error = attempts.fatal(run_dir)
     if fatal_error:  # an error that would repeat: this restart fails at once, without loading the model again
@@ -442,7 +450,7 @@ def _train(config: dict[str, Any]) -> None:
     ds_config = None
     if job.deepspeed:
         zero.init_comm(device)
-        ds_config, changed = zero.ds_config(job, world)
+        ds_config, changed = zero.ds_config(job, world, gpu=device.type == "cuda")
         if rank == 0:
             zero.write_config(run_dir, ds_config, changed)
     training = build_training(job, arch, device, world, schedule, ds_config)
@@ -452,9 +460,7 @@ def _train(config: dict[str, Any]) -> None:
     start_step = restore(training, ray.train.get_checkpoint())
     checkpoints = Checkpoints(training, job, rank, run_dir, total_steps, last=start_step, kill_at=config.get("kill_in_checkpoint_at") if attempt == 1 else None)
 
-    node_ids = [ray.get_runtime_context().get_node_id()] * world
-    if world > 1:  # which Ray nodes the workers landed on (placement: pack | spread)
-        dist.all_gather_object(node_ids, node_ids[0])
+    node_ids = collective.gather(ray.get_runtime_context().get_node_id())  # which Ray nodes the workers landed on (placement: pack | spread)
     log(
         {
             "event": "start",

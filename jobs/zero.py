@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +20,17 @@ from orchestrator.dotted import flatten, set_in
 CONFIG_FILE = "deepspeed.json"
 
 
-def ds_config(job: JobConfig, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the DeepSpeed config, the keys the user's overrides changed: {dotted key: [generated, override]})."""
+def ds_config(job: JobConfig, world_size: int, gpu: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the DeepSpeed config, the keys the user's overrides changed: {dotted key: [generated, override]}).
+    gpu: offloaded state goes to pinned host memory (page-locked: host-device copies at full speed, as
+    peers configure it); a CPU run has no device to copy to."""
     ds = job.deepspeed
     assert ds is not None
     zero: dict[str, Any] = {"stage": ds.stage}
     if ds.offload_optimizer == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
     if ds.offload_params == "cpu":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": job.train.micro_batch_size,
         "gradient_accumulation_steps": job.train.grad_accum,
@@ -57,8 +61,16 @@ def write_config(run_dir: Path, config: dict[str, Any], changed: dict[str, Any])
     (run_dir / CONFIG_FILE).write_text(json.dumps({"config": config, "overrides_changed": changed}, indent=2))
 
 
+def use_prebuilt_ops() -> None:
+    """DeepSpeed's JIT-built ops (CPU Adam, shm comm) from where `make setup` built them (scripts/build_ds_ops.py):
+    <venv>/torch_extensions, unless TORCH_EXTENSIONS_DIR says otherwise. Without it, a process started outside
+    the Makefile (`rayft train` itself, every Ray worker) would build them again in ~/.cache."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
 def init_comm(device: Any) -> None:
     """Point DeepSpeed's comm layer at the process group Ray Train already created (gloo on CPU, nccl on GPU)."""
+    use_prebuilt_ops()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)

@@ -484,7 +484,7 @@ def submit(job_file: str, sets: tuple[str, ...], address: str | None, insecure: 
     from orchestrator import remote
 
     address, token = _connection(address, insecure)
-    job, warnings = load_job(job_file, sets, local_files=remote.is_loopback(address))
+    job, warnings = load_job(job_file, sets, local_files=remote.is_loopback(address), cluster=True)
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
     runtime_env = yaml.safe_load(Path(runtime_env_file).read_text()) if runtime_env_file else None

@@ -40,9 +40,9 @@ from orchestrator.config import (
     to_yaml,
 )
 from orchestrator.launch import (
+    Capacity,
     Interrupted,
     RunFailed,
-    data_cpus,
     ensure_local_ray,
     export_run,
     output_to,
@@ -156,23 +156,24 @@ def optuna_startup(samples: int) -> int:
     return 10 if samples < 0 else min(10, max(2, samples // 3))
 
 
-def concurrency(job: JobConfig, total_cpus: int, total_gpus: int) -> int:
-    """Trials that fit at once: each needs `workers` x (cpus_per_worker CPUs [+ 1 GPU])."""
+def concurrency(job: JobConfig, capacity: Capacity) -> int:
+    """Trials that fit at once in the Ray cluster's capacity: each needs `workers` x (cpus_per_worker CPUs
+    [+ 1 GPU]); on GPUs one trial per `scaling.workers` GPUs."""
     tune = job.tune
     assert tune is not None
     if tune.max_concurrent:
         return tune.max_concurrent
-    res = resources_for(job)
-    fit = total_cpus // (res.cpus_per_worker * job.scaling.workers)
+    res = resources_for(job, capacity)
+    fit = capacity.cpus // (res.cpus_per_worker * job.scaling.workers)
     if res.use_gpu:
-        fit = min(fit, total_gpus // job.scaling.workers)
+        fit = min(fit, capacity.gpus // job.scaling.workers)
     return max(1, fit)
 
 
-def trial_settings(job: JobConfig) -> dict[str, Any]:
+def trial_settings(job: JobConfig, capacity: Capacity) -> dict[str, Any]:
     """What every trial adds to the base job (applied by the same function as --set): a checkpoint at every
     eval, so the best report always has a checkpoint to export, and the CPUs per worker resolved here, once."""
-    return {"train.checkpoint_every": job.train.eval_every, "scaling.cpus_per_worker": resources_for(job).cpus_per_worker}
+    return {"train.checkpoint_every": job.train.eval_every, "scaling.cpus_per_worker": resources_for(job, capacity).cpus_per_worker}
 
 
 def space_corners(tune: TuneConfig) -> list[dict[str, Any]]:
@@ -189,8 +190,8 @@ def fit_budget(job: JobConfig, base: dict[str, Any], memory_limit: int | None, *
     the trials that do not fit are skipped one by one when they come up (`orchestrator.trial.trial_fits`)."""
     tune = job.tune
     assert tune is not None
-    gpus = planner.gpu_memory()
-    budget = planner.budget_for(job, memory_limit, concurrent=concurrency(job, os.cpu_count() or 1, gpus[0] if gpus else 0), source=source)
+    # before Ray starts: the search's embedded Ray runs on this machine
+    budget = planner.budget_for(job, memory_limit, concurrent=concurrency(job, Capacity.this_machine()), source=source)
     if check_space:
         verdicts = [planner.check(build_job(apply_overrides(base, corner))[0], budget) for corner in space_corners(tune)]
         if verdicts and not any(v.fits for v in verdicts):
@@ -234,7 +235,6 @@ def _run(
     fit_check: bool,
     memory_limit: int | None,
 ) -> dict[str, Any]:
-    import ray
     from ray import tune as rt
 
     from orchestrator.trial import tune_trial
@@ -259,8 +259,6 @@ def _run(
         (search_dir / "base.json").write_text(json.dumps(base))
     mode = tune.resolved_mode
     cores = os.cpu_count() or 1
-    base = apply_overrides(base, trial_settings(job))
-    resources = resources_for(job)
     print(f"search directory: {search_dir}", file=stream, flush=True)
     t0 = time.time()
     from jobs import attempts
@@ -275,6 +273,9 @@ def _run(
                          params={f"tune.{k}": json.dumps(v) for k, v in job.tune.model_dump(mode="json").items()}).start(wait=True)
         try:
             started = ensure_local_ray(cores, dashboard=True)
+            capacity = Capacity.from_ray(embedded=True)  # its extra logical CPUs are Ray Data's, not the trials'
+            base = apply_overrides(base, trial_settings(job, capacity))
+            resources = resources_for(job, capacity)
             # Every row checked, and encoded where the disk allows, once for the whole search (beside the row
             # stores); trials read both back, and a trial that changes the model or columns makes its own.
             from jobs.driver import DATA_CACHE
@@ -317,9 +318,6 @@ def _run(
                     # every report carries the optimizer step; a trial goes on at a milestone unless its metric is
                     # below the (1 - 1/reduction_factor) quantile of those recorded there before it (ties go on)
                     scheduler = ASHAScheduler(time_attr="step", reduction_factor=tune.reduction_factor, **milestones)
-                # an embedded Ray's extra logical CPUs are Ray Data's (launch.data_cpus), not the trials'
-                total_cpus = int(ray.cluster_resources().get("CPU", cores)) - (data_cpus() if started else 0)
-                total_gpus = int(ray.cluster_resources().get("GPU", 0))
                 stopper = None
                 if tune.budget is not None:
                     from orchestrator.budget import BudgetStopper
@@ -333,7 +331,7 @@ def _run(
                         mode=mode,
                         num_samples=tune.samples,
                         scheduler=scheduler,
-                        search_alg=search_algorithm(tune, concurrency(job, total_cpus, total_gpus), search_dir, lengths),
+                        search_alg=search_algorithm(tune, concurrency(job, capacity), search_dir, lengths),
                     ),
                     run_config=rt.RunConfig(name=TUNER_DIR, storage_path=str(search_dir), verbose=0, stop=stopper),
                 )

@@ -171,3 +171,14 @@ def test_every_schema_error_has_a_fix(world, tmp_path):
         assert "Config" not in text and "Input should be" not in text, text
     assert found["name"].endswith("see its doc: Run name: the run directory is <output>/<name>-<timestamp>.")
     assert "deepspeed is a section of keys (stage, " in found["deepspeed"]
+
+
+def test_size_and_duration_keys_read_as_numbers_reach_their_own_parser(world, tmp_path):
+    """`export.parity_memory: 0` (skip the export's logits check) as YAML and `--set` read it: a number."""
+    job, _ = load_job(write_job(tmp_path, world, **{"export.parity_memory": 0}))
+    assert job.export.parity_bytes() == 0
+    job, _ = load_job(write_job(tmp_path, world), ["export.parity_memory=0"])
+    assert job.export.parity_bytes() == 0
+    found = problems(write_job(tmp_path, world, **{"export.parity_memory": 64, "tune": {"memory_budget": 16, "budget": {"wall": 3600}, "space": {"train.lr": {"grid": [1e-3]}}}}))
+    assert "give a size with a unit" in found["export.parity_memory"] and "give a size with a unit" in found["tune.memory_budget"]
+    assert "give a duration such as 2h" in found["tune.budget.wall"]

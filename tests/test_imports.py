@@ -121,7 +121,7 @@ def test_planner_files_import_downward():
 PACKAGE_ORDER = {
     "orchestrator.config": ["sections", "tune", "job", "problems", "checks", "load"],
     "orchestrator.search_report": ["memory", "labels", "frontier", "draw", "metrics_chart", "frontier_chart", "write"],
-    "orchestrator.launch": ["outcome", "localray", "progress", "record", "export", "data_checks", "run"],
+    "orchestrator.launch": ["outcome", "localray", "capacity", "progress", "record", "export", "data_checks", "run"],
 }
 
 

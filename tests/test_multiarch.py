@@ -160,3 +160,47 @@ def test_build_model_trains_adapters(tiny: Path, method: str, precision: str, ro
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     assert losses[-1] < 0.5 * losses[0], f"{arch.name} {method}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+@pytest.mark.parametrize("name", list(MIXED_SIZES))
+def test_a_filler_image_row_changes_no_real_row_and_scores_nothing(name: str, tmp_path: Path) -> None:
+    """Under DeepSpeed a micro batch without an image gets jobs.data.filler_row, so that every rank runs the
+    vision tower: a text row computes with it what it computes beside a real image row (PaliGemma: its
+    prompt a bidirectional prefix in both), and the filler has no answer to score."""
+    from transformers import AutoModelForImageTextToText
+
+    from jobs.data import filler_row
+    from jobs.evaluate import answer_stats
+
+    path = MIXED_SIZES[name](tmp_path / name)
+    rows = tinymodels.colour_rows(2, seed=3)
+    data = tinymodels.write_parquet([{**rows[0], "image": None}, rows[1]], tmp_path / "text_row.parquet")
+    (text, image_row), processor = encode(path, data)
+    filler = filler_row(processor, with_image=True)
+    assert (filler.labels == IGNORE_INDEX).all() and int((filler.input_ids == processor.image_token_id).sum()) > 0
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    pad = processor.tokenizer.pad_token_id
+    mixed, beside = collate([text, image_row], pad), collate([text, filler], pad)
+    assert "pixel_values" not in collate([text], pad) and "pixel_values" in beside
+    with torch.no_grad():
+        a, b = model(**mixed), model(**beside)
+    n = len(text.input_ids)
+    assert torch.allclose(a.logits[0, :n], b.logits[0, :n], atol=1e-4)
+    alone = collate([text], pad)
+    with torch.no_grad():
+        scored = answer_stats(model(**alone).logits, alone["labels"])
+    assert answer_stats(b.logits, beside["labels"])[1:] == (scored[1], scored[2], 1)  # the filler: no tokens, no example
+
+
+def test_a_published_qwen2_vl_tokenizer_layout_loads_without_torchvision(tmp_path: Path, rows_file: Path) -> None:
+    """The published Qwen2-VL checkpoints list their special tokens without naming an image_token; the stock
+    processor falls back to <|image_pad|>, and so does rayft's image-only one (used without torchvision)."""
+    import json
+
+    path = tinymodels.build_tiny_qwen2_vl(tmp_path / "qwen2_vl")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.pop("image_token", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    examples, processor = encode(path, rows_file)
+    assert processor.image_token == "<|image_pad|>"
+    assert all(int((e.input_ids == processor.image_token_id).sum()) == IMAGE_TOKENS["qwen2_vl"] for e in examples)

@@ -341,3 +341,12 @@ def test_counts_of_published_configs_equal_transformers(config):
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**config))
     assert planner.shape_from_config(config).total_params == sum(p.numel() for p in model.parameters())
+
+
+def test_a_deepspeed_auto_override_is_planned_as_deepspeeds_default():
+    """HF-style DeepSpeed configs say "auto" for sizes DeepSpeed chooses itself."""
+    job, _ = build_job({"model": "7B", "data": {"train": "x.jsonl"}, "method": "full",
+                        "deepspeed": {"stage": 2, "overrides": {"zero_optimization.reduce_bucket_size": "auto"}}}, local_files=False)
+    default, _ = build_job({"model": "7B", "data": {"train": "x.jsonl"}, "method": "full", "deepspeed": {"stage": 2}}, local_files=False)
+    shape = planner.load_shape("7B")
+    assert planner.plan(job, shape, "gpu").total == planner.plan(default, shape, "gpu").total

@@ -48,10 +48,12 @@ def test_space_keys_and_values_are_checked_before_anything_starts(quickstart_run
 
 @pytest.fixture(scope="module")
 def search(quickstart_run, tmp_path_factory) -> dict:
+    """The one ASHA search the tests below read: 4 learning rates, one trial at a time, the first milestone
+    after one eval (step 8 of 32): a stop lands while a trial still has steps to run (at the default 5/8,
+    step 24, a trial of this size can finish its last 8 steps first)."""
     tmp = tmp_path_factory.mktemp("search")
     t0 = time.time()
-    # FIFO, so every trial finishes and the argmax/export tests see four complete curves.
-    path = search_file(quickstart_run, tmp, num_samples=1, scheduler="fifo", space={"train.lr": {"grid": [5e-3, 7e-3, 3e-4, 5e-4]}})
+    path = search_file(quickstart_run, tmp, num_samples=1, max_concurrent=1, grace_evals=1, space={"train.lr": {"grid": [5e-3, 7e-3, 3e-4, 5e-4]}})
     proc = subprocess.run([RAYFT, "tune", str(path), "--json"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{\n") :])
@@ -60,13 +62,8 @@ def search(quickstart_run, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-def test_asha_stops_a_trial_early(quickstart_run, tmp_path):
-    # the first milestone after one eval (step 8 of 32): a stop must land while the trial still has steps to
-    # run, and at the default 5/8 (step 24) a trial of this size can finish its last 8 steps first
-    path = search_file(quickstart_run, tmp_path, num_samples=1, max_concurrent=1, grace_evals=1, space={"train.lr": {"grid": [5e-3, 7e-3, 3e-4, 5e-4]}})
-    proc = subprocess.run([RAYFT, "tune", str(path), "--json"], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[proc.stdout.index("{\n") :])
+def test_asha_stops_a_trial_early(search):
+    summary = search
     stopped = [t for t in summary["trials"] if t["status"] == "stopped early"]
     assert stopped and all(t["steps"] < t["total_steps"] for t in stopped)
     # max_concurrent: 1 means one trial at a time: each trial's first file is written after the previous one's last
@@ -79,8 +76,8 @@ def test_asha_stops_a_trial_early(quickstart_run, tmp_path):
 def test_the_best_trial_is_the_argmax(search):
     trials = search["trials"]
     assert len(trials) == 4
-    assert all(t["status"] == "finished" for t in trials)
-    # recompute from each trial's own metrics.jsonl: the winner holds the highest eval accuracy reported
+    assert all(t["status"] in ("finished", "stopped early") for t in trials)
+    # recompute from each trial's own metrics.jsonl (a stopped trial's too): the winner holds the highest eval accuracy reported
     search_dir = Path(search["best_model"]).parents[1]
     best_seen = {}
     for t in trials:

@@ -11,18 +11,21 @@ import pytest
 
 from orchestrator.config import ConfigError, build_job
 
-# fp32, same global batch (1 worker x 16 rows vs 2 workers x 8 rows: the same 16 rows each step), same
+# fp32, same global batch (1 worker x 4 rows vs 2 workers x 2 rows: the same 4 rows each step), same
 # seed: only the order of floating-point reductions differs, which moves losses by ~1e-6. A batch drawn
 # differently, or a gradient not averaged, moves the first steps' losses by >1e-2.
 TRAJECTORY_ATOL = 1e-3
 
 
-def full_job(world: Path, tmp_path: Path, workers: int, micro: int, deepspeed: dict | None, **train) -> dict:
+def full_job(world: Path, tmp_path: Path, workers: int, micro: int, deepspeed: dict | None, data: Path | None = None, **train) -> dict:
+    """data: a directory with train.parquet and eval.parquet (default: the quickstart's English colours)."""
+    files = {"train": str(data / "train.parquet"), "eval": str(data / "eval.parquet")} if data else {
+        "train": str(world / "data/english_train.parquet"), "eval": str(world / "data/english_eval.parquet")}
     raw = {
         "name": f"zero-{workers}w",
         "model": str(world / "init"),
         "method": "full",
-        "data": {"train": str(world / "data/english_train.parquet"), "eval": str(world / "data/english_eval.parquet"), "max_length": 64},
+        "data": {**files, "max_length": 64},
         "precision": "fp32",
         "train": {"max_steps": 12, "micro_batch_size": micro, "lr": 3e-3, "schedule": "constant", "warmup_ratio": 0.0,
                   "eval_every": 1000, "checkpoint_every": 6, "log_every": 1, **train},
@@ -67,29 +70,73 @@ def test_deepspeed_config_maps_precision_and_records_overrides(world, tmp_path):
     assert changed == {"zero_optimization.reduce_bucket_size": [None, 1000]}
 
 
+def mixed_data(world: Path, out: Path) -> Path:
+    """The English colours with every other row text-only (no image; its question names the colour, so
+    text rows are learnable too) and 17 eval rows (9 and 8 per worker: uneven eval batches)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", None), ("eval", 17)):
+        table = pq.read_table(world / f"data/english_{name}.parquet")
+        records = table.to_pylist()[:rows]
+        for i, r in enumerate(records):
+            if i % 2 == 0:
+                r.update(image=None, question=f"what colour is the {r['answer']} ?")
+        pq.write_table(pa.Table.from_pylist(records, schema=table.schema), out / f"{name}.parquet")
+    return out
+
+
+# ZeRO-3 keeps parameters below this many elements whole on every rank (DeepSpeed's default: 100k), which
+# is every parameter of the tiny model: 0 partitions them all, so every forward gathers them, as for a real one
+ZERO3_EVERY_PARAMETER = {"stage": 3, "overrides": {"zero_optimization.stage3_param_persistence_threshold": 0}}
+
+
 @pytest.fixture(scope="module")
 def trajectories(world, ray_local, tmp_path_factory):
-    """12 steps of the same job: one worker, and two workers under ZeRO-0, 2 and 3. The ZeRO-3 run stops at its
+    """12 steps of the same job over data that mixes image rows and text-only rows: one worker, and two
+    workers under ZeRO-0, 2 and 3. Two workers' micro batches differ in what they hold (one rank all text
+    while the other has an image) and their eval batches in number (5 vs 4). The ZeRO-3 run stops at its
     step-6 checkpoint and is resumed to step 12 (test_zero3_resume_restores_engine_state): its whole
     trajectory, the resumed steps included, must still follow the single worker's."""
     from orchestrator import launch
 
     tmp = tmp_path_factory.mktemp("zero")
+    data = mixed_data(world, tmp / "data")
     runs = {}
-    for name, workers, micro, ds in (("single", 1, 16, None), ("zero0", 2, 8, {"stage": 0}), ("zero2", 2, 8, {"stage": 2})):
-        job, _ = build_job(full_job(world, tmp / name, workers, micro, ds))
+    for name, workers, micro, ds in (("single", 1, 4, None), ("zero0", 2, 2, {"stage": 0}), ("zero2", 2, 2, {"stage": 2})):
+        job, _ = build_job(full_job(world, tmp / name, workers, micro, ds, data))
         runs[name] = launch.train(job, progress=False)
-    first, _ = build_job(full_job(world, tmp / "zero3", 2, 8, {"stage": 3}, max_steps=6))
+    first, _ = build_job(full_job(world, tmp / "zero3", 2, 2, ZERO3_EVERY_PARAMETER, data, max_steps=6))
     stopped = launch.train(first, progress=False)
-    whole, _ = build_job(full_job(world, tmp / "zero3", 2, 8, {"stage": 3}))
+    whole, _ = build_job(full_job(world, tmp / "zero3", 2, 2, ZERO3_EVERY_PARAMETER, data))
     runs["zero3"] = launch.train(whole, resume=stopped.run_dir, progress=False)
     return runs
+
+
+def image_rows(data_file: Path) -> set[int]:
+    import pyarrow.parquet as pq
+
+    return {i for i, cell in enumerate(pq.read_table(data_file, columns=["image"]).column("image").to_pylist()) if cell is not None}
+
+
+@pytest.mark.slow
+def test_ranks_whose_micro_batches_differ_stay_in_step_under_zero3(trajectories):
+    """The data this test's runs train on: at some step one rank's micro batch is text-only while the other's
+    holds an image, so without a filler image the text-only rank would skip the vision tower's gathers."""
+    run_dir = trajectories["zero3"].run_dir
+    images = image_rows(Path(trajectories["zero3"].manifest["job"]["data"]["train"]))
+    steps = [{json.loads(x)["step"]: json.loads(x)["rows"] for x in (run_dir / "rows" / f"rank-{r}.jsonl").read_text().splitlines()} for r in (0, 1)]
+    differ = [s for s in steps[0] if any(bool(images & set(m0)) != bool(images & set(m1)) for m0, m1 in zip(steps[0][s], steps[1][s], strict=True))]
+    assert differ, "no step where one rank's micro batch was text-only and the other's had an image"
+    evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"event": "eval"' in x]
+    assert evals and all(e["eval_examples"] == 17 for e in evals)  # the filler batches count as no example
 
 
 @pytest.mark.slow
 def test_zero2_and_zero3_follow_the_single_worker_trajectory(trajectories):
     single = losses(trajectories["single"].run_dir)
-    assert len(single) == 12 and single[12] < single[1] - 1.0  # it learns
+    assert len(single) == 12 and single[12] < single[1] - 0.5  # it learns
     for name in ("zero0", "zero2", "zero3"):
         assert trajectories[name].manifest["parity"]["passed"]  # each stage's checkpoint exports
         sharded = losses(trajectories[name].run_dir)
@@ -97,7 +144,7 @@ def test_zero2_and_zero3_follow_the_single_worker_trajectory(trajectories):
         worst = max(abs(sharded[s] - single[s]) for s in single)
         assert worst <= TRAJECTORY_ATOL, (name, worst)
     config = json.loads((trajectories["zero3"].run_dir / "deepspeed.json").read_text())["config"]
-    assert config["zero_optimization"]["stage"] == 3 and config["train_batch_size"] == 16
+    assert config["zero_optimization"]["stage"] == 3 and config["train_batch_size"] == 4
 
 
 @pytest.mark.slow
@@ -225,6 +272,16 @@ def test_adapters_data_parallel_over_two_workers(quickstart_run, ray_local, tmp_
     )
     job, _ = build_job(raw)
     out = launch.train(job, progress=False)
+    if deepspeed:  # every rank's shard holds the adapter and its optimizer state, never the frozen base
+        import torch
+
+        ckpt = Path(out.manifest["checkpoint"])
+        adapter = (ckpt / "weights.safetensors").stat().st_size
+        (states,) = ckpt.glob("step_*/mp_rank_00_model_states.pt")
+        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        frozen = [k for k in module if k.endswith((".weight", ".bias")) and "lora_" not in k]
+        assert not frozen, frozen[:5]
+        assert states.stat().st_size < 3 * adapter, (states.stat().st_size, adapter)  # (4-bit quant-state buffers beside it)
     assert out.manifest["metrics"]["initial_eval_accuracy"] <= 1 / 8
     assert out.manifest["metrics"]["eval_accuracy"] > 0.9
     assert out.manifest["parity"]["passed"] and out.manifest["parity"]["merged_accuracy"] > 0.9

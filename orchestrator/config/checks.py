@@ -20,12 +20,15 @@ def gpu_present() -> bool:
 
 
 def uses_gpu(job: JobConfig, gpus: bool | None = None) -> bool:
-    """The one "use a GPU?" rule: scaling.gpu on, or auto where a GPU is visible (gpus: known presence)."""
+    """The one "use a GPU?" rule: scaling.gpu on, or auto where GPUs are there to use (gpus: whether the
+    Ray cluster has them, launch.Capacity; None: whether this machine has one)."""
     return job.scaling.gpu == "on" or (job.scaling.gpu == "auto" and (gpu_present() if gpus is None else gpus))
 
 
-def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = None) -> tuple[list[Problem], list[str]]:
-    """Cross-field, architecture and filesystem checks. Returns (problems, warnings)."""
+def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = None, cluster: bool = False) -> tuple[list[Problem], list[str]]:
+    """Cross-field, architecture and filesystem checks. Returns (problems, warnings).
+    cluster: the job runs on a Ray cluster, not here: whether it has GPUs is the cluster's to say once Ray
+    is up (launch.Capacity), not this machine's."""
     from orchestrator import architectures
 
     problems: list[Problem] = []
@@ -62,10 +65,10 @@ def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = N
     if job.tune is not None and job.tune.metric == "eval_generated_accuracy" and (job.eval.generate is None or not job.data.eval):
         problems.append(Problem("tune.metric", "eval_generated_accuracy is reported only when eval.generate is set and there is a data.eval file",
                                 "set eval.generate: {samples: 16} (and data.eval), or use metric: eval_accuracy"))
-    if job.scaling.gpu == "on" and not gpus:
+    if job.scaling.gpu == "on" and not gpus and not cluster:
         problems.append(Problem("scaling.gpu", "on, but no CUDA GPU is visible (nvidia-smi not found)", "use gpu: auto or off"))
     use_gpu = uses_gpu(job, gpus)
-    if job.precision == "fp16" and not use_gpu:
+    if job.precision == "fp16" and not use_gpu and not cluster:
         warnings.append(
             "precision: fp16 on a CPU-only run works (with a GradScaler) but is tens of times slower than bf16 "
             "there, which CPUs with avx512_bf16 run natively; prefer precision: bf16"

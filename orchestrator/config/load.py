@@ -82,8 +82,9 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     return _resolve_paths(raw, path.parent.resolve())
 
 
-def build_job(raw: Mapping[str, Any], sets: Iterable[str] = (), *, local_files: bool = True) -> tuple[JobConfig, list[str]]:
-    """Raw mapping + `--set` items -> validated JobConfig and warnings; raises ConfigError with every problem."""
+def build_job(raw: Mapping[str, Any], sets: Iterable[str] = (), *, local_files: bool = True, cluster: bool = False) -> tuple[JobConfig, list[str]]:
+    """Raw mapping + `--set` items -> validated JobConfig and warnings; raises ConfigError with every problem.
+    cluster: the job runs on a Ray cluster (check_job leaves GPU presence to the cluster)."""
     problems: list[Problem] = []
     overrides: dict[str, Any] = {}
     for item in sets:
@@ -106,17 +107,17 @@ def build_job(raw: Mapping[str, Any], sets: Iterable[str] = (), *, local_files: 
             partial = JobConfig.model_validate(_without(raw, [err["loc"] for err in e.errors()]))
         except ValidationError:
             raise ConfigError(problems) from None
-        problems.extend(p for p in check_job(partial, local_files=local_files)[0] if p.path not in reported)
+        problems.extend(p for p in check_job(partial, local_files=local_files, cluster=cluster)[0] if p.path not in reported)
         raise ConfigError(problems) from None
-    found, warnings = check_job(job, local_files=local_files)
+    found, warnings = check_job(job, local_files=local_files, cluster=cluster)
     problems.extend(found)
     if problems:
         raise ConfigError(problems)
     return job, warnings
 
 
-def load_job(path: str | Path, sets: Iterable[str] = (), *, local_files: bool = True) -> tuple[JobConfig, list[str]]:
-    return build_job(load_raw(path), sets, local_files=local_files)
+def load_job(path: str | Path, sets: Iterable[str] = (), *, local_files: bool = True, cluster: bool = False) -> tuple[JobConfig, list[str]]:
+    return build_job(load_raw(path), sets, local_files=local_files, cluster=cluster)
 
 
 def load_search(path: str | Path, sets: Iterable[str] = ()) -> tuple[JobConfig, dict[str, Any], list[str]]:

@@ -37,6 +37,12 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
 
 
+def number_as_text(value: Any) -> Any:
+    """A size or duration key read as a number (YAML and --set read `0` or `3600` so): its text, for the
+    key's own parser to accept (0: off) or refuse with the unit it wants."""
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
 # The base of every section: unknown keys refused, frozen, each field's doc read from its attribute docstring.
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
@@ -164,6 +170,12 @@ class ScalingConfig(Section):
     stop_grace_s: float = Field(120.0, gt=0)
     """On SIGTERM or Ctrl-C: how long the workers get to finish their step and write a checkpoint before
     they are stopped anyway (set a pod's terminationGracePeriodSeconds above it)."""
+    staging_dir: str | None = None
+    """Where each worker writes a checkpoint before Ray Train copies it into the run's storage (then it is
+    removed): a directory on every worker's node; null = the node's $TMPDIR. It needs room for one
+    checkpoint per worker on the node: for full fine-tuning ~12 bytes per parameter split over the ZeRO
+    workers (fp32 master weights and Adam's two moments) plus the weights, about 84 GB per node for a 7B;
+    for lora/qlora the adapter and its optimizer state only (a few MB to a few hundred)."""
 
 
 class SubmitConfig(Section):
@@ -202,6 +214,8 @@ class ExportConfig(Section):
     """Host memory the end-to-end logits check may use (it holds the model in fp32 about 2.8 times over):
     a size such as 64GiB, 0 to skip it, or auto = what the host has free when the export starts. A model too
     large for it is checked layer by layer only, and the manifest says so."""
+
+    _parity_text = field_validator("parity_memory", mode="before")(number_as_text)
 
     @field_validator("parity_memory")
     @classmethod

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from orchestrator.config.sections import Section, parse_duration, parse_size
+from orchestrator.config.sections import Section, number_as_text, parse_duration, parse_size
 
 
 class Dimension(Section):
@@ -50,6 +50,8 @@ class BudgetConfig(Section):
     """Wall time of the whole search, e.g. 2h, 90m, 1h30m (--resume counts earlier invocations' time): no trial
     starts that the trials so far predict would end past it, and at the limit the running trials are stopped at
     their next report (their best checkpoints stay exportable)."""
+
+    _wall_text = field_validator("wall", mode="before")(number_as_text)
 
     @field_validator("wall")
     @classmethod
@@ -112,6 +114,8 @@ class TuneConfig(Section):
     trial whose failures are used up is recorded as failed with its reason, and the search goes on."""
     space: dict[str, Dimension] = {}
     """Dotted job keys to search, e.g. lora.rank: {choice: [8, 16]}, train.lr: {loguniform: [1e-5, 1e-3]}."""
+
+    _memory_text = field_validator("memory_budget", mode="before")(number_as_text)
 
     @field_validator("memory_budget")
     @classmethod

@@ -3,8 +3,10 @@ directory, Ray's log file, the progress display, the export and the manifest. He
 stay inside functions. Which file holds what, each importing only the ones above it:
 
   outcome.py      how a run ends: RunOutcome, RunFailed, Interrupted, failure_message
-  localray.py     the embedded local Ray (ensure_local_ray, shutdown_ray, data_cpus), what the workers
-                  reserve in it (resources_for), this process's output sent to ray.log (output_to)
+  localray.py     the embedded local Ray (ensure_local_ray, shutdown_ray, data_cpus), this process's output
+                  sent to ray.log (output_to)
+  capacity.py     what the workers can use, read from Ray's nodes (Capacity), and what each reserves
+                  (resources_for, training_cpus)
   progress.py     the live progress display (ProgressView)
   record.py       the run's record: manifest.json (write_manifest, versions), the timings (SPANS, timeline,
                   process_started), the trackers' closing files and tables (finish_tracking,
@@ -18,9 +20,10 @@ stay inside functions. Which file holds what, each importing only the ones above
 This module re-exports every public name of the parts, so callers use `launch.train`, `launch.RunFailed`, ...
 """
 
+from orchestrator.launch.capacity import Capacity, resources_for, training_cpus
 from orchestrator.launch.data_checks import DataPass, checked, data_cache, preflight, validate_data
 from orchestrator.launch.export import MODEL_DIR, export_run, finished, latest_checkpoint
-from orchestrator.launch.localray import data_cpus, ensure_local_ray, output_to, resources_for, shutdown_ray
+from orchestrator.launch.localray import data_cpus, ensure_local_ray, output_to, shutdown_ray
 from orchestrator.launch.outcome import Interrupted, RunFailed, RunOutcome, failure_message
 from orchestrator.launch.progress import ProgressView
 from orchestrator.launch.record import (
@@ -63,6 +66,8 @@ __all__ = [
     "preflight",
     "process_started",
     "resources_for",
+    "training_cpus",
+    "Capacity",
     "shutdown_ray",
     "timeline",
     "train",

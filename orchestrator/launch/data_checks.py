@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import JobConfig
-from orchestrator.launch.localray import ensure_local_ray, output_to, resources_for, shutdown_ray
+from orchestrator.launch.capacity import training_cpus
+from orchestrator.launch.localray import ensure_local_ray, output_to, shutdown_ray
 
 
 def data_cache(job: JobConfig, run_dir: Path | None = None) -> Path:
@@ -93,10 +94,9 @@ def validate_data(job: JobConfig) -> dict[str, dict[str, int]]:
     if all_in_process(stores):  # small files: checked here, no Ray started
         indexes = checked(job, stores, problems)
     else:
-        resources = resources_for(job)
         cache.mkdir(parents=True, exist_ok=True)
         with output_to(cache / "validate.log"):
-            started = ensure_local_ray(resources.cpus_per_worker * job.scaling.workers)
+            started = ensure_local_ray(training_cpus(job))
             try:
                 indexes = checked(job, stores, problems)
             finally:

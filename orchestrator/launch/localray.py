@@ -1,5 +1,4 @@
-"""The embedded local Ray a run starts (or the cluster it joins), what its training workers reserve in it
-(resources_for), and where this process's output goes while it runs (output_to: ray.log)."""
+"""The embedded local Ray a run starts (or the cluster it joins), and where this process's output goes while it runs (output_to: ray.log)."""
 
 from __future__ import annotations
 
@@ -11,16 +10,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
-
-from orchestrator.config import JobConfig, uses_gpu
-
-
-def resources_for(job: JobConfig):
-    from jobs.driver import Resources
-
-    use_gpu = uses_gpu(job)
-    cores = os.cpu_count() or 1
-    return Resources(use_gpu=use_gpu, cpus_per_worker=job.scaling.cpus_per_worker or max(1, cores // job.scaling.workers))
 
 
 def ensure_local_ray(num_cpus: int, dashboard: bool = False, connect: bool = False) -> bool:

@@ -17,12 +17,21 @@ from typing import IO, Any
 from jobs.metrics_log import metrics_path, read_metrics
 from orchestrator import rundir
 from orchestrator.config import JobConfig, load_raw, to_yaml
+from orchestrator.launch.capacity import Capacity, resources_for, training_cpus
 from orchestrator.launch.data_checks import DataPass, checked, data_cache
 from orchestrator.launch.export import export_run, finished, latest_checkpoint
-from orchestrator.launch.localray import ensure_local_ray, output_to, resources_for, shutdown_ray
+from orchestrator.launch.localray import ensure_local_ray, output_to, shutdown_ray
 from orchestrator.launch.outcome import Interrupted, RunFailed, RunOutcome, failure_message
 from orchestrator.launch.progress import ProgressView
 from orchestrator.launch.record import MANIFEST, finish_tracking, timeline, write_manifest
+
+
+def worker_resources(job: JobConfig, capacity: Capacity) -> Any:
+    """resources_for, refusing scaling.gpu: on where this machine's Ray has no GPU. On a cluster the
+    workers wait for GPU nodes instead (an autoscaler adds them; Ray Train says it is waiting)."""
+    if job.scaling.gpu == "on" and capacity.gpus == 0 and capacity.where == "this machine":
+        raise RunFailed("scaling.gpu: on, but Ray found no GPU on this machine (fix: use scaling.gpu: auto or off)")
+    return resources_for(job, capacity)
 
 
 def new_run_dir(job: JobConfig) -> Path:
@@ -91,7 +100,6 @@ def _train(
     else:
         run_dir = new_run_dir(job)
     (run_dir / "job.yaml").write_text(to_yaml(job))
-    resources = resources_for(job)
     print(f"run directory: {run_dir}", file=stream, flush=True)
     resume_command = f"rayft train {job_file or 'JOB'} --resume {run_dir}"
     stopper.run_dir = run_dir
@@ -111,8 +119,10 @@ def _train(
         torch_import = threading.Thread(target=importlib.import_module, args=("torch",), daemon=True)
         torch_import.start()
         try:
-            started_ray = ensure_local_ray(resources.cpus_per_worker * job.scaling.workers, connect=connect)
+            started_ray = ensure_local_ray(training_cpus(job), connect=connect)
             stamps["ray_ready"] = time.time()
+            # GPU or not, and each worker's CPUs, from the nodes Ray has (a cluster's driver runs on its head)
+            resources = worker_resources(job, Capacity.from_ray(embedded=not connect))
             try:
                 # small data files were checked (and encoded once) on the thread; larger ones are Ray Data's
                 # to check now that it is up (jobs/stream.py: in_process)

@@ -84,14 +84,18 @@ def gpu_memory() -> tuple[int, int] | None:
     return (len(sizes), min(sizes)) if sizes else None
 
 
-def budget_for(job: JobConfig, limit: int | None = None, concurrent: int = 1, source: str = "--memory-limit") -> Budget:
-    """What a job's workers may use on this machine: an explicit per-worker limit (named by `source` in
-    messages), the GPU's memory, or host memory (MemAvailable) shared by the workers (of `concurrent` trials)
-    on this node."""
-    use_gpu = uses_gpu(job)
+def budget_for(job: JobConfig, limit: int | None = None, concurrent: int = 1, source: str = "--memory-limit", capacity: Any = None) -> Budget:
+    """What a job's workers may use: an explicit per-worker limit (named by `source` in messages), the GPU's
+    memory, or host memory (MemAvailable) shared by the workers (of `concurrent` trials) on this node.
+    capacity (launch.Capacity): the Ray cluster's nodes, whose GPUs (and GPU model) decide; None: this
+    machine's (nvidia-smi)."""
+    use_gpu = uses_gpu(job, None if capacity is None else capacity.gpus > 0)
     device: Device = "gpu" if use_gpu else "cpu"
     if limit is not None:
         return Budget(device, limit, source, per_worker=True)
+    if use_gpu and capacity is not None and capacity.where != "this machine":
+        known = capacity.gpu_memory()
+        return Budget("gpu", known[1] if known else None, f"Ray accelerator_type {known[0]}" if known else "unknown (Ray names no known GPU model; pass --memory-limit)")
     if use_gpu:
         found = gpu_memory()
         return Budget(

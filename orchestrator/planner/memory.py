@@ -169,6 +169,8 @@ def plan(
     overhead = CUDA_CONTEXT + int(ALLOCATOR_SLACK * tensors) if device == "gpu" else CPU_RUNTIME
     if ds is not None:
         bucket = flatten(ds.overrides).get("zero_optimization.reduce_bucket_size", DS_REDUCE_BUCKET)
+        if not isinstance(bucket, int | float) or isinstance(bucket, bool):  # "auto" (HF's configs): DeepSpeed's own choice
+            bucket = DS_REDUCE_BUCKET
         overhead += min(int(bucket), trainable) * precision_bytes
     if stage == 3:  # the gathered parameters of the block running and the one prefetched
         largest = max(shape.text.layer_params(), shape.vocab * shape.text.hidden)
