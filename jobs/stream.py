@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import pickle
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -362,6 +364,33 @@ def plan(job: JobConfig, indexes: dict[str, Index], world: int, start_step: int)
         if eval_split.get(r):
             datasets[f"eval_{r}"] = _dataset([{"step": -1, "micro": k, "rows": [int(i) for i in b]} for k, b in enumerate(eval_split[r])], job, indexes["eval"], filler)
     return Plan(datasets, schedule.total_steps, schedule.epoch_starts, len(train.rows), train.dropped, len(indexes["eval"].rows) if "eval" in indexes else 0)
+
+
+def started(items: Iterator[Any]) -> Iterator[Any]:
+    """`items`, its first element being fetched on a thread from this call on: a worker's stream starts (Ray
+    Data launches its tasks, which read and collate the first micro batches) while the worker builds its
+    model, instead of after it. An error of the stream is raised where the items are consumed, as before."""
+    first: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            first["item"] = next(items)
+        except BaseException as e:  # StopIteration (nothing left to train) or the stream's own error
+            first["error"] = e
+
+    thread = threading.Thread(target=fetch, name="rayft-stream-start", daemon=True)
+    thread.start()
+
+    def rest() -> Iterator[Any]:
+        thread.join()
+        if "error" in first:
+            if isinstance(first["error"], StopIteration):
+                return
+            raise first["error"]
+        yield first["item"]
+        yield from items
+
+    return rest()
 
 
 def micro_batches(iterator: Any, nodes: set[str] | None = None) -> Any:

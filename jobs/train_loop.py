@@ -443,6 +443,9 @@ def _train(config: dict[str, Any]) -> None:
     if fatal_error:  # an error that would repeat: this restart fails at once, without loading the model again
         raise RuntimeError(fatal_error)
     log = Log(run_dir, attempt, writes=rank == 0)
+    encode_nodes: set[str] = set()
+    # the stream starts now: its first micro batches are read and collated while the model is built
+    stream_items = stream.started(stream.micro_batches(train_shard, encode_nodes))
     clock["data_encoded"] = time.time()
     warmup = int(job.train.warmup_ratio * total_steps)
     schedule = partial(lr_lambda, total=total_steps, warmup=warmup, schedule=job.train.schedule)
@@ -497,8 +500,6 @@ def _train(config: dict[str, Any]) -> None:
     window = Window()
     data_wait_s = 0.0  # time waiting for the stream's next micro batches (the data path's cost to training)
     steps_s = 0.0  # time in optimizer steps (forward, backward, update); evals, reports, checkpoints excluded
-    encode_nodes: set[str] = set()
-    stream_items = stream.micro_batches(train_shard, encode_nodes)
     for step in range(start_step, total_steps):
         t_wait = time.time()
         micro, batches = next_batches(stream_items, step, job.train.grad_accum)
