@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml scripts/build_ds_ops.py scripts/choose_torch.py
 	# torch first, pinned: the CPU build without an NVIDIA driver, the CUDA build the driver supports with one
 	# (scripts/choose_torch.py says which; TORCH_INDEX_URL overrides it).
 	$(PY) -m pip install -q $$($(PYTHON) scripts/choose_torch.py $(TORCH_VERSION))
-	$(PY) -c "import torch; print('set-up: installed torch', torch.__version__, '(CUDA', torch.version.cuda, ')')"
+	$(PY) -c "import torch; print('set-up: installed torch', torch.__version__, '(CUDA ' + torch.version.cuda + ')' if torch.version.cuda else '(CPU only)')"
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	$(PY) scripts/build_ds_ops.py
 	touch $(STAMP)

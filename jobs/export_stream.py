@@ -65,6 +65,12 @@ class BaseLayout:
     fp32_bytes: int = 0  # the model's size in fp32
 
 
+def fp32_size(model: Any) -> int:
+    """The model's bytes in fp32: every parameter and buffer once (a tied embedding and head share one tensor;
+    the state dict names it twice)."""
+    return 4 * (sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers()))
+
+
 def read_layout(job: JobConfig, arch: architectures.Architecture) -> BaseLayout:
     """Shard files and key names from the safetensors headers only (nothing is read but the headers), and the
     model's key for each from a model built on the meta device (no memory) with transformers' own renaming
@@ -115,7 +121,7 @@ def read_layout(job: JobConfig, arch: architectures.Architecture) -> BaseLayout:
         with safe_open(root / name, "pt") as f:
             sizes = [math.prod(f.get_slice(k).get_shape()) for k in keys]
         numel[name], largest = sum(sizes), max([largest, *sizes])
-    layout = BaseLayout(files, numel, largest, to_model, rename, fp32_bytes=sum(t.numel() * 4 for t in meta_state.values()))
+    layout = BaseLayout(files, numel, largest, to_model, rename, fp32_bytes=fp32_size(meta))
     if job.quantized:
         layout.quantized = four_bit_keys(meta, job, arch)
     return layout

@@ -195,11 +195,27 @@ def describe(check: dict[str, Any]) -> str:
     return f"{check['name']}: {'passed' if check['passed'] else 'FAILED'}"
 
 
-def end_to_end_bytes(fp32_bytes: int) -> int:
+def end_to_end_bytes(fp32_bytes: int, logits: int = 0) -> int:
     """Host memory the end-to-end check needs: the as-trained model and the fp32 dequantized base it yields,
     a fresh fp32 model with the adapter, then the reloaded export (bench/export_scale.py: 2.55-2.73x the fp32
-    size at 1.5B, 3.3-4.1x at 0.1-0.5B where the runtime's ~0.5 GiB counts)."""
-    return int(2.8 * fp32_bytes) + 2**30
+    size at 1.5B, 3.3-4.1x at 0.1-0.5B where the runtime's ~0.5 GiB counts), plus the logits it holds
+    (logits_bytes)."""
+    return int(2.8 * fp32_bytes) + 2**30 + logits
+
+
+def logits_bytes(batches: list[dict[str, Any]], vocab: int) -> int:
+    """The fp32 logits the end-to-end check holds at once: every parity batch's for the as-trained model and
+    for the reference, and while the reloaded export is compared one batch's three more (its logits, their
+    difference from the reference's, answer_stats' shifted copy). At a 151,646-token vocabulary this is
+    the largest term for a small model (a 198M VLM's check peaked at 17.4 GB)."""
+    per_batch = [int(b["input_ids"].numel()) * vocab * 4 for b in batches]
+    return 2 * sum(per_batch) + 3 * max(per_batch, default=0)
+
+
+def vocab_size(model_dir: str) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size)
 
 
 def parity_allowance(job: JobConfig) -> tuple[int, str]:
@@ -214,17 +230,19 @@ def parity_allowance(job: JobConfig) -> tuple[int, str]:
 
 
 def _end_to_end_or_skip(job: JobConfig, checkpoint_dir: Path, model_dir: Path, fp32_bytes: int) -> dict[str, Any]:
-    need = end_to_end_bytes(fp32_bytes)
     allowed, source = parity_allowance(job)
+    need = end_to_end_bytes(fp32_bytes)
+    if need <= allowed:  # the models fit: read the parity rows, whose logits count too
+        arch = architectures.for_model_dir(job.model)
+        processor = load_processor(job.model, arch)
+        batches = _parity_batches(job, processor, arch)
+        need = end_to_end_bytes(fp32_bytes, logits_bytes(batches, vocab_size(job.model)))
     if need > allowed:
         return {"name": "end_to_end", "ran": False, "needs_bytes": need, "allowed_bytes": allowed,
                 "reason": f"the logits check needs ~{need / 2**30:.1f} GiB of host memory; {source}"}
     from safetensors.torch import load_file
 
     weights = load_file(str(checkpoint_dir / WEIGHTS_FILE))
-    arch = architectures.for_model_dir(job.model)
-    processor = load_processor(job.model, arch)
-    batches = _parity_batches(job, processor, arch)
     trained_logits, reference_logits, _ = _as_trained_and_reference(job, arch, weights, batches)
     return _compare(job, model_dir, batches, reference_logits, trained_logits)
 
@@ -348,7 +366,9 @@ def export_in_memory(job: JobConfig, checkpoint_dir: Path, tmp_dir: Path) -> dic
     batches = _parity_batches(job, processor, arch)
     trained_logits, reference_logits, reference = _as_trained_and_reference(job, arch, weights, batches, keep=True)
     merged = reference if job.method == "full" else reference.merge_and_unload()
-    fp32_bytes = sum(p.numel() * 4 for p in merged.state_dict().values())
+    from jobs.export_stream import fp32_size
+
+    fp32_bytes = fp32_size(merged)
     merged.to(torch_dtype(job.export.precision(job.precision))).save_pretrained(tmp_dir, safe_serialization=True, max_shard_size="2GB")
     del merged, reference
     save_processor(processor, job.model, tmp_dir)

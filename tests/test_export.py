@@ -98,3 +98,27 @@ def test_an_export_starts_by_removing_earlier_leftovers(tmp_path):
         (tmp_path / name / "config.json").write_text("{}")
     assert partial_dir(tmp_path / "model") == tmp_path / "model.partial"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_logits_checks_memory_guard_counts_its_logits_and_a_tied_embedding_once():
+    """At Qwen's 151,646-token vocabulary the fp32 logits the end-to-end check holds outweigh a small model:
+    the guard counts them (every parity batch's for two models, one batch's three more), and the model's fp32
+    size counts a tied embedding and head once."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from jobs.export_stream import fp32_size
+    from jobs.merge import end_to_end_bytes, logits_bytes
+
+    vocab = 151_646
+    config = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = vocab * 32 * 4
+    assert embedding < fp32_size(model) < 2 * embedding  # once, not twice
+    batches = [{"input_ids": torch.zeros(8, 329, dtype=torch.long)}] * 2  # two micro batches of 8 rows of up to 329 tokens
+    one = 8 * 329 * vocab * 4  # 1.6 GB
+    assert logits_bytes(batches, vocab) == 2 * 2 * one + 3 * one
+    assert end_to_end_bytes(fp32_size(model), logits_bytes(batches, vocab)) > 7 * one > 2.8 * fp32_size(model)

@@ -195,3 +195,16 @@ def test_set_up_chooses_the_torch_build_the_driver_supports():
     args, said = choose("2.13.0", header.format("12.2"))
     assert args == ["torch==2.13.0"] and "update the driver" in said
     assert choose("2.13.0", header.format("13.0"), "https://example.invalid/whl")[0][-1] == "https://example.invalid/whl"
+
+
+def test_ddp_searches_for_unused_weights_only_where_a_trainable_one_can_miss_a_step(world, tmp_path):
+    """The search is an extra graph walk every step; a VLM's trainable vision tower (full fine-tuning, or
+    lora.train_vision) needs it, adapters on the language model do not (their two-worker DDP run in
+    test_zero::test_adapters_data_parallel_over_two_workers[lora] trains without it)."""
+    from jobs.train_loop import unused_parameters_possible
+
+    arch = architectures.for_model_dir(world / "init")
+    job = _qlora_job(world, tmp_path)
+    assert not unused_parameters_possible(job, arch)
+    assert unused_parameters_possible(job.model_copy(update={"lora": job.lora.model_copy(update={"train_vision": True})}), arch)
+    assert unused_parameters_possible(job.model_copy(update={"method": "full"}), arch)
