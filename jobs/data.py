@@ -376,7 +376,8 @@ def filler_row(processor: Any, with_image: bool) -> Encoded:
     prompt for a VLM, one token for a text model. Under DeepSpeed every rank must run the same modules in
     every step (ZeRO-3 gathers the parameters of the modules that run; ZeRO-1/2 reduce gradients in buckets
     as they are produced): a VLM micro batch without an image gets this row, so every rank runs the vision
-    tower; under ZeRO-3 a rank with fewer eval batches than another also runs batches of it alone (docs/scaling.md, "Keeping ranks in step"). Its loss terms are ignored, so the step's loss and
+    tower; under ZeRO-3 a rank with fewer eval batches than another also runs batches of it alone
+    (docs/scaling.md, "Keeping ranks in step"). Its loss terms are ignored, so the step's loss and
     gradients are those of the real rows."""
     import torch
     from PIL import Image

@@ -212,11 +212,6 @@ def logits_bytes(batches: list[dict[str, Any]], vocab: int) -> int:
     return 2 * sum(per_batch) + 3 * max(per_batch, default=0)
 
 
-def vocab_size(model_dir: str) -> int:
-    from transformers import AutoConfig
-
-    return int(AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size)
-
 
 def parity_allowance(job: JobConfig) -> tuple[int, str]:
     """(bytes the end-to-end check may use, where that figure came from)."""
@@ -236,7 +231,9 @@ def _end_to_end_or_skip(job: JobConfig, checkpoint_dir: Path, model_dir: Path, f
         arch = architectures.for_model_dir(job.model)
         processor = load_processor(job.model, arch)
         batches = _parity_batches(job, processor, arch)
-        need = end_to_end_bytes(fp32_bytes, logits_bytes(batches, vocab_size(job.model)))
+        from orchestrator.planner import load_shape
+
+        need = end_to_end_bytes(fp32_bytes, logits_bytes(batches, load_shape(job.model).vocab))
     if need > allowed:
         return {"name": "end_to_end", "ran": False, "needs_bytes": need, "allowed_bytes": allowed,
                 "reason": f"the logits check needs ~{need / 2**30:.1f} GiB of host memory; {source}"}

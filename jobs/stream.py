@@ -274,7 +274,8 @@ def _encode_items(
     fails here is sent on as the item's `problem` (not raised: Ray Data's task error would bury it), and
     the worker fails the run naming it. Rows encoded once are only read and collated: the task loads no
     processor (a task process would otherwise spend seconds importing transformers and loading it).
-    filler (ZeRO-3): a pickled jobs.data.filler_row, added to a micro batch without an image (or without rows)."""
+    filler (DeepSpeed: deepspeed_filler): a pickled jobs.data.filler_row, added to a VLM micro batch without an
+    image, and alone to an empty one (ZeRO-3's eval batches that even out the ranks)."""
     import pyarrow as pa
 
     one_thread()

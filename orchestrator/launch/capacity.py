@@ -51,13 +51,11 @@ class Capacity:
         return min((n.cpus // n.gpus for n in self.nodes if n.gpus), default=0)
 
     def gpu_memory(self) -> tuple[str, int] | None:
-        """(the GPU model, its memory in bytes) of the smallest GPU model Ray names on the nodes, if known."""
-        known = [(GPU_MIB[n.gpu_type] if n.gpu_type in GPU_MIB else GPU_MIB.get(n.gpu_type.split("-")[0]), n.gpu_type) for n in self.nodes if n.gpus and n.gpu_type]
-        known = [(mib, name) for mib, name in known if mib]
-        if not known:
-            return None
-        mib, name = min(known)
-        return name, mib * 2**20
+        """(the GPU model, its memory in bytes) of the smallest GPU model Ray names on the nodes, if known
+        (a name with a suffix Ray adds, H100-SXM, falls back to its stem)."""
+        known = [(GPU_MIB.get(name) or GPU_MIB.get(name.split("-")[0]), name) for name in {n.gpu_type for n in self.nodes if n.gpus and n.gpu_type}]
+        mib, name = min(((m, n) for m, n in known if m), default=(0, ""))
+        return (name, mib * 2**20) if mib else None
 
     @staticmethod
     def from_ray(embedded: bool) -> Capacity:
