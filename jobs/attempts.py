@@ -55,6 +55,24 @@ def fatal(run_dir: Path) -> str | None:
         return None
 
 
+def hog_memory(step: int, rank: int) -> None:
+    """The fault drill RAYFT_OOM_AT_STEP=N: rank 0 takes host memory after step N, 256 MiB at a time, until
+    Ray's memory monitor kills it (rehearses a worker lost to an out-of-memory kill). It stops short of the
+    machine's last 2 GiB: where the monitor is off it fails the run instead of waking the kernel's OOM killer."""
+    if rank != 0:
+        return
+    import psutil
+
+    chunk = 256 * 2**20
+    held = []
+    while psutil.virtual_memory().available > 2 * 2**30:
+        block = bytearray(chunk)
+        block[::4096] = b"x" * len(block[::4096])  # touch every page: resident, not only reserved
+        held.append(block)
+        time.sleep(0.05)
+    raise RuntimeError(f"RAYFT_OOM_AT_STEP={step}: took {len(held) * chunk / 2**30:.1f} GiB and Ray's memory monitor did not kill this worker")
+
+
 def staging_dir(step: int, under: str | None = None) -> str:
     """A new directory for one checkpoint of `step`, under `under` (scaling.staging_dir; None: $TMPDIR)."""
     if under is not None:
@@ -121,12 +139,35 @@ def summary(records: list[dict[str, Any]], failures: list[dict[str, Any]]) -> li
 FAILURES_FILE = "failures.jsonl"
 
 
+def memory_kill(text: str, rank: int | None = None) -> str | None:
+    """The sentence for a kill by Ray's memory monitor, from Ray's text about it: which worker, how much memory
+    the node had and used, and the threshold (Ray counts every process on the machine, other tenants
+    included); None when `text` is about something else."""
+    import re
+
+    node = re.search(r"Memory on the node \(IP: ([\w.:-]+), ID: \w+\) was ([\d.]+)GB used / ([\d.]+)GB limit", text)
+    if not node:
+        return None
+    ip, used, limit = node.groups()
+    threshold = re.search(r"exceeded threshold of \d+B \(([\d.]+)% of", text)
+    worker = re.search(r"task name=RayTrainWorker[^\n]*?pid=(\d+), actual memory used=([\d.]+)GB", text)
+    who = f"worker {rank}" if rank is not None else "a worker"
+    where = f" (pid {worker.group(1)}, node {ip})" if worker else f" (node {ip})"
+    held = f", {worker.group(2)} GB of it in this worker" if worker else ""
+    over = f", over Ray's threshold of {threshold.group(1)}% (RAY_memory_usage_threshold)" if threshold else ""
+    return (f"{who}{where} was killed by Ray's memory monitor: the node has {limit} GB and its processes used {used} GB{over}{held}; "
+            "Ray counts every process on the machine, not only this run's")
+
+
 def describe(rank: int, error: BaseException) -> str:
     """One sentence on why a worker failed: a lost process (with its pid and node when Ray gives them, and
     Ray's own guess at the cause) or the error it raised."""
     import re
 
     text = str(error)
+    killed = memory_kill(text, rank)
+    if killed:
+        return killed
     if "actor is dead" in text or "ActorDiedError" in type(error).__name__ or "died unexpectedly" in text:
         pid = re.search(r"\bpid=(\d+)", text)
         ip = re.search(r"\bip=([\d.]+)", text)
@@ -149,6 +190,15 @@ def record_failure(run_dir: Path, worker_exceptions: dict[int, BaseException]) -
     reasons = [describe(rank, e) for rank, e in sorted(worker_exceptions.items())]
     with (run_dir / FAILURES_FILE).open("a") as f:
         f.write(json.dumps({"attempt": attempt, "time": time.time(), "reason": "; ".join(reasons)}) + "\n")
+
+
+def record_lost(run_dir: Path, reason: str) -> None:
+    """Append a failure the workers' callback did not see (Ray's own actors lost with them) to failures.jsonl."""
+    attempt = next_attempt(read_metrics(run_dir)) - 1 or 1
+    if any(f.get("attempt") == attempt for f in failures(run_dir)):  # it died before writing its start
+        attempt += 1
+    with (run_dir / FAILURES_FILE).open("a") as f:
+        f.write(json.dumps({"attempt": attempt, "time": time.time(), "reason": reason}) + "\n")
 
 
 def failures(run_dir: Path) -> list[dict[str, Any]]:

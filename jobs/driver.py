@@ -50,6 +50,8 @@ def build_trainer(
             "cpus_per_worker": resources.cpus_per_worker,
             # a fault drill: RAYFT_FAULT_AT_STEP=N makes the workers fail after step N (rehearse --resume)
             "fault_at_step": int(os.environ.get("RAYFT_FAULT_AT_STEP") or 0),
+            # RAYFT_OOM_AT_STEP=N: rank 0 takes host memory after step N until Ray's memory monitor kills it
+            "oom_at_step": int(os.environ.get("RAYFT_OOM_AT_STEP") or 0),
             # RAYFT_KILL_IN_CHECKPOINT=N: rank 0 dies (SIGKILL) halfway through copying step N's checkpoint into storage
             "kill_in_checkpoint_at": int(os.environ.get("RAYFT_KILL_IN_CHECKPOINT") or 0),
             "data": {

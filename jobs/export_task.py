@@ -31,19 +31,21 @@ class ExportPlacementError(RuntimeError):
 
 def memory_request(job: JobConfig, checkpoint_dir: Path) -> int:
     """Bytes of host memory the export asks Ray for: the streamed export's working set from the shards' headers
-    (jobs/export_stream.py: memory_needed), plus the end-to-end check's (jobs/merge.py: end_to_end_bytes) where
+    (jobs/export_stream.py: memory_needed), plus the end-to-end check's (jobs/merge.py: end_to_end_bytes, its logits at their bound) where
     it will run for sure: export.merge: in_memory (that merge is the check's models), or export.parity_memory
     an explicit size that admits it. With parity_memory auto the check runs only if the node happens to have
     that much free when it starts; nothing is reserved for it."""
     from jobs.export_stream import ExportError, memory_needed, read_layout
-    from jobs.merge import end_to_end_bytes
+    from jobs.merge import end_to_end_bytes, logits_bound
     from orchestrator import architectures
+    from orchestrator.planner import load_shape
 
     try:
         need = memory_needed(job, checkpoint_dir)
         limit = job.export.parity_bytes()
         if job.export.merge == "in_memory" or limit:
-            check = end_to_end_bytes(read_layout(job, architectures.for_model_dir(job.model)).fp32_bytes)
+            logits = logits_bound(job, load_shape(job.model).vocab)  # the check's fp32 logits: the largest term at a 152k vocabulary
+            check = end_to_end_bytes(read_layout(job, architectures.for_model_dir(job.model)).fp32_bytes, logits)
             if job.export.merge == "in_memory" or check <= (limit or 0):
                 need += check
     except (ExportError, OSError) as e:  # no safetensors base, no adapter file: nothing to size the request by

@@ -213,6 +213,12 @@ def logits_bytes(batches: list[dict[str, Any]], vocab: int) -> int:
 
 
 
+def logits_bound(job: JobConfig, vocab: int) -> int:
+    """logits_bytes before the parity rows are read: PARITY_BATCHES full micro batches of data.max_length."""
+    one = job.train.micro_batch_size * job.data.max_length * vocab * 4
+    return 2 * PARITY_BATCHES * one + 3 * one
+
+
 def parity_allowance(job: JobConfig) -> tuple[int, str]:
     """(bytes the end-to-end check may use, where that figure came from)."""
     from orchestrator.planner import host_available

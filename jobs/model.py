@@ -121,18 +121,29 @@ def quantization_config(job: JobConfig, arch: Architecture):
     )
 
 
-def load_base(job: JobConfig, arch: Architecture, device: torch.device) -> Any:
+def load_kwargs(job: JobConfig, arch: Architecture, device: torch.device, zero3: bool) -> dict[str, Any]:
+    """from_pretrained's dtype, quantization and placement. The weights are placed explicitly, CPU included:
+    left to transformers, the bitsandbytes quantizer puts a 4-bit model on the current CUDA device whenever
+    CUDA exists (the export's CPU parity check on a GPU host), and a model loaded without a device_map is
+    built in host memory first (an fp32 8B is 32 GB, in each of a node's 8 workers at once) and then copied.
+    Under ZeRO-3, DeepSpeed's zero.Init partitions the weights as they load: no device_map (transformers
+    refuses one there). On the CPU a plain model loads as before, without one."""
     kwargs: dict[str, Any] = {"dtype": base_dtype(job)}
     if job.quantized:
         kwargs["quantization_config"] = quantization_config(job, arch)
-        # Placed explicitly, CPU included: left to transformers, the bitsandbytes quantizer puts a 4-bit model
-        # on the current CUDA device whenever CUDA exists (the export's CPU parity check on a GPU host).
+    if job.quantized or (device.type == "cuda" and not zero3):
         kwargs["device_map"] = {"": "cpu"} if device.type == "cpu" else {"": device.index or 0}
-    model = model_class(arch).from_pretrained(job.model, **kwargs)
+    return kwargs
+
+
+def load_base(job: JobConfig, arch: Architecture, device: torch.device) -> Any:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    model = model_class(arch).from_pretrained(job.model, **load_kwargs(job, arch, device, is_deepspeed_zero3_enabled()))
     if job.quantized:
         disable_cpu_bf16_repack(model)
     else:
-        model.to(device)
+        model.to(device)  # a no-op where the device_map placed it
     return model
 
 

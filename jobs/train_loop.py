@@ -525,6 +525,8 @@ def _train(config: dict[str, Any]) -> None:
             log({"event": "first_step", "step": step + 1, "step_s": t_done - t_step, "time": t_done})
 
         done = step + 1
+        if done == config.get("oom_at_step"):
+            attempts.hog_memory(done, rank)
         if done == config["fault_at_step"]:
             raise InjectedFault(f"RAYFT_FAULT_AT_STEP={done}: fault injected after step {done}")
         # Ray's preemption notice is a collective through Ray (6.6 ms a call here, 1 worker): asked every log_every steps

@@ -108,7 +108,8 @@ def test_the_logits_checks_memory_guard_counts_its_logits_and_a_tied_embedding_o
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from jobs.export_stream import fp32_size
-    from jobs.merge import end_to_end_bytes, logits_bytes
+    from jobs.merge import PARITY_BATCHES, end_to_end_bytes, logits_bound, logits_bytes
+    from orchestrator.config import build_job
 
     vocab = 151_646
     config = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -122,3 +123,7 @@ def test_the_logits_checks_memory_guard_counts_its_logits_and_a_tied_embedding_o
     one = 8 * 329 * vocab * 4  # 1.6 GB
     assert logits_bytes(batches, vocab) == 2 * 2 * one + 3 * one
     assert end_to_end_bytes(fp32_size(model), logits_bytes(batches, vocab)) > 7 * one > 2.8 * fp32_size(model)
+    # export.on: worker asks Ray for the check's memory before any row is read: the bound covers the most rows it reads
+    job = build_job({"model": "7B", "data": {"train": "x.jsonl", "max_length": 329}, "train": {"micro_batch_size": 8}}, local_files=False)[0]
+    most = [{"input_ids": torch.zeros(8, 329, dtype=torch.long)}] * PARITY_BATCHES
+    assert logits_bound(job, vocab) == logits_bytes(most, vocab) >= logits_bytes(batches, vocab)

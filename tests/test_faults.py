@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -173,6 +174,29 @@ def test_sigterm_checkpoints_the_current_step_exits_143_and_resume_continues(wor
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [i["outcome"] for i in manifest["invocations"]] == ["stopped by SIGTERM", "exported"]
     assert manifest["timings"]["all_attempts_wall_s"] > manifest["invocations"][-1]["wall_s"]
+
+
+def test_a_worker_killed_by_rays_memory_monitor_is_restarted_and_the_message_says_which_and_how_much(world, tmp_path):
+    """Ray's memory monitor (a threshold 7 GiB above what the machine uses now: Ray, the driver and a worker take ~3-4 of them) kills rank 0 when the drill
+    RAYFT_OOM_AT_STEP makes it take memory after step 10. Its kill takes Ray Train's controller and helper actors
+    too (Ray 2.60), which left Ray Train failing for good ("max allowed: 0") with Ray's boilerplate as the only
+    message. Now rayft starts the run again from its newest checkpoint (step 8) like any lost worker, within
+    scaling.max_failures: 1, the second kill ends it, and both say which worker and how much memory in a sentence."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    threshold = (vm.total - vm.available + 7 * 2**30) / vm.total
+    proc = rayft_train(world, tmp_path, "--set", "scaling.max_failures=1", env={"RAY_memory_usage_threshold": f"{threshold:.3f}", "RAYFT_OOM_AT_STEP": "10"})
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-3000:]
+    run_dir = run_dir_of(tmp_path)
+    killed = r"(worker 0|a worker) \(pid \d+, node [\d.]+\) was killed by Ray's memory monitor: the node has [\d.]+ GB and its processes used [\d.]+ GB"
+    assert re.search(killed + r".*\nrestarting from the checkpoint of step 8 \(1 of scaling.max_failures: 1\)", out), out[-3000:]
+    assert re.search("training failed: " + killed, err), err[-3000:]
+    assert "2 attempt(s) failed (scaling.max_failures: 1)" in err
+    assert f"the newest checkpoint is of step 8; continue with: rayft train {world / 'jobs' / 'base.yaml'} --resume {run_dir}" in err
+    assert "Refer to the documentation" not in err + out  # Ray's boilerplate stays in ray.log
+    assert [r["step"] for r in records(run_dir) if r.get("event") == "start"] == [0, 8]  # the restart continued from the checkpoint
 
 
 def test_the_ray_processes_of_a_killed_driver_are_stopped_by_the_next_command(world, tmp_path):

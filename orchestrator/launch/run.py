@@ -21,7 +21,7 @@ from orchestrator.launch.capacity import Capacity, resources_for, training_cpus
 from orchestrator.launch.data_checks import DataPass, checked, data_cache
 from orchestrator.launch.export import export_run, finished, latest_checkpoint
 from orchestrator.launch.localray import ensure_local_ray, output_to, shutdown_ray
-from orchestrator.launch.outcome import Interrupted, RunFailed, RunOutcome, failure_message
+from orchestrator.launch.outcome import Interrupted, RunFailed, RunOutcome, failure_message, memory_killed
 from orchestrator.launch.progress import ProgressView
 from orchestrator.launch.record import MANIFEST, finish_tracking, timeline, write_manifest
 
@@ -32,6 +32,69 @@ def worker_resources(job: JobConfig, capacity: Capacity) -> Any:
     if job.scaling.gpu == "on" and capacity.gpus == 0 and capacity.where == "this machine":
         raise RunFailed("scaling.gpu: on, but Ray found no GPU on this machine (fix: use scaling.gpu: auto or off)")
     return resources_for(job, capacity)
+
+
+def fit(job: JobConfig, run_dir: Path, resources: Any, indexes: Any, stopper: Any, stamps: dict[str, float], user_stream: IO[str], resume_command: str, embedded: bool) -> Any:
+    """Ray Train's fit, and a fresh one from the newest checkpoint when Ray's memory monitor ended it: its kill
+    takes Ray Train's own actors with the worker (Ray 2.60: "7 worker(s) were killed"), and Ray Train then
+    fails for good instead of restarting. Such a restart counts against scaling.max_failures like any lost
+    worker; the sentence saying which worker and how much memory is printed, Ray's text stays in ray.log."""
+    from jobs import attempts
+    from jobs.checkpoint import resume_step
+    from jobs.driver import build_trainer
+
+    while True:
+        failed_before = len(attempts.failures(run_dir))
+        groups_before = placement_groups()
+        try:
+            trainer = build_trainer(job, run_dir, resources, indexes, max_failures=job.scaling.max_failures - restarts_used(run_dir, stamps))
+            stopper.hook(trainer)
+            stamps.setdefault("trainer_built", time.time())
+            try:
+                return trainer.fit()
+            finally:
+                stopper.after_fit()
+        except SystemExit:  # Ray Train's own SIGINT handler aborts the run and exits
+            raise KeyboardInterrupt from None
+        except Exception as e:  # Ray Train V2 raises the workers' error from fit()
+            if stopper.received:
+                raise KeyboardInterrupt from None
+            killed = memory_killed(e)
+            if killed and len(attempts.failures(run_dir)) == failed_before:  # Ray's callback saw no worker fail
+                attempts.record_lost(run_dir, killed)
+            if not killed or restarts_used(run_dir, stamps) > job.scaling.max_failures:
+                raise RunFailed(failure_message(job, run_dir, e, resume_command)) from e
+            if embedded:  # the killed controller never released its workers' CPUs: the next attempt's data tasks would wait for them forever
+                release_placement_groups(placement_groups() - groups_before)
+            step = resume_step(run_dir)
+            said = attempts.failures(run_dir)[-1]["reason"]
+            print(f"{said}\nrestarting from {f'the checkpoint of step {step}' if step else 'the start'} "
+                  f"({restarts_used(run_dir, stamps)} of scaling.max_failures: {job.scaling.max_failures})", file=user_stream, flush=True)
+
+
+def placement_groups() -> set[str]:
+    """The ids of the placement groups Ray holds (created or waiting)."""
+    from ray.util import placement_group_table
+
+    return {k for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
+
+
+def release_placement_groups(ids: set[str]) -> None:
+    """Remove the placement groups of an attempt whose Ray Train controller was killed with its workers."""
+    from ray._raylet import PlacementGroupID
+    from ray.util import remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    for pg_id in ids:
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+    print(f"rayft: removed {len(ids)} placement group(s) of the killed attempt; {len(placement_groups())} left", flush=True)
+
+
+def restarts_used(run_dir: Path, stamps: dict[str, float]) -> int:
+    """The failed attempts of this invocation (each one a restart, or the end when none are left)."""
+    from jobs import attempts
+
+    return sum(1 for f in attempts.failures(run_dir) if f.get("time", 0) >= stamps["train_called"])
 
 
 def new_run_dir(job: JobConfig) -> Path:
@@ -75,7 +138,6 @@ def _train(
     from jobs import attempts
     from jobs.checkpoint import resume_step
     from jobs.data import DataError
-    from jobs.driver import build_trainer
     from jobs.encoded import encode_once
     from orchestrator.signals import stopped_by
 
@@ -143,20 +205,7 @@ def _train(
             stamps["encoded_once"] = time.time()
             torch_import.join()
             with ProgressView(run_dir, user_stream, enabled=progress):
-                try:
-                    trainer = build_trainer(job, run_dir, resources, indexes)
-                    stopper.hook(trainer)
-                    stamps["trainer_built"] = time.time()
-                    try:
-                        result = trainer.fit()
-                    finally:
-                        stopper.after_fit()
-                except SystemExit:  # Ray Train's own SIGINT handler aborts the run and exits
-                    raise KeyboardInterrupt from None
-                except Exception as e:  # Ray Train V2 raises the workers' error from fit()
-                    if stopper.received:
-                        raise KeyboardInterrupt from None
-                    raise RunFailed(failure_message(job, run_dir, e, resume_command)) from e
+                result = fit(job, run_dir, resources, indexes, stopper, stamps, user_stream, resume_command, embedded=not connect)
             stamps["fit_returned"] = time.time()
             if result.error is not None:
                 raise RunFailed(failure_message(job, run_dir, result.error, resume_command))

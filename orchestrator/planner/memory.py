@@ -16,7 +16,9 @@ The model, per worker:
                copy + mask of each adapted input (a 1-byte mask on CUDA, fp32 on CPU). Gradient checkpointing keeps each layer's input and one
                layer's activations. A frozen vision tower saves nothing. Full fine-tuning under autocast also
                keeps a 16-bit copy of every weight until backward.
-  overhead     GPU: CUDA context and workspaces, plus allocator slack; CPU worker: the Python/torch/Ray
+  eval         under no_grad: the 16-bit logits of a micro batch and fp32 logits of its answer positions only
+               (jobs/evaluate.answer_stats), less than training's logits term, so training's peak stands.
+  overhead     GPU: CUDA context, cuBLAS workspaces and (with peers) NCCL's buffers, plus allocator slack; CPU worker: the Python/torch/Ray
                runtime (measured). DeepSpeed adds its gradient reduce bucket, ZeRO-3 the gathered weights
                of the block running and the one prefetched.
 
@@ -39,7 +41,11 @@ Device = Literal["gpu", "cpu"]
 
 QUANT_BLOCK = 64  # bitsandbytes 4-bit block size
 NESTED_BLOCK = 256  # double quantization: absmax blocks per fp32 scale
-CUDA_CONTEXT = int(0.5 * GiB)  # CUDA context, cuBLAS/NCCL workspaces (not seen by the caching allocator)
+# What a GPU worker holds outside torch's caching allocator (max_memory_reserved does not see it; NVML does).
+# Estimates from the libraries' defaults, to be replaced by bench/gpu_check.py's NVML - reserved readings:
+CUDA_CONTEXT = int(0.6 * GiB)  # one process's CUDA context with torch's kernels (lazy module loading)
+CUBLAS_WORKSPACE = 64 * 2**20  # cuBLAS + cuBLASLt workspaces of the compute stream
+NCCL_BUFFERS = int(1.0 * GiB)  # NCCL's channel buffers with peers (up to 32 channels x 4 MiB each way) + NVLS on NVSwitch
 ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, as a share of the tensors
 # Python + torch + transformers + Ray in one CPU worker (bench/planner_calibration.py)
 CPU_RUNTIME = int(1.0 * GiB)
@@ -166,7 +172,7 @@ def plan(
         activations += 2 * sum(t.numel for t in shape.tensors if t.linear)  # autocast's 16-bit weight copies
 
     tensors = weights + gradients + optimizer + activations
-    overhead = CUDA_CONTEXT + int(ALLOCATOR_SLACK * tensors) if device == "gpu" else CPU_RUNTIME
+    overhead = gpu_runtime(workers) + int(ALLOCATOR_SLACK * tensors) if device == "gpu" else CPU_RUNTIME
     if ds is not None:
         bucket = flatten(ds.overrides).get("zero_optimization.reduce_bucket_size", DS_REDUCE_BUCKET)
         if not isinstance(bucket, int | float) or isinstance(bucket, bool):  # "auto" (HF's configs): DeepSpeed's own choice
@@ -189,6 +195,12 @@ def plan(
         offloaded,
         dict(overrides or {}),
     )
+
+
+def gpu_runtime(workers: int) -> int:
+    """Bytes a GPU worker holds outside its tensors: the CUDA context, cuBLAS workspaces, and NCCL's buffers
+    once it has peers (a single worker makes no NCCL communicator)."""
+    return CUDA_CONTEXT + CUBLAS_WORKSPACE + (NCCL_BUFFERS if workers > 1 else 0)
 
 
 def _activations(job: JobConfig, shape: ModelShape, element: int) -> int:
