@@ -5,6 +5,7 @@
                 Index --batching.build_schedule--> which rows each worker trains on at each step
                 one Dataset per worker: its micro batches in step order --map_batches(encode)-->
     worker:     ray.train.get_dataset_shard("train_<rank>").iter_batches(prefetch) -> collated tensors
+    (no Ray:    jobs/local_worker.py reads the same schedule_items through encode_item in its own process)
 
 Decoding and the processor run in Ray Data tasks, on any node with CPUs, never on the training thread; a
 worker holds a bounded window of micro batches whatever the data's size. Rows carry their ids from the
