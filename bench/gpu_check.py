@@ -1,149 +1,187 @@
-"""The GPU paths in one short run (bench/gpu_check.sh calls it on a lent GPU machine; under 8 minutes).
+"""The GPU check: rayft's GPU paths in one short run that prints ONE JSON line (the last line of stdout).
 
-    python bench/gpu_check.py [--hidden 1024 --layers 24 --steps 30]
+    bash bench/gpu_check.sh            # on a lent GPU machine (installs the carried wheels first; docs/benchmarks.md)
+    python bench/gpu_check.py --tiny   # the same checks on the CPU at tiny sizes (tests/test_gpu_check.py, in `make test`)
 
-Builds a LLaVA-style VLM from config (SigLIP vision + Qwen2 text; ~0.5B parameters at the defaults) and
-the colour task, then runs `rayft train` (the real CLI, on an embedded local Ray, one GPU) for:
-qlora-nf4 and qlora-fp4 (bitsandbytes 4-bit on CUDA), lora, full, and full under ZeRO-3 (DeepSpeed over
-NCCL, one GPU). For each: tokens/s, MFU (6 x parameters x tokens/s over the measured bf16 matmul peak;
-for adapters the 6N convention overstates the work, so it is labelled `mfu_6n`), torch.cuda
-max_memory_allocated against the planner's prediction, eval accuracy. Prints ONE JSON line at the end.
-On a machine without a GPU it runs the same paths on CPU (use --hidden 64 --layers 2 --steps 4 there).
+It runs without Ray (the lent machine has none): the training worker's own loop through jobs/local_worker.py, under
+a real torch.distributed process group of one rank (NCCL on the GPU, gloo on the CPU) with the multi-worker paths
+forced on (DDP wrap, rayft's collectives, the stop flag). The checks (bench/gpu_checks.py), each timed and in its
+own try/except, so that one failure does not hide the others' numbers:
+
+  bnb_roundtrip           NF4/FP4 (double quant on/off) quantized on the GPU and on the CPU: bit-equal or not
+  worker_qlora            the worker path of a QLoRA run: steps, eval, generation, checkpoints, a restore from
+                          the half-way checkpoint, the export (merge + parity); the trained 4-bit weights against
+                          the export's CPU round trip of the same base weights
+  planner_memory          a random-init 7B-shaped Llama in bf16 on the GPU, LoRA steps with and without gradient
+                          checkpointing: the planner's prediction against max_memory_reserved and NVML
+  gradient_checkpointing  the same steps with and without it: equal losses, lower peak memory
+  fp16_loss_scaling       QLoRA FP4 in fp16 with the GradScaler
+  fp32_tf32               LoRA in fp32: TF32 matmuls on after the worker's set-up (on CUDA only)
+  qwen2_vl, idefics3      tiny VLMs of those architectures, QLoRA on the worker path
+  zero3, zero2_offload    DeepSpeed ZeRO-3 (with its export) and ZeRO-2 with the optimizer offloaded to the CPU
+
+The GPU sizes are meant to finish in under 6 minutes on one H100 (a shared LLaVA of hidden 256, 4 layers, 40
+steps; the 7B only for the planner; not yet run on a GPU); --tiny (hidden 32, 1 layer, 2-4 steps) takes ~20 s on
+2 CPU cores. Checks that would start past --budget are skipped, and a watchdog prints the line with what finished
+and exits if one hangs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import importlib.metadata
+import importlib.util
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
-
-import yaml
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-METHODS = {
-    "qlora-nf4": {"method": "qlora", "quantization": {"type": "nf4", "double_quant": True}},
-    "qlora-fp4": {"method": "qlora", "quantization": {"type": "fp4", "double_quant": False}},
-    "lora": {"method": "lora"},
-    "full": {"method": "full"},
-    "full-zero3": {"method": "full", "deepspeed": {"stage": 3}},
-}
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "deepspeed", "accelerate", "pydantic", "safetensors", "tokenizers", "pyarrow")
 
 
-def matmul_peak(dtype_name: str, size: int, device: str) -> float:
-    """FLOP/s of the best of a few square matmuls."""
+def facts(device: Any) -> dict[str, Any]:
+    """The machine and the stack the checks ran on, and the torch build `make setup` would choose there."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(5):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / 10)
-    return 2 * size**3 / best
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--timeout", type=int, default=150, help="seconds per method")
-    args = ap.parse_args()
-
-    import torch
-
-    from orchestrator import planner, tinymodels
-    from orchestrator.config import load_job
-
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    facts = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__, "cuda": torch.version.cuda}
-    if cuda:
-        facts["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    size = 8192 if cuda else 1024
-    peak = {"bf16": matmul_peak("bfloat16", size, device), "fp32": matmul_peak("float32", size, device)}
-    facts["matmul_peak_tflops"] = {k: round(v / 1e12, 2) for k, v in peak.items()}
-
-    work = Path(tempfile.mkdtemp(prefix="rayft-gpu-check-"))
-    t0 = time.time()
-    model_dir = tinymodels.build_tiny_llava(work / "model", hidden=args.hidden, layers=args.layers)
-    data = tinymodels.write_colour_data(work / "data", "english", 64 * args.batch, 64)
-    shape = planner.load_shape(str(model_dir))
-    facts["params"] = shape.total_params
-    facts["build_s"] = round(time.time() - t0, 1)
-
-    results = {}
-    rayft = str(Path(sys.executable).with_name("rayft"))
-    for name in args.methods.split(","):
-        body = {
-            "name": f"gpu-{name}",
-            "model": str(model_dir),
-            "data": {"train": str(data["train"]), "eval": str(data["eval"]), "max_length": 64},
-            "precision": "bf16",
-            "lora": {"rank": 16, "alpha": 32, "dropout": 0.0},
-            "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "lr": 1e-4 if "full" in name else 1e-3,
-                      "eval_every": args.steps, "checkpoint_every": args.steps, "log_every": 5},
-            "scaling": {"workers": 1, "gpu": "on" if cuda else "off"},
-            "output": str(work / "runs"),
-            **METHODS[name],
-        }
-        job_path = work / f"{name}.yaml"
-        job_path.write_text(yaml.safe_dump(body))
-        row: dict = {}
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+                           "cuda": torch.version.cuda, "python": platform.python_version(), "env": os.environ.get("RAYFT_GPU_CHECK_ENV", sys.prefix)}
+    versions = {}
+    for name in PACKAGES:
         try:
-            job, _ = load_job(job_path)
-            predicted = planner.plan(job, shape, "gpu" if cuda else "cpu")
-            row["predicted_states_mib"] = round(predicted.states / 2**20)
-            row["predicted_total_mib"] = round(predicted.total / 2**20)
-            t1 = time.time()
-            proc = subprocess.run([rayft, "train", str(job_path), "--json", "--no-progress"], capture_output=True, text=True, timeout=args.timeout)
-            row["wall_s"] = round(time.time() - t1, 1)
-            if proc.returncode != 0:
-                row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1][:300]
-            else:
-                manifest = json.loads(proc.stdout[proc.stdout.index("{\n") :])
-                from jobs.metrics_log import read_metrics
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    out["versions"] = versions
+    out["ray_importable"] = importlib.util.find_spec("ray") is not None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        out.update(gpu_memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}",
+                   nccl=str(torch.cuda.nccl.version()), bf16=torch.cuda.is_bf16_supported())
+    try:  # what scripts/choose_torch.py (make setup) picks for this machine's driver
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "choose_torch.py"), "2.13.0"], capture_output=True, text=True, timeout=60)
+        out["torch_choice"] = {"pip_args": proc.stdout.strip(), "said": proc.stderr.strip().removeprefix("set-up: ")}
+    except (OSError, subprocess.SubprocessError) as e:
+        out["torch_choice"] = f"{type(e).__name__}: {e}"
+    return out
 
-                records = read_metrics(Path(manifest["run_dir"]))
-                tokens_per_s = manifest["metrics"]["tokens_per_s"]
-                row.update(
-                    tokens_per_s=round(tokens_per_s),
-                    steps_per_s=round(manifest["metrics"]["steps_per_s"], 2),
-                    eval_accuracy=manifest["metrics"]["eval_accuracy"],
-                    trainable_params=manifest["trainable_params"],
-                    mfu_6n=round(6 * shape.total_params * tokens_per_s / peak["bf16"], 4),
-                    parity=manifest["parity"]["passed"],
-                )
-                cuda_peak = max((r.get("cuda_peak_mib", 0) for r in records), default=0)
-                if cuda_peak:
-                    row["cuda_peak_mib"] = round(cuda_peak)
-                    row["predicted_over_measured"] = round(row["predicted_total_mib"] / cuda_peak, 2)
-        except subprocess.TimeoutExpired:
-            row["error"] = f"timed out after {args.timeout}s"
-        except Exception as e:  # one method's failure must not hide the others' numbers
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
-        results[name] = row
-        print(f"{name}: {row}", file=sys.stderr, flush=True)
-    print(json.dumps({"gpu_check": facts, "methods": results, "total_s": round(time.time() - t0, 1)}))
+
+def build_shared(sizes: Any, work: Path) -> tuple[Path, dict[str, Path]]:
+    """The tiny LLaVA most checks share and the colour task's data."""
+    from orchestrator import tinymodels
+
+    model = tinymodels.build_tiny_llava(work / "llava", hidden=sizes.hidden, layers=sizes.layers)
+    data = tinymodels.write_colour_data(work / "data", "english", sizes.rows, sizes.eval_rows)
+    return model, data
+
+
+class Watchdog:
+    """If a check hangs (an NCCL collective that never completes), print the line with what finished and exit."""
+
+    def __init__(self, result: dict[str, Any], deadline: float, out: Any):
+        self.result, self.deadline, self.out, self.running = result, deadline, out, ""
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        while time.time() < self.deadline:
+            time.sleep(1)
+        self.result["checks"][self.running or "?"] = {"ok": False, "error": "still running at the watchdog's deadline (--budget); the process was stopped"}
+        self.result["total_s"] = round(time.time() - self.result.pop("_t0"), 1)
+        print(json.dumps(self.result, default=str), file=self.out, flush=True)
+        os._exit(3)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU (what `make test` runs)")
+    ap.add_argument("--only", default="", help="comma-separated check names")
+    ap.add_argument("--budget", type=float, default=None, help="seconds: later checks are skipped past it, a hung one stopped 60 s after (default 270 GPU, 900 --tiny)")
+    ap.add_argument("--work", default=None, help="working directory (default: a new temporary one, removed at the end)")
+    args = ap.parse_args()
+    t0 = time.time()
+    stdout = sys.stdout  # the one JSON line; everything else goes to stderr
+    result: dict[str, Any] = {"_t0": t0, "checks": {}}
+    budget = args.budget or (900 if args.tiny else 270)
+    watchdog = Watchdog(result, t0 + budget + 60, stdout)
+
+    with contextlib.redirect_stdout(sys.stderr):
+        import gpu_checks
+        import torch
+
+        from jobs import local_worker
+
+        with contextlib.suppress(ImportError):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        cuda = torch.cuda.is_available() and not args.tiny
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        result["gpu_check"] = facts(device)
+        result["gpu_check"]["sizes"] = "tiny" if args.tiny else "gpu"
+        if not cuda and not args.tiny:
+            result["error"] = "no CUDA device: run with --tiny on a CPU"
+            result["total_s"] = round(time.time() - result.pop("_t0"), 1)
+            print(json.dumps(result), file=stdout, flush=True)
+            return 1
+        result["gpu_check"]["process_group"] = local_worker.process_group(device)
+        sizes = gpu_checks.TINY if args.tiny else gpu_checks.GPU
+        work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="rayft-gpu-check-"))
+        t_build = time.time()
+        model, data = build_shared(sizes, work)
+        result["gpu_check"]["build_s"] = round(time.time() - t_build, 1)
+        setup = gpu_checks.Setup(device, sizes, work, model, data)
+        wanted = [c for c in args.only.split(",") if c]
+        for check in gpu_checks.CHECKS:
+            name = check.__name__
+            if wanted and name not in wanted:
+                continue
+            if time.time() - t0 > budget:
+                result["checks"][name] = {"ok": False, "error": f"skipped: the budget of {budget:.0f} s was spent"}
+                continue
+            watchdog.running = name
+            t_check = time.time()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                row = {"ok": True, **check(setup)}
+            except Exception as e:  # one check's failure must not hide the others' numbers
+                traceback.print_exc()
+                row = {"ok": False, "error": f"{type(e).__name__}: {e}"[:600]}
+            row["wall_s"] = round(time.time() - t_check, 1)
+            result["checks"][name] = row
+            print(f"gpu_check: {name}: {json.dumps(row, default=str)}", file=sys.stderr, flush=True)
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+        watchdog.running = "teardown"
+        with contextlib.suppress(Exception):
+            torch.distributed.destroy_process_group()
+        if not args.work:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+    result["ok"] = all(row["ok"] for row in result["checks"].values())
+    result["total_s"] = round(time.time() - result.pop("_t0"), 1)
+    print(json.dumps(result, default=str), file=stdout, flush=True)
+    return 0 if result["ok"] else 1
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main()
+    for key, value in {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
+                       "RAY_USAGE_STATS_ENABLED": "0"}.items():
+        os.environ.setdefault(key, value)
+    if "--tiny" in sys.argv:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on the CPU (gloo), as the tests run it
+    sys.exit(main())

@@ -6,6 +6,9 @@ Two rules keep ranks in step on NCCL (docs/scaling.md, "Keeping ranks in step"):
   refuses a process group whose backend cannot take a tensor on that device);
 - every rank calls the same collectives in the same order, whatever its data holds: callers reduce after
   the same step (or eval) on every rank, with a value even when a rank had no rows.
+
+With one rank they return at once, unless forced (`force`): jobs/local_worker.py forces them so that a single
+process with a process group of one rank (the GPU check's NCCL on one GPU) runs the calls a multi-worker run makes.
 """
 
 from __future__ import annotations
@@ -15,6 +18,20 @@ from typing import Any
 
 BACKEND_DEVICES = {"nccl": ("cuda",), "gloo": ("cpu", "cuda")}
 """Device types each torch.distributed backend reduces."""
+_forced = False
+
+
+def force(on: bool) -> None:
+    """Run the collectives even in a process group of one rank (jobs/local_worker.py; off in Ray's workers)."""
+    global _forced
+    _forced = on
+
+
+def active() -> bool:
+    """Whether the collectives run: a process group of more than one rank, or of one when forced."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and (dist.get_world_size() > 1 or _forced)
 
 
 def reduce(values: Sequence[float], device: Any, op: str = "sum") -> list[float]:
@@ -23,7 +40,7 @@ def reduce(values: Sequence[float], device: Any, op: str = "sum") -> list[float]
     import torch
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+    if not active():
         return [float(v) for v in values]
     tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     check_device(dist.get_backend(), tensor)
@@ -44,7 +61,7 @@ def gather(value: Any) -> list[Any]:
     torch moves the pickled bytes through the current CUDA device, which the worker set to its own."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+    if not active():
         return [value]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)

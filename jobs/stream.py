@@ -5,6 +5,7 @@
                 Index --batching.build_schedule--> which rows each worker trains on at each step
                 one Dataset per worker: its micro batches in step order --map_batches(encode)-->
     worker:     ray.train.get_dataset_shard("train_<rank>").iter_batches(prefetch) -> collated tensors
+    (no Ray:    jobs/local_worker.py reads the same schedule_items through encode_item in its own process)
 
 Decoding and the processor run in Ray Data tasks, on any node with CPUs, never on the training thread; a
 worker holds a bounded window of micro batches whatever the data's size. Rows carry their ids from the
@@ -270,15 +271,24 @@ def quiet_data_context() -> None:
 def _encode_items(
     batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool, encoded: rowstore.Store | None, pad_id: int, filler: bytes | None = None
 ) -> Any:
+    """encode_item as a Ray Data task: on one thread, naming the Ray node that ran it."""
+    one_thread()
+    return encode_item(batch, job_json, store, option, with_image, encoded, pad_id, filler, _node_id())
+
+
+def encode_item(
+    batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool, encoded: rowstore.Store | None, pad_id: int, filler: bytes | None,
+    node: str,
+) -> Any:
     """One schedule item (a worker's micro batch: row ids) -> the collated micro batch, pickled. A row that
     fails here is sent on as the item's `problem` (not raised: Ray Data's task error would bury it), and
     the worker fails the run naming it. Rows encoded once are only read and collated: the task loads no
     processor (a task process would otherwise spend seconds importing transformers and loading it).
     filler (DeepSpeed: deepspeed_filler): a pickled jobs.data.filler_row, added to a VLM micro batch without an
-    image, and alone to an empty one (ZeRO-3's eval batches that even out the ranks)."""
+    image, and alone to an empty one (ZeRO-3's eval batches that even out the ranks). node: who encoded it (a
+    Ray node; jobs/local_worker.py, which runs without Ray, names its process)."""
     import pyarrow as pa
 
-    one_thread()
     job = job_from_json(job_json)
     processor = processor_for(job.model) if encoded is None else None
     ids = batch.column("rows")[0].as_py()
@@ -299,20 +309,42 @@ def _encode_items(
         if filler is not None and not any(has_image(e) for e in examples) and (with_image or not examples):
             examples.append(pickle.loads(filler))
         tensors = {k: v.numpy() for k, v in collate(examples, pad_id).items()}
-        payload = pickle.dumps({"rows": ids, "tensors": tensors, "node": _node_id()}, protocol=5)
+        payload = pickle.dumps({"rows": ids, "tensors": tensors, "node": node}, protocol=5)
     return pa.table({"step": batch.column("step"), "micro": batch.column("micro"), "batch": pa.array([payload], pa.binary()), "problem": [problem]})
+
+
+def encode_kwargs(job: JobConfig, index: Index, filler: bytes | None) -> dict[str, Any]:
+    """_encode_items' arguments for the items of one data file (Ray Data's tasks, or jobs/local_worker.py)."""
+    with_image = architectures.for_model_dir(job.model).kind == "vlm"
+    return {"job_json": job.model_dump_json(), "store": index.store, "option": index.option, "with_image": with_image, "encoded": index.encoded,
+            "pad_id": pad_token_id(processor_for(job.model)), "filler": filler}
 
 
 def _dataset(items: list[dict[str, Any]], job: JobConfig, index: Index, filler: bytes | None) -> Any:
     import ray.data
 
-    with_image = architectures.for_model_dir(job.model).kind == "vlm"
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // ITEMS_PER_BLOCK)))
     return ds.map_batches(
         _encode_items, batch_size=1, batch_format="pyarrow", scheduling_strategy="SPREAD",  # encode on every node with CPUs
-        fn_kwargs={"job_json": job.model_dump_json(), "store": index.store, "option": index.option, "with_image": with_image, "encoded": index.encoded,
-                   "pad_id": pad_token_id(processor_for(job.model)), "filler": filler},
+        fn_kwargs=encode_kwargs(job, index, filler),
     )
+
+
+@dataclass(frozen=True)
+class Items:
+    """Each worker's schedule items (micro batches: {step, micro, rows}) from a start step on: no Ray needed."""
+
+    train: dict[int, list[dict[str, Any]]]
+    """rank -> its training micro batches, in step order."""
+    eval: dict[int, list[dict[str, Any]]]
+    """rank -> its eval micro batches (a rank without eval rows is absent)."""
+    filler: bytes | None
+    """deepspeed_filler's row, added by the encoder where a micro batch needs it."""
+    total_steps: int
+    epoch_starts: list[int]
+    rows: int
+    dropped_rows: int
+    eval_rows: int
 
 
 @dataclass(frozen=True)
@@ -337,16 +369,14 @@ def deepspeed_filler(job: JobConfig) -> bytes | None:
     return pickle.dumps(filler_row(processor_for(job.model), with_image), protocol=5)
 
 
-def plan(job: JobConfig, indexes: dict[str, Index], world: int, start_step: int) -> Plan:
-    """Each worker's datasets from `start_step` on (a resumed run starts mid-schedule: exactly the rows it
+def schedule_items(job: JobConfig, indexes: dict[str, Index], world: int, start_step: int) -> Items:
+    """Each worker's micro batches from `start_step` on (a resumed run starts mid-schedule: exactly the rows it
     would have seen next)."""
-    quiet_data_context()
     train = indexes["train"]
     try:
         schedule = batching.build_schedule(train.rows, train.lengths, job.train, job.data, world)
     except ValueError as e:
         raise DataError([problem(f"{train.store.data_file} (data.train)", str(e), "lower train.micro_batch_size or train.grad_accum, or add rows")]) from None
-    datasets = {}
     filler = deepspeed_filler(job)
     eval_split = {}
     if "eval" in indexes:
@@ -355,16 +385,29 @@ def plan(job: JobConfig, indexes: dict[str, Index], world: int, start_step: int)
         if filler is not None and job.deepspeed.stage == 3:  # every rank runs as many eval forwards: the short ones add filler-only batches
             most = max(len(b) for b in eval_split.values())
             eval_split = {r: b + [np.array([], dtype=np.int64)] * (most - len(b)) for r, b in eval_split.items()}
-    for r in range(world):
-        items = [
+    train_items = {
+        r: [
             {"step": s, "micro": k, "rows": [int(i) for i in micro[r]]}
             for s in range(start_step, schedule.total_steps)
             for k, micro in enumerate(schedule.steps[s])
         ]
-        datasets[f"train_{r}"] = _dataset(items, job, train, filler)
-        if eval_split.get(r):
-            datasets[f"eval_{r}"] = _dataset([{"step": -1, "micro": k, "rows": [int(i) for i in b]} for k, b in enumerate(eval_split[r])], job, indexes["eval"], filler)
-    return Plan(datasets, schedule.total_steps, schedule.epoch_starts, len(train.rows), train.dropped, len(indexes["eval"].rows) if "eval" in indexes else 0)
+        for r in range(world)
+    }
+    eval_items = {r: [{"step": -1, "micro": k, "rows": [int(i) for i in b]} for k, b in enumerate(eval_split[r])] for r in range(world) if eval_split.get(r)}
+    return Items(train_items, eval_items, filler, schedule.total_steps, schedule.epoch_starts, len(train.rows), train.dropped,
+                 len(indexes["eval"].rows) if "eval" in indexes else 0)
+
+
+def plan(job: JobConfig, indexes: dict[str, Index], world: int, start_step: int) -> Plan:
+    """Each worker's datasets from `start_step` on: its schedule_items, encoded by Ray Data tasks as it reads them."""
+    quiet_data_context()
+    its = schedule_items(job, indexes, world, start_step)
+    datasets = {}
+    for r in range(world):
+        datasets[f"train_{r}"] = _dataset(its.train[r], job, indexes["train"], its.filler)
+        if r in its.eval:
+            datasets[f"eval_{r}"] = _dataset(its.eval[r], job, indexes["eval"], its.filler)
+    return Plan(datasets, its.total_steps, its.epoch_starts, its.rows, its.dropped_rows, its.eval_rows)
 
 
 def started(items: Iterator[Any]) -> Iterator[Any]:

@@ -2,6 +2,10 @@
 
 setup (job, threads, device, data shard, model, optimizer) -> restore checkpoint -> optimizer steps
 -> eval/report/checkpoint on cadence -> final eval + checkpoint. Rank 0 writes metrics.jsonl (jobs/metrics_log.py).
+
+What the loop takes from Ray Train (rank, device, data shards, the checkpoint to continue from, report, node,
+preemption notices) is one object, jobs/worker.py's Worker: built from Ray for a Ray Train worker, and without
+Ray by jobs/local_worker.py (the GPU check, bench/gpu_check.py), so that the same loop runs where Ray is absent.
 """
 
 from __future__ import annotations
@@ -32,8 +36,25 @@ from jobs.model import (
     torch_dtype,
     trainable_state,
 )
+from jobs.worker import Report, Worker, from_ray
 from orchestrator import architectures
 from orchestrator.config import JobConfig
+
+
+def set_up_device(device: Any, precision: str, threads: int) -> None:
+    """This process's torch for training on `device`: `threads` CPU threads (Ray sets OMP threads to the
+    reservation); on CUDA the worker's own GPU (not cuda:0) for every default-device allocation, NCCL's
+    included, and for an fp32 run TF32 matmuls and convolutions (Ampere and later: fp32 range, 10-bit
+    mantissa inputs, fp32 accumulation; several times the fp32 rate; torch leaves matmuls in full fp32 by
+    default). bf16/fp16 runs compute their matmuls in their own dtype under autocast."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        if precision == "fp32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
 
 def lr_lambda(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -80,11 +101,17 @@ def unused_parameters_possible(job: JobConfig, arch: architectures.Architecture)
     return arch.kind == "vlm" and (job.method == "full" or job.lora.train_vision)
 
 
-def build_training(job: JobConfig, arch: architectures.Architecture, device: Any, world: int, schedule: Callable[[int], float], ds_config: dict[str, Any] | None) -> Training:
+def build_training(
+    job: JobConfig, arch: architectures.Architecture, device: Any, world: int, schedule: Callable[[int], float], ds_config: dict[str, Any] | None,
+    ddp: bool | None = None, model: Any = None,
+) -> Training:
+    """ddp: wrap in DistributedDataParallel (default: with more than one worker). model: the trainable model
+    (default: jobs/model.py's build_model from job.model)."""
     import torch
 
     zero3_config = zero.hf_deepspeed_config(job, ds_config, arch) if ds_config else None
-    model = build_model(job, arch, device)
+    ddp = world > 1 if ddp is None else ddp
+    model = build_model(job, arch, device) if model is None else model
     params = [p for p in model.parameters() if p.requires_grad]
     if ds_config:
         # DeepSpeed holds the weights in the run's precision (fp32 master copies in the optimizer), scales
@@ -109,7 +136,7 @@ def build_training(job: JobConfig, arch: architectures.Architecture, device: Any
             zero3_config=zero3_config,
         )
     core = model
-    if world > 1:
+    if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
         # find_unused_parameters only where a trainable weight can miss a step's graph (DDP refuses that at the
@@ -130,7 +157,7 @@ def build_training(job: JobConfig, arch: architectures.Architecture, device: Any
         autocast=partial(torch.autocast, device.type, dtype=torch_dtype(job.precision), enabled=job.precision != "fp32"),
         input_dtype=None,
         deepspeed=False,
-        ddp=world > 1,
+        ddp=ddp,
         max_grad_norm=job.train.max_grad_norm,
         device=device,
         adapters=job.method != "full",
@@ -234,7 +261,7 @@ def restore(training: Training, checkpoint: Any) -> int:
 
 @dataclass
 class Checkpoints:
-    """A worker's reports to Ray Train, each with a checkpoint of its step when asked for one."""
+    """A worker's reports (to Ray Train, or jobs/local_worker.py), each with a checkpoint of its step when asked for one."""
 
     training: Training
     job: JobConfig
@@ -245,12 +272,14 @@ class Checkpoints:
     """The step of the newest checkpoint (the restored one's until this attempt takes one)."""
     kill_at: int | None
     """The fault drill RAYFT_KILL_IN_CHECKPOINT's step in a run's first attempt; None in a later one."""
+    send: Report
+    """Worker.report."""
 
-    def save(self, step: int, metrics: dict[str, Any]) -> Any:
-        """Plain runs: rank 0 writes trainable weights + optimizer state. ZeRO: every rank writes its shard
-        and Ray merges the ranks' directories into one checkpoint. Adapters are also written whole by rank 0
-        (they are small and unpartitioned below ZeRO-3), so every adapter run merges the same way."""
-        import ray.train
+    def save(self, step: int, metrics: dict[str, Any]) -> str | None:
+        """The staged checkpoint directory of this rank, or None where it has nothing to report. Plain runs: rank 0
+        writes trainable weights + optimizer state. ZeRO: every rank writes its shard and Ray merges the ranks'
+        directories into one checkpoint. Adapters are also written whole by rank 0 (they are small and
+        unpartitioned below ZeRO-3), so every adapter run merges the same way."""
         import torch
         from safetensors.torch import save_file
 
@@ -270,24 +299,22 @@ class Checkpoints:
                 )
             Path(ckpt_dir, META_FILE).write_text(json.dumps(metrics))
         if self.rank == 0 or t.deepspeed:
-            return ray.train.Checkpoint.from_directory(ckpt_dir)
+            return ckpt_dir
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         return None
 
     def report(self, metrics: dict[str, Any], step: int | None) -> None:
-        """Report to Ray Train, with a checkpoint of `step` if given. Ray Train copies the staged checkpoint
-        into storage and registers it only once the copy is complete; the staged copy is removed either way."""
-        import ray.train
-
-        checkpoint = self.save(step, metrics) if step is not None else None
+        """Report, with a checkpoint of `step` if given. Ray Train copies the staged checkpoint into storage and
+        registers it only once the copy is complete; the staged copy is removed either way."""
+        ckpt_dir = self.save(step, metrics) if step is not None else None
         try:
             drill = step is not None and step == self.kill_at
             upload = partial(kill_during_upload, self.run_dir) if drill else None
             # total_steps rides along so a search's budget (orchestrator/budget.py) knows what a trial will spend
-            ray.train.report({**metrics, "total_steps": self.total_steps}, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload)
+            self.send({**metrics, "total_steps": self.total_steps}, ckpt_dir, upload)
         finally:
-            if checkpoint is not None:
-                shutil.rmtree(checkpoint.path, ignore_errors=True)
+            if ckpt_dir is not None:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
         if step is not None:
             self.last = step
 
@@ -379,21 +406,14 @@ def next_batches(stream_items: Iterator[Any], step: int, grad_accum: int) -> tup
     return micro, batches
 
 
-def stop_reason(run_dir: Path, rank: int, world: int, device: Any) -> str | None:
-    """Why the driver asked to stop (SIGTERM, Ctrl-C), agreed by every rank after the same step."""
+def stop_reason(run_dir: Path, rank: int, parallel: bool, device: Any) -> str | None:
+    """Why the driver asked to stop (SIGTERM, Ctrl-C), agreed by every rank after the same step (parallel:
+    several workers, or one forced to run their paths)."""
     reason = attempts.stop_request(run_dir) if rank == 0 else None
-    if world > 1:
+    if parallel:
         (flag,) = collective.reduce([1.0 if reason else 0.0], device, op="max")
         reason = reason or ("stop requested" if flag else None)
     return reason
-
-
-def preempted_nodes() -> list[str] | None:
-    """The nodes Ray is draining (a spot reclaim, an autoscaler scale-down, KubeRay), agreed by every rank."""
-    import ray.train
-
-    info = ray.train.get_preemption_info()
-    return info.preempted_node_ids if info is not None else None
 
 
 def run_eval(training: Training, device: Any, eval_shard: Any, generator: EvalGenerator | None, log: Log, step: int) -> dict[str, Any]:
@@ -415,29 +435,29 @@ def _train(config: dict[str, Any]) -> None:
     # Wall-clock stamps (time.time(): comparable with the driver's on one machine) for the start-up breakdown
     # in the manifest: worker started -> data encoded -> model loaded -> first optimizer step done.
     clock = {"worker_started": time.time()}
-    import ray.train
-    import ray.train.torch
-    import torch
+    run_worker(config, from_ray(config), clock)
 
+
+def run_worker(config: dict[str, Any], worker: Worker, clock: dict[str, float] | None = None) -> Training:
+    """The loop, for Ray Train's worker (_train) or jobs/local_worker.py's. Returns the trained Training (the
+    local runner reads it; Ray's worker drops it)."""
+    clock = clock if clock is not None else {"worker_started": time.time()}
     # ---- setup ------------------------------------------------------------------------------------
     job = JobConfig.model_validate(config["job"])
     run_dir = Path(config["run_dir"])
-    torch.set_num_threads(int(config["cpus_per_worker"]))  # Ray sets OMP threads to the reservation
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":  # this worker's GPU (not cuda:0) for every default-device allocation, NCCL's included
-        torch.cuda.set_device(device)
+    rank, world, device = worker.rank, worker.world, worker.device
+    parallel = world > 1 or worker.force_parallel  # DDP, rayft's collectives and the stop flag run
+    collective.force(worker.force_parallel)
+    set_up_device(device, job.precision, int(config["cpus_per_worker"]))
     arch = architectures.for_model_dir(job.model)
     t_setup = time.time()
 
-    # The data arrives from Ray Data already encoded (jobs/stream.py): this worker's micro batches of the
+    # The data arrives already encoded (jobs/stream.py: by Ray Data's tasks): this worker's micro batches of the
     # global schedule, in step order, and its share of the eval rows.
     plan = config["data"]
     total_steps, epoch_starts = plan["total_steps"], plan["epoch_starts"]
-    train_shard = ray.train.get_dataset_shard(f"train_{rank}")
+    train_shard, eval_shard = worker.train_shard, worker.eval_shard
     has_eval = plan["eval_rows"] > 0  # every rank takes part in an eval (it ends in an all-reduce), even one with no rows
-    eval_shard = ray.train.get_dataset_shard(f"eval_{rank}") if f"eval_{rank}" in plan["datasets"] else None
 
     rows_log = run_dir / "rows" / f"rank-{rank}.jsonl"  # which rows each step trained on (exactly-once checks)
     rows_log.parent.mkdir(exist_ok=True)
@@ -463,14 +483,15 @@ def _train(config: dict[str, Any]) -> None:
         ds_config, changed = zero.ds_config(job, world, gpu=device.type == "cuda")
         if rank == 0:
             zero.write_config(run_dir, ds_config, changed)
-    training = build_training(job, arch, device, world, schedule, ds_config)
+    training = build_training(job, arch, device, world, schedule, ds_config, ddp=parallel and not ds_config)
     trainable, total = count_parameters(training.core)
 
     # ---- restore ----------------------------------------------------------------------------------
-    start_step = restore(training, ray.train.get_checkpoint())
-    checkpoints = Checkpoints(training, job, rank, run_dir, total_steps, last=start_step, kill_at=config.get("kill_in_checkpoint_at") if attempt == 1 else None)
+    start_step = restore(training, worker.checkpoint)
+    checkpoints = Checkpoints(training, job, rank, run_dir, total_steps, last=start_step,
+                              kill_at=config.get("kill_in_checkpoint_at") if attempt == 1 else None, send=worker.report)
 
-    node_ids = collective.gather(ray.get_runtime_context().get_node_id())  # which Ray nodes the workers landed on (placement: pack | spread)
+    node_ids = collective.gather(worker.node_id)  # which Ray nodes the workers landed on (placement: pack | spread)
     log(
         {
             "event": "start",
@@ -530,7 +551,7 @@ def _train(config: dict[str, Any]) -> None:
         if done == config["fault_at_step"]:
             raise InjectedFault(f"RAYFT_FAULT_AT_STEP={done}: fault injected after step {done}")
         # Ray's preemption notice is a collective through Ray (6.6 ms a call here, 1 worker): asked every log_every steps
-        stop, preempted = stop_reason(run_dir, rank, world, device), preempted_nodes() if done % job.train.log_every == 0 else None
+        stop, preempted = stop_reason(run_dir, rank, parallel, device), worker.preempted() if done % job.train.log_every == 0 else None
         if (stop or (preempted and not preemption_saved)) and done != checkpoints.last and done != total_steps:
             # a checkpoint of this step now, unless the newest is of it (the last step checkpoints below)
             # with the newest eval's numbers (a search's checkpoint ranking and its scheduler need its metric)
@@ -541,7 +562,7 @@ def _train(config: dict[str, Any]) -> None:
             log({"event": "preemption", "step": done, "nodes": preempted, "checkpoint_step": checkpoints.last})
         if stop and done != total_steps:
             log({"event": "stopped", "step": done, "reason": stop, "checkpoint_step": checkpoints.last})
-            return
+            return training
         is_last = done == total_steps
         do_eval = has_eval and (done % job.train.eval_every == 0 or is_last)
         do_ckpt = done % job.train.checkpoint_every == 0 or is_last
@@ -559,3 +580,4 @@ def _train(config: dict[str, Any]) -> None:
                 checkpoints.report(metrics, done if do_ckpt else None)
             window = Window()
     log({"event": "end", "step": total_steps, "steps_s": steps_s, "data_wait_s": round(data_wait_s, 3), "encode_nodes": len(encode_nodes), "time": time.time()})
+    return training
