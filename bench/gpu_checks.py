@@ -188,7 +188,7 @@ def trained_vs_export_roundtrip(job: JobConfig, core: Any) -> dict[str, Any]:
     equal = total = 0
     worst = 0.0
     for name, keys in layout.files:
-        with safe_open(str(Path(job.model) / name), "pt") as f:
+        with safe_open(str(Path(job.model_dir) / name), "pt") as f:
             for key in keys:
                 model_key = layout.to_model[key]
                 if model_key not in layout.quantized:

@@ -71,7 +71,7 @@ def _encode_chunk(batch: Any, job_json: str, store: rowstore.Store, out: str, wi
     one_thread()
     job = job_from_json(job_json)
     c = int(batch.column("chunk")[0].as_py())
-    return pa.table({"chunk": [c], "bytes": [encode_chunk(job, processor_for(job.model), store, c, Path(out), with_image)]})
+    return pa.table({"chunk": [c], "bytes": [encode_chunk(job, processor_for(job.model_dir), store, c, Path(out), with_image)]})
 
 
 def _memory_bytes() -> int:
@@ -95,14 +95,14 @@ def encode_once(job: JobConfig, indexes: dict[str, Index]) -> tuple[dict[str, In
     in_process) is encoded in this process; a larger one by Ray Data tasks (Ray must be up)."""
     if job.data.encode_once == "off":
         return indexes, {which: "encoded as rows stream (data.encode_once: off)" for which in indexes}
-    with_image = architectures.for_model_dir(job.model).kind == "vlm"
+    with_image = architectures.for_model_dir(job.model_dir).kind == "vlm"
     said = {}
     for which, ix in indexes.items():
         root = _root(job, ix.store)
         if (root / rowstore.META).is_file():
             said[which] = f"encoded rows reused ({root})"
             continue
-        processor = processor_for(job.model)
+        processor = processor_for(job.model_dir)
         sample = ix.store.take([int(ix.rows[0])])[0]
         per_row = len(encode_row_payload(sample, int(ix.rows[0]), job.data, processor, with_image, Path(ix.store.data_file)))
         need, budget = per_row * ix.store.n_rows, min(shutil.disk_usage(ix.store.root).free // 2, _memory_bytes() // 4)

@@ -82,7 +82,7 @@ def read_layout(job: JobConfig, arch: architectures.Architecture) -> BaseLayout:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    root = Path(job.model)
+    root = Path(job.model_dir)
     if (root / INDEX_FILE).is_file():
         weight_map: dict[str, str] = json.loads((root / INDEX_FILE).read_text())["weight_map"]
         by_file: dict[str, list[str]] = {}
@@ -136,9 +136,9 @@ def memory_needed(job: JobConfig, checkpoint_dir: Path) -> int:
     copy), four fp32 copies of the largest tensor (base as trained, delta, merged, the check's), the adapter,
     and the runtime. An upper bound: bench/export_scale.py measured 45-54% of it. The end-to-end check
     comes on top where it runs."""
-    layout = read_layout(job, architectures.for_model_dir(job.model))
+    layout = read_layout(job, architectures.for_model_dir(job.model_dir))
     export_size = torch_dtype(job.export.precision(job.precision)).itemsize
-    largest_in = max((Path(job.model) / name).stat().st_size for name, _ in layout.files)
+    largest_in = max((Path(job.model_dir) / name).stat().st_size for name, _ in layout.files)
     largest_out = max(n * export_size for n in layout.numel.values())
     adapter = 0 if job.method == "full" else (checkpoint_dir / WEIGHTS_FILE).stat().st_size
     return largest_in + 2 * largest_out + 16 * layout.largest + adapter + RUNTIME_BYTES
@@ -237,7 +237,7 @@ def merge_streamed(job: JobConfig, checkpoint_dir: Path, model_dir: Path) -> dic
     from safetensors.torch import save_file
 
     t0 = time.time()
-    layout = read_layout(job, architectures.for_model_dir(job.model))
+    layout = read_layout(job, architectures.for_model_dir(job.model_dir))
     export_dtype = torch_dtype(job.export.precision(job.precision))
     adapters, trained = _trained_inputs(job, checkpoint_dir, layout)
     trained_keys = set(trained.keys()) if trained is not None else set()
@@ -249,7 +249,7 @@ def merge_streamed(job: JobConfig, checkpoint_dir: Path, model_dir: Path) -> dic
     for i, (name, keys) in enumerate(layout.files):
         out_name = output_name(i, n)
         tensors: dict[str, torch.Tensor] = {}
-        with safe_open(str(Path(job.model) / name), "pt") as f:
+        with safe_open(str(Path(job.model_dir) / name), "pt") as f:
             for key in keys:
                 model_key = layout.to_model[key]
                 weight_map[key] = out_name
@@ -300,7 +300,7 @@ def verify_layers(job: JobConfig, checkpoint_dir: Path, model_dir: Path, layout:
     from safetensors import safe_open
 
     t0 = time.time()
-    layout = layout or read_layout(job, architectures.for_model_dir(job.model))
+    layout = layout or read_layout(job, architectures.for_model_dir(job.model_dir))
     adapters, _ = _trained_inputs(job, checkpoint_dir, layout)
     index = model_dir / INDEX_FILE
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
@@ -313,7 +313,7 @@ def verify_layers(job: JobConfig, checkpoint_dir: Path, model_dir: Path, layout:
         wanted = [k for k in keys if layout.to_model[k] in adapters]
         if not wanted:
             continue
-        with safe_open(str(Path(job.model) / name), "pt") as f:
+        with safe_open(str(Path(job.model_dir) / name), "pt") as f:
             for key in wanted:
                 if layout.to_model[key] not in where:
                     check.missing.append(key)

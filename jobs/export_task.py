@@ -44,8 +44,8 @@ def memory_request(job: JobConfig, checkpoint_dir: Path) -> int:
         need = memory_needed(job, checkpoint_dir)
         limit = job.export.parity_bytes()
         if job.export.merge == "in_memory" or limit:
-            logits = logits_bound(job, load_shape(job.model).vocab)  # the check's fp32 logits: the largest term at a 152k vocabulary
-            check = end_to_end_bytes(read_layout(job, architectures.for_model_dir(job.model)).fp32_bytes, logits)
+            logits = logits_bound(job, load_shape(job.model_dir).vocab)  # the check's fp32 logits: the largest term at a 152k vocabulary
+            check = end_to_end_bytes(read_layout(job, architectures.for_model_dir(job.model_dir)).fp32_bytes, logits)
             if job.export.merge == "in_memory" or check <= (limit or 0):
                 need += check
     except (ExportError, OSError) as e:  # no safetensors base, no adapter file: nothing to size the request by
@@ -78,7 +78,7 @@ def _run_export(job_dict: dict[str, Any], checkpoint_dir: str, model_dir: str) -
     where = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
     job = JobConfig.model_validate(job_dict)
     checkpoint, out = Path(checkpoint_dir), Path(model_dir)
-    for what, path in (("checkpoint", checkpoint), ("base model", Path(job.model)), ("output directory's parent", out.parent)):
+    for what, path in (("checkpoint", checkpoint), ("base model", Path(job.model_dir)), ("output directory's parent", out.parent)):
         if not path.exists():
             return {**where, "error": "unseen", "message": f"the {what} {path} is not visible on node {where['node_ip']} "
                     f"({where['node_id'][:12]}): export.on: worker needs the run directory on storage every node shares"}

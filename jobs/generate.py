@@ -135,7 +135,7 @@ class EvalGenerator:
 
         self.job, self.zero3 = job, zero3
         self.active = zero3 or rank == 0
-        self.processor = load_processor(job.model, arch) if self.active else None
+        self.processor = load_processor(job.model_dir, arch) if self.active else None
         self.rows = prompts(job, self.processor, arch, job.data.eval) if self.active else []
 
     def __call__(self, training: Any, device: Any) -> dict[str, Any] | None:

@@ -234,12 +234,12 @@ def _end_to_end_or_skip(job: JobConfig, checkpoint_dir: Path, model_dir: Path, f
     allowed, source = parity_allowance(job)
     need = end_to_end_bytes(fp32_bytes)
     if need <= allowed:  # the models fit: read the parity rows, whose logits count too
-        arch = architectures.for_model_dir(job.model)
-        processor = load_processor(job.model, arch)
+        arch = architectures.for_model_dir(job.model_dir)
+        processor = load_processor(job.model_dir, arch)
         batches = _parity_batches(job, processor, arch)
         from orchestrator.planner import load_shape
 
-        need = end_to_end_bytes(fp32_bytes, logits_bytes(batches, load_shape(job.model).vocab))
+        need = end_to_end_bytes(fp32_bytes, logits_bytes(batches, load_shape(job.model_dir).vocab))
     if need > allowed:
         return {"name": "end_to_end", "ran": False, "needs_bytes": need, "allowed_bytes": allowed,
                 "reason": f"the logits check needs ~{need / 2**30:.1f} GiB of host memory; {source}"}
@@ -275,14 +275,14 @@ def write_side_files(job: JobConfig, model_dir: Path) -> None:
     """config.json (dtype: the export's), generation config and processor beside the weights."""
     from transformers import AutoConfig, GenerationConfig
 
-    config = AutoConfig.from_pretrained(job.model)
+    config = AutoConfig.from_pretrained(job.model_dir)
     config.dtype = torch_dtype(job.export.precision(job.precision))
     config.save_pretrained(model_dir)
     try:
-        GenerationConfig.from_pretrained(job.model).save_pretrained(model_dir)
+        GenerationConfig.from_pretrained(job.model_dir).save_pretrained(model_dir)
     except OSError:
         pass  # the base has no generation config
-    save_processor(load_processor(job.model, architectures.for_model_dir(job.model)), job.model, model_dir)
+    save_processor(load_processor(job.model_dir, architectures.for_model_dir(job.model_dir)), job.model_dir, model_dir)
 
 
 def _as_trained_and_reference(
@@ -305,7 +305,7 @@ def _as_trained_and_reference(
     else:
         base_state = dequantized_state(trained.get_base_model())
         del trained
-        fresh = model_class(arch).from_pretrained(job.model, dtype=torch.float32)
+        fresh = model_class(arch).from_pretrained(job.model_dir, dtype=torch.float32)
         missing, unexpected = fresh.load_state_dict(base_state, strict=False)
         del base_state
         missing = [k for k in missing if k not in _tied_keys(fresh)]
@@ -324,7 +324,7 @@ def _compare(job: JobConfig, model_dir: Path, batches: list[dict[str, Any]], ref
     """Reload the written model with plain transformers (fp32) and compare its logits with the reference's."""
     import torch
 
-    reloaded = model_class(architectures.for_model_dir(job.model)).from_pretrained(model_dir, dtype=torch.float32).eval()
+    reloaded = model_class(architectures.for_model_dir(job.model_dir)).from_pretrained(model_dir, dtype=torch.float32).eval()
     diffs, scale, all_positions = [], 0.0, 0.0
     merged_stats, trained_stats = [0, 0], [0, 0]
     for batch, ref, tr in zip(batches, reference_logits, trained_logits, strict=True):
@@ -363,9 +363,9 @@ def export_in_memory(job: JobConfig, checkpoint_dir: Path, tmp_dir: Path) -> dic
     from safetensors.torch import load_file
 
     t0 = time.time()
-    arch = architectures.for_model_dir(job.model)
+    arch = architectures.for_model_dir(job.model_dir)
     weights = load_file(str(checkpoint_dir / WEIGHTS_FILE))
-    processor = load_processor(job.model, arch)
+    processor = load_processor(job.model_dir, arch)
     batches = _parity_batches(job, processor, arch)
     trained_logits, reference_logits, reference = _as_trained_and_reference(job, arch, weights, batches, keep=True)
     merged = reference if job.method == "full" else reference.merge_and_unload()
@@ -374,7 +374,7 @@ def export_in_memory(job: JobConfig, checkpoint_dir: Path, tmp_dir: Path) -> dic
     fp32_bytes = fp32_size(merged)
     merged.to(torch_dtype(job.export.precision(job.precision))).save_pretrained(tmp_dir, safe_serialization=True, max_shard_size="2GB")
     del merged, reference
-    save_processor(processor, job.model, tmp_dir)
+    save_processor(processor, job.model_dir, tmp_dir)
     merge_s = round(time.time() - t0, 2)
     checks: dict[str, Any] = {}
     if job.method != "full":
@@ -392,8 +392,8 @@ def _generation(job: JobConfig, reloaded: Any, processor: Any = None) -> dict[st
         return {}
     from jobs.generate import generate, prompts
 
-    arch = architectures.for_model_dir(job.model)
-    processor = processor or load_processor(job.model, arch)
+    arch = architectures.for_model_dir(job.model_dir)
+    processor = processor or load_processor(job.model_dir, arch)
     source = job.data.eval or job.data.train
     result = generate(reloaded, processor, job, prompts(job, processor, arch, source))
     return {"generation": {"ran": True, "source": source, "max_new_tokens": job.eval.generate.max_new_tokens, **result}}
@@ -428,7 +428,7 @@ def export_zero(job: JobConfig, checkpoint_dir: Path, tmp_dir: Path) -> dict[str
     if not (checkpoint_dir / "latest").is_file():
         raise ParityError(f"{checkpoint_dir}: neither {WEIGHTS_FILE} nor a DeepSpeed checkpoint (no `latest` file)")
     t0 = time.time()
-    arch = architectures.for_model_dir(job.model)
+    arch = architectures.for_model_dir(job.model_dir)
     assert job.deepspeed is not None
     consolidate(checkpoint_dir, tmp_dir, torch_dtype(job.export.precision(job.precision)), job.deepspeed.stage)
     write_side_files(job, tmp_dir)
@@ -441,7 +441,7 @@ def export_zero(job: JobConfig, checkpoint_dir: Path, tmp_dir: Path) -> dict[str
                                       "reason": f"reloading needs ~{need / 2**30:.1f} GiB of host memory; {source}"}
         return record
     reloaded = model_class(arch).from_pretrained(tmp_dir, dtype=torch.float32).eval()
-    processor = load_processor(job.model, arch)
+    processor = load_processor(job.model_dir, arch)
     correct = count = 0
     for batch in _parity_batches(job, processor, arch):
         _, _, c, n = answer_stats(_logits(reloaded, batch), batch["labels"])
@@ -460,7 +460,7 @@ def _weights_check(job: JobConfig, arch: architectures.Architecture, model_dir: 
     from transformers import AutoConfig
 
     with torch.device("meta"):
-        meta = model_class(arch).from_config(AutoConfig.from_pretrained(job.model))
+        meta = model_class(arch).from_config(AutoConfig.from_pretrained(job.model_dir))
     wanted = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     index = model_dir / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]

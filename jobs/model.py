@@ -139,7 +139,7 @@ def load_kwargs(job: JobConfig, arch: Architecture, device: torch.device, zero3:
 def load_base(job: JobConfig, arch: Architecture, device: torch.device) -> Any:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    model = model_class(arch).from_pretrained(job.model, **load_kwargs(job, arch, device, is_deepspeed_zero3_enabled()))
+    model = model_class(arch).from_pretrained(job.model_dir, **load_kwargs(job, arch, device, is_deepspeed_zero3_enabled()))
     if job.quantized:
         disable_cpu_bf16_repack(model)
     else:

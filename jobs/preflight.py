@@ -48,23 +48,23 @@ def checked_stores(job: JobConfig, cache_root: Path) -> dict[str, rowstore.Store
 def model_problems(job: JobConfig, store: rowstore.Store | None) -> list[str]:
     """The model's config and processor load, and the processor encodes a row of the training data
     (chat template, image processor): [] when they do, else what failed and the fix."""
-    if not (Path(job.model) / "config.json").is_file():
+    if not (Path(job.model_dir) / "config.json").is_file():
         return []  # a hub id: checked where the hub is reachable (config validation has warned)
     where = f"model ({job.model})"
     try:
-        arch = architectures.for_model_dir(job.model)
+        arch = architectures.for_model_dir(job.model_dir)
     except architectures.UnknownArchitecture:
         return []  # config validation has decided (warned, or refused with lora.targets: auto)
     try:
         from transformers import AutoConfig
 
-        AutoConfig.from_pretrained(job.model)
+        AutoConfig.from_pretrained(job.model_dir)
     except Exception as e:
         return [problem(where, f"config.json does not load ({type(e).__name__}: {_short(e)})", "point model at a Hugging Face model directory saved by save_pretrained")]
     try:
         from jobs.stream import processor_for
 
-        processor = processor_for(job.model)  # kept: the in-process validation pass uses it next
+        processor = processor_for(job.model_dir)  # kept: the in-process validation pass uses it next
     except Exception as e:
         return [problem(where, f"its processor does not load ({type(e).__name__}: {_short(e)})", "save the processor beside the weights (processor.save_pretrained(model_dir))")]
     if store is None:

@@ -78,7 +78,7 @@ class Index:
 
 def build_stores(job: JobConfig, cache_root: Path, only: str | None = None) -> dict[str, rowstore.Store]:
     """The controller's part (no Ray): each data file's row store, checking what needs no decoding."""
-    needs_image = architectures.for_model_dir(job.model).kind == "vlm"
+    needs_image = architectures.for_model_dir(job.model_dir).kind == "vlm"
     cols, optional = columns(job.data, needs_image), optional_columns(job.data, needs_image)
     stores, problems = {}, []
     for which, path in (("train", job.data.train), ("eval", job.data.eval)):
@@ -124,7 +124,7 @@ def one_thread() -> None:
 
 def check_chunk(job: JobConfig, processor: Any, store: rowstore.Store, c: int, option: str, with_image: bool) -> tuple[list[int], list[int], list[list[str]]]:
     """Chunk c of the store, every row checked and measured: (row ids, lengths: -1 for a bad row, each row's problems)."""
-    max_images = architectures.for_model_dir(job.model).max_images
+    max_images = architectures.for_model_dir(job.model_dir).max_images
     data_file = Path(store.data_file)
     ids, lengths, problems = [], [], []
     for j, row in enumerate(store.chunk(c).to_pylist()):
@@ -151,7 +151,7 @@ def _scan_chunk(batch: Any, job_json: str, store: rowstore.Store, option: str, w
     one_thread()
     job = job_from_json(job_json)
     c = int(batch.column("chunk")[0].as_py())
-    ids, lengths, problems = check_chunk(job, processor_for(job.model), store, c, option, with_image)
+    ids, lengths, problems = check_chunk(job, processor_for(job.model_dir), store, c, option, with_image)
     node = _node_id()
     return pa.table(
         {"row": pa.array(ids, pa.int64()), "length": pa.array(lengths, pa.int32()), "problem": pa.array(problems, pa.list_(pa.string())), "node": [node] * len(ids)}
@@ -166,7 +166,7 @@ def _node_id() -> str:
 
 def index_key(job: JobConfig, store: rowstore.Store) -> str:
     """What a row's length depends on: the processor's files and the columns (not max_length: a search over it reuses)."""
-    model = Path(job.model)
+    model = Path(job.model_dir)
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model.glob("*.json")) if model.is_dir() else []
     d = job.data
     text = json.dumps([INDEX_VERSION, str(model.resolve()), files, d.messages, d.prompt, d.answer, d.image, d.images, d.train_on, store.root])
@@ -193,10 +193,10 @@ def scan(job: JobConfig, store: rowstore.Store, option: str) -> tuple[np.ndarray
     if cache.is_file():
         saved = np.load(cache)
         return saved["rows"], saved["lengths"], 0
-    with_image = architectures.for_model_dir(job.model).kind == "vlm"
+    with_image = architectures.for_model_dir(job.model_dir).kind == "vlm"
     ids, lengths, problems, nodes = [], [], [], set()
     if in_process(store):
-        processor = processor_for(job.model)
+        processor = processor_for(job.model_dir)
         for c in range(store.n_chunks):
             got_ids, got_lengths, got_problems = check_chunk(job, processor, store, c, option, with_image)
             ids.append(np.asarray(got_ids, np.int64))
@@ -290,7 +290,7 @@ def encode_item(
     import pyarrow as pa
 
     job = job_from_json(job_json)
-    processor = processor_for(job.model) if encoded is None else None
+    processor = processor_for(job.model_dir) if encoded is None else None
     ids = batch.column("rows")[0].as_py()
     data_file = Path(store.data_file)
     examples, problem, payload = [], "", b""
@@ -315,9 +315,9 @@ def encode_item(
 
 def encode_kwargs(job: JobConfig, index: Index, filler: bytes | None) -> dict[str, Any]:
     """_encode_items' arguments for the items of one data file (Ray Data's tasks, or jobs/local_worker.py)."""
-    with_image = architectures.for_model_dir(job.model).kind == "vlm"
+    with_image = architectures.for_model_dir(job.model_dir).kind == "vlm"
     return {"job_json": job.model_dump_json(), "store": index.store, "option": index.option, "with_image": with_image, "encoded": index.encoded,
-            "pad_id": pad_token_id(processor_for(job.model)), "filler": filler}
+            "pad_id": pad_token_id(processor_for(job.model_dir)), "filler": filler}
 
 
 def _dataset(items: list[dict[str, Any]], job: JobConfig, index: Index, filler: bytes | None) -> Any:
@@ -365,8 +365,8 @@ def deepspeed_filler(job: JobConfig) -> bytes | None:
     reduces other buckets than its peers (gloo aborts, NCCL hangs)."""
     if job.deepspeed is None:
         return None
-    with_image = architectures.for_model_dir(job.model).kind == "vlm"
-    return pickle.dumps(filler_row(processor_for(job.model), with_image), protocol=5)
+    with_image = architectures.for_model_dir(job.model_dir).kind == "vlm"
+    return pickle.dumps(filler_row(processor_for(job.model_dir), with_image), protocol=5)
 
 
 def schedule_items(job: JobConfig, indexes: dict[str, Index], world: int, start_step: int) -> Items:

@@ -106,7 +106,7 @@ def build_training(
     ddp: bool | None = None, model: Any = None,
 ) -> Training:
     """ddp: wrap in DistributedDataParallel (default: with more than one worker). model: the trainable model
-    (default: jobs/model.py's build_model from job.model)."""
+    (default: jobs/model.py's build_model from job.model_dir)."""
     import torch
 
     zero3_config = zero.hf_deepspeed_config(job, ds_config, arch) if ds_config else None
@@ -449,7 +449,7 @@ def run_worker(config: dict[str, Any], worker: Worker, clock: dict[str, float] |
     parallel = world > 1 or worker.force_parallel  # DDP, rayft's collectives and the stop flag run
     collective.force(worker.force_parallel)
     set_up_device(device, job.precision, int(config["cpus_per_worker"]))
-    arch = architectures.for_model_dir(job.model)
+    arch = architectures.for_model_dir(job.model_dir)
     t_setup = time.time()
 
     # The data arrives already encoded (jobs/stream.py: by Ray Data's tasks): this worker's micro batches of the

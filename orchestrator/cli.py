@@ -284,7 +284,7 @@ def plan(
         job, _ = load_job(job_file, sets, local_files=False)
     else:
         job, _ = build_job({"model": model, "data": {"train": "(none).jsonl"}}, sets, local_files=False)
-    shape = planner.load_shape(job.model)
+    shape = planner.load_shape(job.model_dir)
     budget = planner.Budget("gpu", gpu_mem, "--gpu-mem", per_worker=True) if gpu_mem else planner.budget_for(job)
     if budget.device == "cpu" and not gpu_mem:
         click.echo("no GPU found: planning per CPU worker (--gpu-mem 24GiB plans for a GPU)", err=True)

@@ -6,10 +6,13 @@ Ray-using tests expect to run inside the private network namespace that `make te
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the tests run on CPU; no accelerator auto-detection warning
+# A Hugging Face cache of the tests' own (hub_model writes models into it in the hub client's layout), never the
+# user's; set before anything imports huggingface_hub, which reads it once
+HF_HOME = tempfile.mkdtemp(prefix="rayft-test-hf-")
+os.environ["HF_HOME"] = HF_HOME
+os.environ["HF_HUB_CACHE"] = os.path.join(HF_HOME, "hub")
+atexit.register(shutil.rmtree, HF_HOME, True)
+HUB_COMMIT = "4c1f0a9e8d7b6c5a4f3e2d1c0b9a8f7e6d5c4b3a"
 
 REPO = Path(__file__).resolve().parent.parent
 RAYFT = str(Path(sys.executable).parent / "rayft")
@@ -61,6 +71,18 @@ def quickstart_run(tmp_path_factory) -> dict:
     summary["root"] = root
     summary["cli_wall_s"] = time.time() - t0
     return summary
+
+
+def cache_hub_model(repo: str, files: Path, commit: str = HUB_COMMIT) -> Path:
+    """`files` as hub model `repo` at `commit`, the `main` branch pointing at it, in the tests' Hugging Face cache:
+    the layout huggingface_hub writes and reads (models--org--name/snapshots/<commit>/, refs/main)."""
+    root = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / commit
+    if not snapshot.exists():
+        shutil.copytree(files, snapshot)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    return snapshot
 
 
 def run_clean_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:

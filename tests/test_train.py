@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CHANCE, RAYFT, clean_reload_accuracy
+from conftest import CHANCE, HUB_COMMIT, RAYFT, cache_hub_model, clean_reload_accuracy
 
 pytestmark = pytest.mark.slow
 
@@ -109,10 +109,26 @@ def test_merged_logits_equal_adapter_on_4bit_base(quickstart_run):
 
 @pytest.mark.parametrize(("method", "quant"), [("lora", "none"), ("qlora", "fp4")])
 def test_adapters_learn_and_export(quickstart_run, ray_local, tmp_path, method, quant):
-    from orchestrator import launch
+    """The lora run names its base by hub id (acme/colours-base, in the tests' Hugging Face cache, offline):
+    the run's job.yaml and manifest record the commit main resolved to, the workers and the export read that
+    snapshot, and `rayft merge` of the run reads it again."""
+    from click.testing import CliRunner
 
-    job = french_job(quickstart_run, tmp_path, method=method, **{"quantization.type": quant, "quantization.double_quant": False})
+    from orchestrator import launch
+    from orchestrator.cli import main
+    from orchestrator.config import load_raw
+
+    hub = method == "lora"
+    sets = {"model": "acme/colours-base"} if hub else {}
+    snapshot = cache_hub_model("acme/colours-base", Path(quickstart_run["root"]) / "base") if hub else None
+    job = french_job(quickstart_run, tmp_path, method=method, **{"quantization.type": quant, "quantization.double_quant": False}, **sets)
     out = launch.train(job, progress=False)
+    if hub:
+        assert out.manifest["base_model"] == {"model": "acme/colours-base", "revision": HUB_COMMIT, "files": str(snapshot)}
+        assert load_raw(out.run_dir / "job.yaml")["model_revision"] == HUB_COMMIT
+        merged = CliRunner().invoke(main, ["merge", str(out.run_dir), "--json"], catch_exceptions=False)
+        assert merged.exit_code == 0, merged.output
+        assert json.loads(merged.stdout)["parity"]["passed"]
     m = out.manifest["metrics"]
     assert m["initial_eval_accuracy"] <= CHANCE and m["eval_accuracy"] > 0.9
     assert out.manifest["parity"]["passed"]

@@ -4,7 +4,6 @@ trackers' clients, and whether the run uses a GPU (gpu_present, uses_gpu)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -76,15 +75,18 @@ def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = N
 
     problems.extend(_tracking_problems(job, local_files))
     if local_files:
-        model_dir = Path(job.model)
-        if not model_dir.is_dir():
-            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-            if offline or job.model.startswith((".", "/")):
-                problems.append(
-                    Problem("model", f"not a local directory: {job.model}", "point model at a directory holding config.json")
-                )
-            else:
-                warnings.append(f"model: {job.model} is not a local directory; treating it as a hub id")
+        from orchestrator import hub
+
+        try:
+            model_dir = Path(job.model_dir)
+        except hub.HubError as e:
+            problems.append(Problem(e.key, str(e), e.fix))
+            model_dir = None
+        if model_dir is None:
+            pass
+        elif not model_dir.is_dir():
+            problems.append(Problem("model", f"not a local directory: {job.model}",
+                                    "point model at a directory holding config.json, or name a Hugging Face hub model as org/name"))
         elif not (model_dir / "config.json").is_file():
             problems.append(Problem("model", f"{job.model} has no config.json", "point model at a Hugging Face model directory"))
         else:

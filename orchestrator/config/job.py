@@ -32,7 +32,10 @@ class JobConfig(Section):
     name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name: the run directory is <output>/<name>-<timestamp>."""
     model: str
-    """Base model: a local Hugging Face directory (or a hub id where a hub is reachable)."""
+    """Base model: a local Hugging Face directory, or a hub id (org/name) read through the Hugging Face cache."""
+    model_revision: str | None = None
+    """For a hub id: a branch, tag or commit (default: main). Validation resolves it to the commit, which every
+    node then loads (recorded in the run's job.yaml and manifest)."""
     data: DataConfig
     """Where the rows are and which columns to read."""
     method: Method = "qlora"
@@ -73,6 +76,14 @@ class JobConfig(Section):
             if isinstance(quant, Mapping) and "type" not in quant:
                 raw = {**raw, "quantization": {**quant, "type": "none"}}
         return raw
+
+    @property
+    def model_dir(self) -> str:
+        """Where the base model's files are on this node: `model` itself, or for a hub id the cache's snapshot
+        of model_revision (downloaded into this node's cache the first time; orchestrator/hub.py)."""
+        from orchestrator import hub
+
+        return hub.local_dir(self.model, self.model_revision)
 
     @property
     def quantized(self) -> bool:

@@ -109,11 +109,31 @@ def build_job(raw: Mapping[str, Any], sets: Iterable[str] = (), *, local_files: 
             raise ConfigError(problems) from None
         problems.extend(p for p in check_job(partial, local_files=local_files, cluster=cluster)[0] if p.path not in reported)
         raise ConfigError(problems) from None
+    if local_files:
+        job, hub_problem = resolve_model(job)
+        if hub_problem:  # nothing else about the model can be checked
+            problems.append(hub_problem)
+            problems.extend(p for p in check_job(job.model_copy(update={"model": "."}), local_files=local_files, cluster=cluster)[0] if p.path != "model")
+            raise ConfigError(problems)
     found, warnings = check_job(job, local_files=local_files, cluster=cluster)
     problems.extend(found)
     if problems:
         raise ConfigError(problems)
     return job, warnings
+
+
+def resolve_model(job: JobConfig) -> tuple[JobConfig, Problem | None]:
+    """A hub id's model_revision resolved to its commit (its files in this machine's cache), which the job
+    carries from here on: every node loads that commit. A local directory is left as it is."""
+    from orchestrator import hub
+
+    if not hub.is_hub_id(job.model):
+        return job, None
+    try:
+        commit = hub.resolve(job.model, job.model_revision)
+    except hub.HubError as e:
+        return job, Problem(e.key, str(e), e.fix)
+    return job.model_copy(update={"model_revision": commit}), None
 
 
 def load_job(path: str | Path, sets: Iterable[str] = (), *, local_files: bool = True, cluster: bool = False) -> tuple[JobConfig, list[str]]:

@@ -85,6 +85,8 @@ def export_run(
         "name": job.name,
         "method": job.method,
         "run_dir": str(run_dir),
+        # the base as trained: a hub id's commit (every node loaded that snapshot), or the local directory
+        "base_model": {"model": job.model, "revision": job.model_revision, "files": job.model_dir},
         "model_dir": str(model_dir),
         "checkpoint": str(checkpoint),
         "metrics": {  # at the exported checkpoint

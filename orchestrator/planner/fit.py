@@ -265,7 +265,7 @@ class DoesNotFit(RuntimeError):
 def check(job: JobConfig, budget: Budget) -> Verdict:
     """The fit check `rayft train` and `rayft tune` run before anything launches."""
     try:
-        shape = load_shape(job.model)
+        shape = load_shape(job.model_dir)
     except PlanError as e:
         return Verdict(True, f"memory planner: {e}; fit check skipped")
     available = budget.for_workers(job.scaling.workers)

@@ -27,7 +27,7 @@ def write_trial_memory(job: JobConfig, trial_dir: Path, budget: Budget | None) -
     device = budget.device if budget is not None else planner.budget_for(job).device
     out: dict[str, Any] = {"device": device, "predicted_bytes": None}
     try:
-        out["predicted_bytes"] = planner.plan(job, planner.load_shape(job.model), device).total
+        out["predicted_bytes"] = planner.plan(job, planner.load_shape(job.model_dir), device).total
     except Exception as e:  # PlanError (no config.json), an architecture outside the matrix: a report never fails a trial
         out["predicted_error"] = str(e)
     (trial_dir / MEMORY).write_text(json.dumps(out, indent=2))
