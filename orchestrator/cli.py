@@ -51,6 +51,8 @@ def exit_for(e: BaseException) -> tuple[int, str, list[str]]:
         return BAD_INPUT, f"{len(problems)} problem(s) found before training (nothing was trained):", problems
     if _isinstance(e, ("orchestrator.planner", "DoesNotFit")):
         return BAD_INPUT, f"{e}\n(--no-fit-check launches it anyway)", []
+    if _isinstance(e, ("orchestrator.hub", "HubError")):  # a hub model read after validation (rayft plan --model org/name)
+        return BAD_INPUT, "1 problem(s) with the model:", [f"{getattr(e, 'key', 'model')}: {e}\n    fix: {getattr(e, 'fix', '')}"]
     if _isinstance(e, ("orchestrator.planner", "PlanError")):
         return BAD_INPUT, f"cannot plan: {e}", []
     if isinstance(e, BadInput):

@@ -47,7 +47,7 @@ def test_a_cached_hub_id_validates_and_plans_offline_and_resolves_to_its_commit(
     assert resolved["model"] == "acme/tiny-vlm" and resolved["model_revision"] == HUB_COMMIT  # main, resolved to its commit
     planned = rayft("plan", str(hub_job), HF_HUB_OFFLINE="1")
     assert planned.returncode == 0, planned.stderr
-    assert "llava" in planned.stdout and "parameters" in planned.stdout
+    assert "model: acme/tiny-vlm at main (llava" in planned.stdout and "parameters" in planned.stdout
     # online, with a hub that does not answer: the cache still serves a model it holds
     online = rayft("validate", str(hub_job), "--no-data", HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}")
     assert online.returncode == 0, online.stderr
@@ -64,6 +64,9 @@ def test_a_hub_model_that_cannot_be_had_is_refused_before_launch_naming_the_key_
     assert absent.returncode == 2
     assert "model: acme/absent: not in the Hugging Face cache" in absent.stderr and "HF_HUB_OFFLINE is set" in absent.stderr
     assert "hf download acme/absent" in absent.stderr
+
+    planned = rayft("plan", "--model", "acme/absent", HF_HUB_OFFLINE="1")  # read after validation: the same problem, not a traceback
+    assert planned.returncode == 2 and "model: acme/absent: not in the Hugging Face cache" in planned.stderr and "Traceback" not in planned.stderr
 
     revision = rayft("validate", job_with(model_revision="v9"), "--no-data", HF_HUB_OFFLINE="1")
     assert revision.returncode == 2 and "acme/tiny-vlm at model_revision v9: not in the Hugging Face cache" in revision.stderr

@@ -15,8 +15,11 @@ def render(c: Comparison, units: str = "GiB") -> str:
     job, shape, budget = c.job, c.shape, c.budget
     n = shape.total_params
     text = shape.text
+    from orchestrator import hub
+
+    name = f"{job.model} at {job.model_revision or 'main'}" if hub.is_hub_id(job.model) else shape.name or job.model
     lines = [
-        f"model: {shape.name or job.model} ({shape.model_type}, {_count(n)} parameters; text {text.hidden} wide x "
+        f"model: {name} ({shape.model_type}, {_count(n)} parameters; text {text.hidden} wide x "
         f"{text.layers} layers, vocab {shape.vocab}"
         + (f"; vision {shape.vision.hidden} wide x {shape.vision.layers} layers" if shape.vision else "")
         + ")"
