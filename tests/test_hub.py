@@ -87,3 +87,16 @@ def test_submit_refuses_to_carry_the_hub_token(hub_job):
     job, _ = load_job(hub_job, ["submit.ship=[]"], local_files=False)
     with pytest.raises(remote.RemoteError, match="HF_TOKEN.*cluster's own environment"):
         remote.submit(job, "http://127.0.0.1:1", None, {"env_vars": {"HF_TOKEN": "hf_" + "y" * 34}})
+
+
+def test_a_search_pins_the_commit_its_trials_train(hub_job, tmp_path):
+    """Trials start from the job as written: a hub id without a commit would be resolved again by each trial
+    (main may move mid-search); the search's base carries the commit validation resolved."""
+    from orchestrator.config import load_search
+
+    body = {**yaml.safe_load(hub_job.read_text()), "tune": {"space": {"train.lr": {"choice": [0.001, 0.002]}}}}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(body))
+    job, base, _ = load_search(path)
+    assert job.model_revision == base["model_revision"] == HUB_COMMIT and base["model"] == "acme/tiny-vlm"
+

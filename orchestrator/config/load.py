@@ -185,6 +185,8 @@ def load_search(path: str | Path, sets: Iterable[str] = ()) -> tuple[JobConfig, 
     if problems:
         raise ConfigError(problems)
     job, warnings = build_job(raw)
+    if job.model_revision is not None and job.model_revision != base.get("model_revision"):
+        base = {**base, "model_revision": job.model_revision}  # a hub model's commit: every trial trains that one
     return job, base, warnings
 
 
