@@ -27,12 +27,15 @@ def build_trainer(
     callbacks: list[Any] | None = None,
     keep_best: str | None = None,
     max_failures: int | None = None,
+    local: bool = False,
 ) -> Any:
     """A TorchTrainer whose storage is <run_dir>/checkpoints, fed by one Ray Data stream per worker
     (jobs/stream.py) from the data's validated `indexes`. Building it again with the same run_dir resumes
     from the newest checkpoint there (Ray reuses the run name), and the streams start at that step.
     keep_best ("metric:max|min") keeps the best checkpoints rather than the newest (a Tune trial's best
-    is what a search exports). max_failures: restarts after a lost worker (default scaling.max_failures)."""
+    is what a search exports). max_failures: restarts after a lost worker (default scaling.max_failures).
+    local: every worker runs on this machine (an embedded Ray of one node): rows encoded once are read by the
+    workers from this machine's disk instead of through Ray Data (jobs/stream.py: plan)."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -41,7 +44,7 @@ def build_trainer(
     from jobs.failure_recorder import FailureRecorder
     from jobs.train_loop import train_fn_per_worker
 
-    plan = stream.plan(job, indexes, job.scaling.workers, resume_step(run_dir))
+    plan = stream.plan(job, indexes, job.scaling.workers, resume_step(run_dir), local=local)
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
@@ -61,7 +64,8 @@ def build_trainer(
                 "dropped_rows": plan.dropped_rows,
                 "eval_rows": plan.eval_rows,
                 "validation": {k: {"cached": v.cached, "nodes": v.nodes, "encoded_once": v.encoded is not None} for k, v in indexes.items()},
-                "datasets": sorted(plan.datasets),
+                "datasets": plan.names,
+                "direct": plan.direct,
             },
         },
         datasets=plan.datasets,

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,21 +54,6 @@ def process_group(device: Any) -> str:
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=0, world_size=1, **kwargs)
     return backend
-
-
-@dataclass
-class LocalShard:
-    """A worker's micro batches as jobs/stream.micro_batches reads a Ray Data shard: iter_batches yields one
-    encoded item (a one-row pyarrow table) at a time, encoded when it is read."""
-
-    items: list[dict[str, Any]]
-    encode: Callable[[Any], Any]
-
-    def iter_batches(self, **_: Any) -> Iterator[Any]:
-        import pyarrow as pa
-
-        for item in self.items:
-            yield self.encode(pa.table({"step": [item["step"]], "micro": [item["micro"]], "rows": [item["rows"]]}))
 
 
 @dataclass
@@ -105,7 +90,7 @@ def checkpoint_step(path: Path) -> int:
     return int(json.loads((path / META_FILE).read_text())["step"])
 
 
-def shards(job: JobConfig, cache: Path, start_step: int = 0) -> tuple[stream.Items, LocalShard, LocalShard | None]:
+def shards(job: JobConfig, cache: Path, start_step: int = 0) -> tuple[stream.Items, stream.LocalShard, stream.LocalShard | None]:
     """(the schedule, rank 0's training micro batches from start_step, its eval micro batches or None), from the
     job's data files checked and encoded in this process."""
     stores = stream.build_stores(job, cache)
@@ -115,8 +100,8 @@ def shards(job: JobConfig, cache: Path, start_step: int = 0) -> tuple[stream.Ite
     def encoder(which: str) -> Callable[[Any], Any]:
         return partial(stream.encode_item, **stream.encode_kwargs(job, indexes[which], items.filler), node=NODE)
 
-    train = LocalShard(items.train[0], encoder("train"))
-    evals = LocalShard(items.eval[0], encoder("eval")) if 0 in items.eval else None
+    train = stream.LocalShard(items.train[0], encoder("train"))
+    evals = stream.LocalShard(items.eval[0], encoder("eval")) if 0 in items.eval else None
     return items, train, evals
 
 

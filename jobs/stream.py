@@ -350,7 +350,12 @@ class Items:
 @dataclass(frozen=True)
 class Plan:
     datasets: dict[str, Any]
-    """train_<rank> and eval_<rank>: each worker reads only its own."""
+    """train_<rank> and eval_<rank>: each worker reads only its own (none when `direct`)."""
+    names: list[str]
+    """The shards' names (train_<rank>, eval_<rank>), whichever way they are fed."""
+    direct: dict[str, Any] | None
+    """Rows encoded once, read by the workers themselves (direct_shards): {"items": name -> schedule items,
+    "encode": "train"/"eval" -> encode_item's arguments}; None: Ray Data's datasets feed them."""
     total_steps: int
     epoch_starts: list[int]
     rows: int
@@ -398,16 +403,98 @@ def schedule_items(job: JobConfig, indexes: dict[str, Index], world: int, start_
                  len(indexes["eval"].rows) if "eval" in indexes else 0)
 
 
-def plan(job: JobConfig, indexes: dict[str, Index], world: int, start_step: int) -> Plan:
-    """Each worker's datasets from `start_step` on: its schedule_items, encoded by Ray Data tasks as it reads them."""
-    quiet_data_context()
+def direct_ok(indexes: dict[str, Index]) -> bool:
+    """Whether workers on the driver's machine can read their micro batches straight from the rows encoded once,
+    without Ray Data: every data file small (in_process) and encoded once. Reading and collating such rows takes
+    milliseconds, while a Ray Data stream starts task processes that took seconds before the first batch (and
+    the cores they ran on from training: bench/overhead.py)."""
+    return all(ix.encoded is not None and in_process(ix.store) for ix in indexes.values())
+
+
+def plan(job: JobConfig, indexes: dict[str, Index], world: int, start_step: int, local: bool = False) -> Plan:
+    """Each worker's micro batches from `start_step` on (its schedule_items): encoded by Ray Data tasks as it reads
+    them, or (local: every worker runs on the driver's machine, and direct_ok) read by the worker itself from the
+    rows encoded once on this machine's disk (direct_shards). A cluster's workers always read through Ray Data:
+    they may run on nodes (an autoscaler's, say) that cannot see this disk."""
     its = schedule_items(job, indexes, world, start_step)
+    names = [f"train_{r}" for r in range(world)] + [f"eval_{r}" for r in range(world) if r in its.eval]
+    counts = (its.total_steps, its.epoch_starts, its.rows, its.dropped_rows, its.eval_rows)
+    if local and direct_ok(indexes):
+        items = {**{f"train_{r}": its.train[r] for r in range(world)}, **{f"eval_{r}": its.eval[r] for r in its.eval}}
+        encode = {which: encode_kwargs(job, ix, its.filler) for which, ix in indexes.items()}
+        return Plan({}, sorted(names), {"items": items, "encode": encode}, *counts)
+    quiet_data_context()
     datasets = {}
     for r in range(world):
         datasets[f"train_{r}"] = _dataset(its.train[r], job, indexes["train"], its.filler)
         if r in its.eval:
             datasets[f"eval_{r}"] = _dataset(its.eval[r], job, indexes["eval"], its.filler)
-    return Plan(datasets, its.total_steps, its.epoch_starts, its.rows, its.dropped_rows, its.eval_rows)
+    return Plan(datasets, sorted(names), None, *counts)
+
+
+@dataclass
+class LocalShard:
+    """A worker's micro batches without Ray Data, read as micro_batches reads a Ray Data shard: iter_batches
+    yields one encoded item (a one-row pyarrow table) at a time, encoded (rows encoded once: read and collated)
+    by `encode` (encode_item) on a thread up to prefetch_batches ahead of the loop. Fed by direct_shards, and by
+    jobs/local_worker.py (no Ray at all)."""
+
+    items: list[dict[str, Any]]
+    encode: Any
+    """encode_item with every argument but the item bound."""
+
+    def iter_batches(self, prefetch_batches: int = 0, **_: Any) -> Iterator[Any]:
+        import queue
+
+        import pyarrow as pa
+
+        tables = (self.encode(pa.table({"step": [it["step"]], "micro": [it["micro"]], "rows": [it["rows"]]})) for it in self.items)
+        if prefetch_batches <= 0:
+            yield from tables
+            return
+        ready: queue.Queue = queue.Queue(maxsize=prefetch_batches)
+        done = threading.Event()  # the loop stopped reading (the generator was closed): the thread ends too
+        end = object()
+
+        def fill() -> None:
+            try:
+                for t in tables:
+                    while not done.is_set():
+                        try:
+                            ready.put(("ok", t), timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if done.is_set():
+                        return
+                ready.put(("ok", end))
+            except BaseException as e:  # raised where the batches are read, as Ray Data's errors are
+                ready.put(("error", e))
+
+        threading.Thread(target=fill, name="rayft-local-shard", daemon=True).start()
+        try:
+            while True:
+                kind, got = ready.get()
+                if kind == "error":
+                    raise got
+                if got is end:
+                    return
+                yield got
+        finally:
+            done.set()
+
+
+def direct_shards(direct: dict[str, Any], rank: int, node: str) -> tuple[LocalShard, LocalShard | None]:
+    """Rank `rank`'s (train, eval or None) shards of a plan's `direct` data; node: named as the encoder of each micro batch."""
+    from functools import partial
+
+    def shard(name: str, which: str) -> LocalShard | None:
+        items = direct["items"].get(name)
+        return None if items is None else LocalShard(items, partial(encode_item, **direct["encode"][which], node=node))
+
+    train = shard(f"train_{rank}", "train")
+    assert train is not None
+    return train, shard(f"eval_{rank}", "eval")
 
 
 def started(items: Iterator[Any]) -> Iterator[Any]:

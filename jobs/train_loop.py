@@ -504,6 +504,8 @@ def run_worker(config: dict[str, Any], worker: Worker, clock: dict[str, float] |
             "zero_stage": job.deepspeed.stage if job.deepspeed else None,
             "dropped_rows": plan["dropped_rows"],
             "validation": plan["validation"],
+            # how the micro batches arrive: "direct" (rows encoded once, read from this machine's disk) or "ray_data"
+            "stream": "direct" if plan.get("direct") else "ray_data",
             "trainable_params": trainable,
             "total_params": total,
             "world_size": world,

@@ -43,17 +43,25 @@ def from_ray(config: dict[str, Any]) -> Worker:
     import ray.train
     import ray.train.torch
 
+    from jobs import stream
+
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    node_id = ray.get_runtime_context().get_node_id()
+    if config["data"].get("direct"):  # rows encoded once on this machine, read by the worker (jobs/stream.py: plan)
+        train_shard, eval_shard = stream.direct_shards(config["data"]["direct"], rank, node_id)
+    else:
+        train_shard = ray.train.get_dataset_shard(f"train_{rank}")
+        eval_shard = ray.train.get_dataset_shard(f"eval_{rank}") if f"eval_{rank}" in config["data"]["datasets"] else None
     return Worker(
         rank=rank,
         world=ctx.get_world_size(),
         device=ray.train.torch.get_device(),
-        train_shard=ray.train.get_dataset_shard(f"train_{rank}"),
-        eval_shard=ray.train.get_dataset_shard(f"eval_{rank}") if f"eval_{rank}" in config["data"]["datasets"] else None,
+        train_shard=train_shard,
+        eval_shard=eval_shard,
         checkpoint=ray.train.get_checkpoint(),
         report=_ray_report,
-        node_id=ray.get_runtime_context().get_node_id(),
+        node_id=node_id,
         preempted=_ray_preempted_nodes,
     )
 

@@ -40,13 +40,15 @@ def tune_trial(
     budget: planner.Budget | None = None,
     max_failures: int = 1,
     tracking_parent: str | None = None,
+    local: bool = False,
 ) -> None:
     """One Ray Tune trial: the job with the trial's dotted overrides applied by the same function as --set,
     trained by the same TorchTrainer as `rayft train`, its reports forwarded to Tune (ASHA decides on them).
     budget (planner.Budget): a trial predicted not to fit in it is recorded as skipped and never launched;
     every trial's predicted memory per worker (on the budget's device) goes to trial_dir/memory.json.
     max_failures (tune.max_failures): restarts of the trial's workers after one is lost.
-    tracking_parent: the search's MLflow run, under which the trial logs its child run."""
+    tracking_parent: the search's MLflow run, under which the trial logs its child run.
+    local: the search's Ray is one node, this machine: rows encoded once are read by the workers from its disk."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -73,7 +75,7 @@ def tune_trial(
     try:  # a trial's bad rows (its max_length, say) fail that trial alone
         indexes = attach(job, stream.index(job, stream.build_stores(job, Path(search_dir) / DATA_CACHE)))
         trainer = build_trainer(
-            job, trial_dir, resources, indexes, callbacks=[TuneReportCallback()], keep_best=keep_best, max_failures=max_failures
+            job, trial_dir, resources, indexes, callbacks=[TuneReportCallback()], keep_best=keep_best, max_failures=max_failures, local=local
         )
         trainer.fit()
     except Exception as e:  # recorded for the results table; Tune marks the trial errored and goes on

@@ -182,3 +182,13 @@ def test_size_and_duration_keys_read_as_numbers_reach_their_own_parser(world, tm
     found = problems(write_job(tmp_path, world, **{"export.parity_memory": 64, "tune": {"memory_budget": 16, "budget": {"wall": 3600}, "space": {"train.lr": {"grid": [1e-3]}}}}))
     assert "give a size with a unit" in found["export.parity_memory"] and "give a size with a unit" in found["tune.memory_budget"]
     assert "give a duration such as 2h" in found["tune.budget.wall"]
+
+
+def test_off_and_on_in_a_job_file_or_set_mean_the_options_values_not_booleans(world, tmp_path):
+    """YAML 1.1 reads `off`/`on`/`yes`/`no` as booleans; the documented values `gpu: off` and `encode_once: off` are words."""
+    path = write_job(tmp_path, world)
+    path.write_text(path.read_text() + "scaling: {gpu: off}\n")
+    job = load_job(path, ["data.encode_once=off", "data.blind=true"])[0]
+    assert (job.scaling.gpu, job.data.encode_once, job.data.blind) == ("off", "off", True)
+    assert "no CUDA GPU is visible" in problems(path, "scaling.gpu=on")["scaling.gpu"]  # read as "on" (no GPU here)
+    assert "scaling.gpu" in problems(path, "scaling.gpu=yes")  # a word the option does not take is named, not read as true

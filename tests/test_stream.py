@@ -248,3 +248,29 @@ def test_stream_matches_in_process_encoding_on_every_architecture(ray_local, tmp
                 assert torch.equal(tensors[k], expected[k]), (name, k)
         assert sorted(i for _, _, rows, _ in got for i in rows) == list(range(8))
         assert list(indexes["train"].lengths) == [len(e.input_ids) for e in encode_rows(data, job.data, processor, True)[0]], name
+
+
+def test_direct_shards_equal_the_ray_data_stream_and_a_cluster_keeps_ray_data(world, ray_local, tmp_path, monkeypatch):
+    """Rows encoded once on this machine are read by the workers themselves when every worker runs here (local):
+    two ranks' train and eval micro batches, tensor for tensor and in order, are the Ray Data stream's. A cluster's
+    plan (local=False), or a file too large for the in-process path, keeps Ray Data: a worker on another node
+    cannot read this machine's disk."""
+    import torch
+
+    from jobs import stream
+    from jobs.encoded import encode_once
+
+    job = base_job(world, tmp_path, **{"train.epochs": 1, "data.batching": "length_grouped"})
+    indexes, _ = encode_once(job, stream.index(job, stream.build_stores(job, tmp_path / "cache")))
+    assert stream.plan(job, indexes, 2, 0, local=False).direct is None
+    direct, streamed = stream.plan(job, indexes, 2, 3, local=True), stream.plan(job, indexes, 2, 3)
+    assert direct.direct is not None and not direct.datasets and direct.names == streamed.names == sorted(streamed.datasets)
+    for rank in (0, 1):
+        shards = stream.direct_shards(direct.direct, rank, "node-a")
+        for shard, name in zip(shards, (f"train_{rank}", f"eval_{rank}"), strict=True):
+            got, nodes = list(stream.micro_batches(shard, set())), set()
+            want = list(stream.micro_batches(streamed.datasets[name], nodes))
+            assert [g[:3] for g in got] == [w[:3] for w in want] and got[0][0] == (3 if name.startswith("train") else -1), name
+            assert all(g[3].keys() == w[3].keys() and all(torch.equal(g[3][k], w[3][k]) for k in w[3]) for g, w in zip(got, want, strict=True))
+    monkeypatch.setattr(stream, "LOCAL_ROWS", 100)  # a file of more rows than the in-process path takes
+    assert stream.plan(job, indexes, 2, 0, local=True).direct is None

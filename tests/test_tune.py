@@ -204,3 +204,4 @@ def test_every_row_is_validated_once_for_the_whole_search(search):
     for trial in trials:
         start = next(json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines() if '"event": "start"' in x)
         assert start["validation"] == {k: {"cached": True, "nodes": 0, "encoded_once": True} for k in ("train", "eval")}
+        assert start["stream"] == "direct"  # the search's Ray is one node, this machine: the workers read the encoded rows themselves

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,29 @@ from orchestrator.config.problems import ConfigError, Problem, pydantic_problems
 from orchestrator.config.tune import Dimension, TuneConfig
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """yaml.SafeLoader with YAML 1.2's booleans: only true/false. YAML 1.1's on/off/yes/no stay strings, so that
+    `gpu: off` and `--set data.encode_once=off` mean the option's value "off", not False."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def yaml_load(text: str) -> Any:
+    """A job file's (or a --set value's) YAML, with YAML 1.2 booleans (_Yaml12Loader)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader)
+
+
 def parse_set(item: str) -> tuple[str, Any]:
     """`a.b=value` -> ("a.b", value parsed as YAML, so numbers, booleans and lists keep their types)."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError([Problem(item, "an override must look like key.path=value", "e.g. --set train.lr=1e-4")])
-    return key.strip(), yaml.safe_load(value) if value.strip() else ""
+    return key.strip(), yaml_load(value) if value.strip() else ""
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -74,7 +92,7 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([Problem(str(path), "job file not found", "check the path")])
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError([Problem(str(path), f"not valid YAML: {e}", "fix the YAML syntax")]) from None
     if not isinstance(raw, dict):

@@ -34,11 +34,15 @@ def worker_resources(job: JobConfig, capacity: Capacity) -> Any:
     return resources_for(job, capacity)
 
 
-def fit(job: JobConfig, run_dir: Path, resources: Any, indexes: Any, stopper: Any, stamps: dict[str, float], user_stream: IO[str], resume_command: str, embedded: bool) -> Any:
+def fit(
+    job: JobConfig, run_dir: Path, resources: Any, indexes: Any, stopper: Any, stamps: dict[str, float], user_stream: IO[str], resume_command: str, embedded: bool,
+    local: bool,
+) -> Any:
     """Ray Train's fit, and a fresh one from the newest checkpoint when Ray's memory monitor ended it: its kill
     takes Ray Train's own actors with the worker (Ray 2.60: "7 worker(s) were killed"), and Ray Train then
     fails for good instead of restarting. Such a restart counts against scaling.max_failures like any lost
-    worker; the sentence saying which worker and how much memory is printed, Ray's text stays in ray.log."""
+    worker; the sentence saying which worker and how much memory is printed, Ray's text stays in ray.log.
+    local: every worker runs on this machine (jobs/driver.py: build_trainer)."""
     from jobs import attempts
     from jobs.checkpoint import resume_step
     from jobs.driver import build_trainer
@@ -47,7 +51,7 @@ def fit(job: JobConfig, run_dir: Path, resources: Any, indexes: Any, stopper: An
         failed_before = len(attempts.failures(run_dir))
         groups_before = placement_groups()
         try:
-            trainer = build_trainer(job, run_dir, resources, indexes, max_failures=job.scaling.max_failures - restarts_used(run_dir, stamps))
+            trainer = build_trainer(job, run_dir, resources, indexes, max_failures=job.scaling.max_failures - restarts_used(run_dir, stamps), local=local)
             stopper.hook(trainer)
             stamps.setdefault("trainer_built", time.time())
             try:
@@ -184,7 +188,9 @@ def _train(
             started_ray = ensure_local_ray(training_cpus(job), connect=connect)
             stamps["ray_ready"] = time.time()
             # GPU or not, and each worker's CPUs, from the nodes Ray has (a cluster's driver runs on its head)
-            resources = worker_resources(job, Capacity.from_ray(embedded=not connect))
+            capacity = Capacity.from_ray(embedded=not connect)
+            resources = worker_resources(job, capacity)
+            local = not connect and len(capacity.nodes) == 1  # every worker on this machine, beside the data's files
             try:
                 # small data files were checked (and encoded once) on the thread; larger ones are Ray Data's
                 # to check now that it is up (jobs/stream.py: in_process)
@@ -205,7 +211,7 @@ def _train(
             stamps["encoded_once"] = time.time()
             torch_import.join()
             with ProgressView(run_dir, user_stream, enabled=progress):
-                result = fit(job, run_dir, resources, indexes, stopper, stamps, user_stream, resume_command, embedded=not connect)
+                result = fit(job, run_dir, resources, indexes, stopper, stamps, user_stream, resume_command, embedded=not connect, local=local)
             stamps["fit_returned"] = time.time()
             if result.error is not None:
                 raise RunFailed(failure_message(job, run_dir, result.error, resume_command))
