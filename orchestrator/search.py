@@ -302,7 +302,7 @@ def _run(
                     budget=budget,
                     max_failures=tune.max_failures,
                     tracking_parent=parent.mlflow_run_id,
-                    local=len(capacity.nodes) == 1,
+                    local=capacity.one_machine,
                 ),
                 {"cpu": 0, "memory": 1},  # the trial only drives its TorchTrainer; the Train workers carry the CPUs
             )

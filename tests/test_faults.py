@@ -217,7 +217,8 @@ def test_the_ray_processes_of_a_killed_driver_are_stopped_by_the_next_command(wo
 def test_a_trial_whose_worker_is_killed_is_retried_and_the_search_completes(quickstart_run, tmp_path):
     from test_tune import search_file
 
-    path = search_file(quickstart_run, tmp_path, num_samples=1, scheduler="fifo", max_concurrent=1, space={"train.lr": {"grid": [5e-3, 7e-3]}})
+    # one trial: that a search goes on past a trial that failed for good is test_tune's failing-trial test
+    path = search_file(quickstart_run, tmp_path, num_samples=1, scheduler="fifo", max_concurrent=1, space={"train.lr": {"grid": [5e-3]}})
     body = yaml.safe_load(path.read_text())
     body["train"].update(max_steps=16, checkpoint_every=8, eval_every=8)
     path.write_text(yaml.safe_dump(body))
@@ -239,8 +240,8 @@ def test_a_trial_whose_worker_is_killed_is_retried_and_the_search_completes(quic
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads(out[out.index("{\n") :])
-    assert [t["status"] for t in summary["trials"]] == ["finished", "finished"]
+    assert [t["status"] for t in summary["trials"]] == ["finished"]
     trials = Path(summary["best_model"]).parents[1] / "trials"
     starts = {t.name: [(r["attempt"], r["step"]) for r in records(t) if r.get("event") == "start"] for t in trials.iterdir()}
-    assert sorted(starts.values()) == [[(1, 0)], [(1, 0), (2, 8)]], starts  # the killed trial took over at its step-8 checkpoint
+    assert list(starts.values()) == [[(1, 0), (2, 8)]], starts  # the killed trial took over at its step-8 checkpoint
     assert all(max(r["step"] for r in records(t)) == 16 for t in trials.iterdir())

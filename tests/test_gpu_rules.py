@@ -148,6 +148,7 @@ search, _ = build_job({**raw, "scaling": {"workers": 1}, "tune": {"space": {"tra
 out["trials_at_once"] = concurrency(search, capacity)
 budget = planner.budget_for(job, capacity=capacity)
 out["budget"] = [budget.device, budget.memory, budget.source]
+out["one_machine"] = [capacity.one_machine, Capacity.from_ray(embedded=True).one_machine]
 print(json.dumps(out))
 ray.shutdown()
 cluster.shutdown()
@@ -169,6 +170,17 @@ def test_gpu_decisions_come_from_the_ray_clusters_nodes_not_the_drivers_machine(
     assert got["auto"] == got["on"] == {"use_gpu": True, "cpus_per_worker": 2}
     assert got["trials_at_once"] == 4  # one trial per GPU
     assert got["budget"] == ["gpu", 81_559 * 2**20, "Ray accelerator_type H100"]
+    assert got["one_machine"] == [False, False]  # workers on other nodes read their data through Ray Data, never the driver's disk
+
+
+def test_only_an_embedded_ray_of_one_node_lets_workers_read_the_drivers_disk():
+    """Rows encoded once are read from the driver's disk (jobs/stream.py: plan(local=True)) only where every worker
+    runs on this machine: not on a cluster, even one whose only node is up now (an autoscaler adds others)."""
+    from orchestrator.launch.capacity import Capacity, Node
+
+    assert Capacity((Node(2, 0),), "this machine").one_machine
+    assert not Capacity((Node(2, 0),), "the Ray cluster").one_machine
+    assert not Capacity((Node(2, 0), Node(2, 0)), "this machine").one_machine
 
 
 def test_a_cluster_job_asking_for_gpus_is_not_refused_on_a_gpu_less_machine(world, tmp_path):

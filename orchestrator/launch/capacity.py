@@ -46,6 +46,12 @@ class Capacity:
     def gpus(self) -> int:
         return sum(n.gpus for n in self.nodes)
 
+    @property
+    def one_machine(self) -> bool:
+        """Every worker runs on this machine, beside the driver's files: the embedded Ray, of one node. Never a
+        cluster's, even of one node now: an autoscaler may add nodes that cannot see this machine's disk."""
+        return self.where == "this machine" and len(self.nodes) == 1
+
     def cpus_per_gpu(self) -> int:
         """On the GPU node with the fewest: its training CPUs per GPU (0 without GPUs)."""
         return min((n.cpus // n.gpus for n in self.nodes if n.gpus), default=0)

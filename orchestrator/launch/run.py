@@ -190,7 +190,6 @@ def _train(
             # GPU or not, and each worker's CPUs, from the nodes Ray has (a cluster's driver runs on its head)
             capacity = Capacity.from_ray(embedded=not connect)
             resources = worker_resources(job, capacity)
-            local = not connect and len(capacity.nodes) == 1  # every worker on this machine, beside the data's files
             try:
                 # small data files were checked (and encoded once) on the thread; larger ones are Ray Data's
                 # to check now that it is up (jobs/stream.py: in_process)
@@ -211,7 +210,7 @@ def _train(
             stamps["encoded_once"] = time.time()
             torch_import.join()
             with ProgressView(run_dir, user_stream, enabled=progress):
-                result = fit(job, run_dir, resources, indexes, stopper, stamps, user_stream, resume_command, embedded=not connect, local=local)
+                result = fit(job, run_dir, resources, indexes, stopper, stamps, user_stream, resume_command, embedded=not connect, local=capacity.one_machine)
             stamps["fit_returned"] = time.time()
             if result.error is not None:
                 raise RunFailed(failure_message(job, run_dir, result.error, resume_command))
