@@ -41,6 +41,12 @@ def ensure_local_ray(num_cpus: int, dashboard: bool = False, connect: bool = Fal
     # sees the workers done (4-5 s after the last step here), and a report waits while the previous one is
     # still queued. On one machine a poll is cheap; 0.5 s cut that tail to ~1.6 s (bench/overhead.py).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Ray starts one idle Python worker per logical CPU (here: the training CPUs and as many again for Ray Data)
+    # when the driver connects. Nothing here uses them: Ray Train's controller and workers are actors, small data
+    # needs no Ray Data task, and a larger file's pass starts its own. On 2 cores they took the CPU from Ray
+    # Train's start: rayft train of the quickstart job, 2 rounds alternated, wall 31.5/32.1 -> 29.1/29.2 s, start
+    # -> first step 20.0/20.6 -> 18.4/17.6 s (bench/overhead.py's spans). On a 96-core node it is ~190 processes.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     # Ray processes that look the cluster up by themselves (Ray Train's PlacementGroupCleaner asks the State
     # API) fail with "Found multiple active Ray instances" when another Ray runs on the machine, and then
     # never release a stopped trial's placement group. So the GCS port is chosen here and every worker of
