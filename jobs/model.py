@@ -121,6 +121,23 @@ def quantization_config(job: JobConfig, arch: Architecture):
     )
 
 
+def attn_implementation(job: JobConfig, device: torch.device) -> str | None:
+    """train.attn_implementation for from_pretrained: auto picks FlashAttention 2 on a GPU where flash_attn imports
+    and the maths is half precision, else None (transformers' default: sdpa where the model supports it). An
+    explicit flash_attention_2 without the package on this worker (a cluster's, unchecked before launch) fails here,
+    naming the option, rather than in transformers' import."""
+    from orchestrator.config.checks import flash_attn_importable
+
+    choice = job.train.attn_implementation
+    half = job.precision in ("bf16", "fp16")
+    if choice == "auto":
+        return "flash_attention_2" if device.type == "cuda" and half and flash_attn_importable() else None
+    if choice == "flash_attention_2" and not flash_attn_importable():
+        raise RuntimeError("train.attn_implementation: flash_attention_2, but the flash_attn package does not import on this worker "
+                           "(fix: install flash-attn in the workers' image, or use attn_implementation: auto)")
+    return choice
+
+
 def load_kwargs(job: JobConfig, arch: Architecture, device: torch.device, zero3: bool) -> dict[str, Any]:
     """from_pretrained's dtype, quantization and placement. The weights are placed explicitly, CPU included:
     left to transformers, the bitsandbytes quantizer puts a 4-bit model on the current CUDA device whenever
@@ -129,6 +146,9 @@ def load_kwargs(job: JobConfig, arch: Architecture, device: torch.device, zero3:
     Under ZeRO-3, DeepSpeed's zero.Init partitions the weights as they load: no device_map (transformers
     refuses one there). On the CPU a plain model loads as before, without one."""
     kwargs: dict[str, Any] = {"dtype": base_dtype(job)}
+    attention = attn_implementation(job, device)
+    if attention is not None:
+        kwargs["attn_implementation"] = attention
     if job.quantized:
         kwargs["quantization_config"] = quantization_config(job, arch)
     if job.quantized or (device.type == "cuda" and not zero3):

@@ -506,6 +506,7 @@ def run_worker(config: dict[str, Any], worker: Worker, clock: dict[str, float] |
             "validation": plan["validation"],
             # how the micro batches arrive: "direct" (rows encoded once, read from this machine's disk) or "ray_data"
             "stream": "direct" if plan.get("direct") else "ray_data",
+            "attention": getattr(getattr(training.core, "config", None), "_attn_implementation", None),  # the kernel that ran
             "trainable_params": trainable,
             "total_params": total,
             "world_size": world,

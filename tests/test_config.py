@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from orchestrator.cli import main
-from orchestrator.config import ConfigError, JobConfig, apply_overrides, build_job, load_job
+from orchestrator.config import ConfigError, JobConfig, apply_overrides, build_job, load_job, load_raw
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -192,3 +192,13 @@ def test_off_and_on_in_a_job_file_or_set_mean_the_options_values_not_booleans(wo
     assert (job.scaling.gpu, job.data.encode_once, job.data.blind) == ("off", "off", True)
     assert "no CUDA GPU is visible" in problems(path, "scaling.gpu=on")["scaling.gpu"]  # read as "on" (no GPU here)
     assert "scaling.gpu" in problems(path, "scaling.gpu=yes")  # a word the option does not take is named, not read as true
+
+
+def test_flash_attention_2_is_refused_before_launch_where_it_cannot_run(world, tmp_path):
+    path = write_job(tmp_path, world)
+    fa2 = "train.attn_implementation=flash_attention_2"
+    assert "needs a CUDA GPU" in problems(path, fa2, "scaling.gpu=off")["train.attn_implementation"]
+    assert "bf16 or fp16 only" in problems(path, fa2, "precision=fp32")["train.attn_implementation"]
+    assert "expected 'auto', 'sdpa', 'flash_attention_2' or 'eager'" in problems(path, "train.attn_implementation=flash")["train.attn_implementation"]
+    job, _ = build_job(load_raw(path), [fa2, "precision=bf16"], cluster=True)  # a cluster's workers are checked where they run
+    assert job.train.attn_implementation == "flash_attention_2"

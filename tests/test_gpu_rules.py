@@ -286,3 +286,29 @@ def test_a_model_loads_straight_onto_its_gpu_not_through_host_memory(world, tmp_
     assert load_kwargs(job, arch, torch.device("cpu"), zero3=False).get("device_map") == ({"": "cpu"} if method == "qlora" else None)
     if method == "full":
         assert "device_map" not in load_kwargs(job, arch, torch.device("cuda", 3), zero3=True)
+
+
+def test_auto_attention_is_flash_attention_2_on_a_gpu_where_it_imports_and_an_explicit_choice_is_kept(world, monkeypatch):
+    """train.attn_implementation: auto asks for FlashAttention 2 only on a CUDA device, in half precision, where
+    flash_attn imports; else transformers' default (sdpa). An explicit choice loads as asked; flash_attention_2 on a
+    worker without the package (a cluster's, not checked before launch) fails naming the option."""
+    import torch
+
+    from jobs import model
+    from orchestrator import architectures
+    from orchestrator.config import checks
+
+    raw = load_raw(world / "jobs" / "base.yaml")
+    job = lambda **sets: build_job({**raw, **sets})[0]  # noqa: E731
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(checks, "flash_attn_importable", lambda: True)
+    assert model.attn_implementation(job(precision="bf16"), gpu) == "flash_attention_2"
+    assert model.attn_implementation(job(precision="fp32"), gpu) is None
+    assert model.attn_implementation(job(precision="bf16"), cpu) is None
+    monkeypatch.setattr(checks, "flash_attn_importable", lambda: False)
+    assert model.attn_implementation(job(precision="bf16"), gpu) is None
+    with pytest.raises(RuntimeError, match="train.attn_implementation: flash_attention_2, but the flash_attn package"):
+        model.attn_implementation(build_job({**raw, "precision": "bf16", "train": {**raw["train"], "attn_implementation": "flash_attention_2"}}, cluster=True)[0], gpu)
+    eager = job(train={**raw["train"], "attn_implementation": "eager"})
+    loaded = model.load_base(eager, architectures.for_model_dir(eager.model_dir), cpu)
+    assert loaded.config._attn_implementation == "eager" and loaded.config.text_config._attn_implementation == "eager"

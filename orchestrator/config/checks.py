@@ -24,6 +24,30 @@ def uses_gpu(job: JobConfig, gpus: bool | None = None) -> bool:
     return job.scaling.gpu == "on" or (job.scaling.gpu == "auto" and (gpu_present() if gpus is None else gpus))
 
 
+def flash_attn_importable() -> bool:
+    """Whether the flash_attn package (FlashAttention 2's kernels) is installed here, without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _attention_problems(job: JobConfig, use_gpu: bool, cluster: bool) -> list[Problem]:
+    """train.attn_implementation: flash_attention_2 needs a GPU, half precision and the flash_attn package. A
+    cluster's workers are checked where they run (jobs/model.py), not on this machine."""
+    if job.train.attn_implementation != "flash_attention_2":
+        return []
+    key, said = "train.attn_implementation", "flash_attention_2"
+    if job.precision == "fp32":
+        return [Problem(key, f"{said} runs in bf16 or fp16 only, not precision: fp32", "set precision: bf16, or attn_implementation: sdpa")]
+    if cluster:
+        return []
+    if not use_gpu:
+        return [Problem(key, f"{said} needs a CUDA GPU, and this run trains on the CPU", "use attn_implementation: auto or sdpa")]
+    if not flash_attn_importable():
+        return [Problem(key, f"{said}, but the flash_attn package is not installed", "pip install flash-attn --no-build-isolation, or use attn_implementation: auto")]
+    return []
+
+
 def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = None, cluster: bool = False) -> tuple[list[Problem], list[str]]:
     """Cross-field, architecture and filesystem checks. Returns (problems, warnings).
     cluster: the job runs on a Ray cluster, not here: whether it has GPUs is the cluster's to say once Ray
@@ -67,6 +91,7 @@ def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = N
     if job.scaling.gpu == "on" and not gpus and not cluster:
         problems.append(Problem("scaling.gpu", "on, but no CUDA GPU is visible (nvidia-smi not found)", "use gpu: auto or off"))
     use_gpu = uses_gpu(job, gpus)
+    problems.extend(_attention_problems(job, use_gpu, cluster))
     if job.precision == "fp16" and not use_gpu and not cluster:
         warnings.append(
             "precision: fp16 on a CPU-only run works (with a GradScaler) but is tens of times slower than bf16 "

@@ -140,6 +140,10 @@ class TrainConfig(Section):
     """Seed for weights of new modules, data order and dropout."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third more compute."""
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    """The attention kernel: auto = FlashAttention 2 on a GPU where the flash_attn package imports and precision
+    is bf16 or fp16, else transformers' default (sdpa where the model supports it, eager otherwise); the start
+    record and the manifest say which ran."""
 
 
 class DeepSpeedConfig(Section):
