@@ -88,12 +88,33 @@ def image_path(value: str, data_file: Path) -> Path:
     return Path(value) if Path(value).is_absolute() else data_file.parent / value
 
 
-def load_image(value: Any, data_file: Path):
+def load_image(value: Any, data_file: Path, cfg: DataConfig | None = None):
+    """An image cell decoded to RGB, within cfg's pixel budget (fit_pixels)."""
     from PIL import Image
 
     img = Image.open(io.BytesIO(_image_bytes(value, data_file)))
     img.load()
-    return img.convert("RGB")
+    img = img.convert("RGB")
+    return fit_pixels(img, cfg.max_pixels, cfg.min_pixels) if cfg is not None else img
+
+
+def fit_pixels(img: Any, max_pixels: int | None, min_pixels: int | None) -> Any:
+    """`img` resized (bicubic, aspect kept) to at most max_pixels and at least min_pixels (width x height); as is
+    when it is within both or neither is set."""
+    import math
+
+    from PIL import Image
+
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        scale = math.sqrt(max_pixels / (w * h))
+        size = (max(1, math.floor(w * scale)), max(1, math.floor(h * scale)))
+    elif min_pixels is not None and w * h < min_pixels:
+        scale = math.sqrt(min_pixels / (w * h))
+        size = (math.ceil(w * scale), math.ceil(h * scale))
+    else:
+        return img
+    return img.resize(size, Image.Resampling.BICUBIC)
 
 
 def check_row(
@@ -111,7 +132,7 @@ def check_row(
     for k, cell in enumerate(conv.images):
         which = f"image {k + 1} of {len(conv.images)}" if len(conv.images) > 1 else "image"
         try:
-            images.append(load_image(cell, data_file))
+            images.append(load_image(cell, data_file, cfg))
         except RowError as e:
             problems.append(RowError(f"{which}: {e.what}" if len(conv.images) > 1 else e.what, e.fix))
         except FileNotFoundError as e:
@@ -243,7 +264,7 @@ def encode_row(row: dict[str, Any], i: int, cfg: DataConfig, processor: Any, wit
     tokenizer = getattr(processor, "tokenizer", processor)
     conv = conversation(row, cfg, with_image)
     lay = layout(conv, processor, with_image)
-    images = [load_image(c, data_file) for c in conv.images]
+    images = [load_image(c, data_file, cfg) for c in conv.images]
     if cfg.blind:  # uniform grey images of the same sizes: no information, same token layout
         images = [Image.new("RGB", im.size, (128, 128, 128)) for im in images]
     ids, labels, token_level, image_level = [], [], [], {}
@@ -270,7 +291,7 @@ def encode_row(row: dict[str, Any], i: int, cfg: DataConfig, processor: Any, wit
     return Encoded(input_ids=torch.cat(ids), labels=torch.cat(labels), extras=extras, row=i)
 
 
-_expansion: dict[tuple[int, int, int], int] = {}  # (processor, width, height) -> tokens an image adds to the text
+_expansion: dict[tuple[int, int, int], tuple[int, int]] = {}  # (processor, width, height) -> _image_size_tokens
 
 
 def measure(row: dict[str, Any], cfg: DataConfig, processor: Any, with_image: bool, images: list[Any]) -> int:
@@ -282,16 +303,30 @@ def measure(row: dict[str, Any], cfg: DataConfig, processor: Any, with_image: bo
     n = 0
     for j, piece in enumerate(lay.pieces):
         n += len(tokenizer(piece, add_special_tokens=j == 0 and with_image)["input_ids"]) + len(answer_token_ids(tokenizer, lay.answers[j]))
-    for image in images:
-        key = (id(processor), *image.size)
-        if key not in _expansion:
-            from PIL import Image
+    return n + sum(_image_size_tokens(processor, image.size)[0] for image in images)
 
-            text = prompt_text(processor, "a", True)
-            full = processor(images=[[Image.new("RGB", image.size, (128, 128, 128))]], text=[text], return_tensors="pt")["input_ids"][0]
-            _expansion[key] = len(full) - len(tokenizer(text, add_special_tokens=True)["input_ids"])
-        n += _expansion[key]
-    return n
+
+def image_tokens(processor: Any, images: list[Any]) -> int:
+    """The model's image tokens in a row (its image token id, as many as the processor expands each image to)."""
+    return sum(_image_size_tokens(processor, image.size)[1] for image in images)
+
+
+def _image_size_tokens(processor: Any, size: tuple[int, int]) -> tuple[int, int]:
+    """(tokens an image of this size adds to the text, the image tokens it becomes): the processor runs once per
+    image size (per process), on a grey image of that size, since both depend only on the size."""
+    key = (id(processor), *size)
+    if key not in _expansion:
+        from PIL import Image
+
+        tokenizer = getattr(processor, "tokenizer", processor)
+        text = prompt_text(processor, "a", True)
+        full = processor(images=[[Image.new("RGB", size, (128, 128, 128))]], text=[text], return_tensors="pt")["input_ids"][0]
+        added = len(full) - len(tokenizer(text, add_special_tokens=True)["input_ids"])
+        image_id = getattr(processor, "image_token_id", None)
+        if image_id is None and getattr(processor, "image_token", None):
+            image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+        _expansion[key] = (added, int((full == image_id).sum()) if image_id is not None else added)
+    return _expansion[key]
 
 
 def encode_row_payload(row: dict[str, Any], i: int, cfg: DataConfig, processor: Any, with_image: bool, data_file: Path) -> bytes:

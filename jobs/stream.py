@@ -37,6 +37,7 @@ from jobs.data import (
     encode_row,
     filler_row,
     has_image,
+    image_tokens,
     measure,
     optional_columns,
     pad_token_id,
@@ -56,7 +57,7 @@ ITEMS_PER_BLOCK = 8
 # tasks: a task process starts, imports torch and transformers and loads the processor (seconds each, and the
 # 2-core machine here ran several at once), while 1,000 64x64-image rows check in ~1 s in one process.
 LOCAL_ROWS = 2048
-INDEX_VERSION = 2  # 2: chat layouts, several images per row, multi-turn
+INDEX_VERSION = 3  # 2: chat layouts, several images per row, multi-turn; 3: image tokens per row, pixel budgets
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class Index:
     """Ray nodes whose CPUs ran the validation pass (0: the driver's process ran it, or it was read from the cache)."""
     encoded: rowstore.Store | None = None
     """Every row's encoded tensors, written once for a search (jobs/encoded.py); None: encode as it streams."""
+    image_tokens: np.ndarray | None = None
+    """Tokens each row's images take (0 for a text-only row), beside `rows`; None for a text model."""
 
 
 def build_stores(job: JobConfig, cache_root: Path, only: str | None = None) -> dict[str, rowstore.Store]:
@@ -122,26 +125,31 @@ def one_thread() -> None:
 
 # ---- the validation pass ------------------------------------------------------------------------------
 
-def check_chunk(job: JobConfig, processor: Any, store: rowstore.Store, c: int, option: str, with_image: bool) -> tuple[list[int], list[int], list[list[str]]]:
-    """Chunk c of the store, every row checked and measured: (row ids, lengths: -1 for a bad row, each row's problems)."""
+def check_chunk(
+    job: JobConfig, processor: Any, store: rowstore.Store, c: int, option: str, with_image: bool
+) -> tuple[list[int], list[int], list[list[str]], list[int]]:
+    """Chunk c of the store, every row checked and measured: (row ids, lengths: -1 for a bad row, each row's
+    problems, the tokens its images take)."""
     max_images = architectures.for_model_dir(job.model_dir).max_images
     data_file = Path(store.data_file)
-    ids, lengths, problems = [], [], []
+    ids, lengths, problems, pictures = [], [], [], []
     for j, row in enumerate(store.chunk(c).to_pylist()):
         i = c * rowstore.CHUNK + j
         found, images = check_row(row, job.data, with_image, data_file, max_images)
         said = [problem(f"{data_file} ({option}) row {i}", p.what, p.fix) for p in found]
-        length = -1
+        length, picture = -1, 0
         if not found:
             try:
                 length = measure(row, job.data, processor, with_image, images)
+                picture = image_tokens(processor, images)
             except Exception as e:  # the processor or the chat template refused the row
                 fix = getattr(e, "fix", "") or "check the row against the model's chat template and processor, or drop it"
                 said = [problem(f"{data_file} ({option}) row {i}", getattr(e, "what", f"cannot be encoded ({type(e).__name__}: {e})"), fix)]
         ids.append(i)
         lengths.append(length)
         problems.append(said)
-    return ids, lengths, problems
+        pictures.append(picture)
+    return ids, lengths, problems, pictures
 
 
 def _scan_chunk(batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool) -> Any:
@@ -151,10 +159,11 @@ def _scan_chunk(batch: Any, job_json: str, store: rowstore.Store, option: str, w
     one_thread()
     job = job_from_json(job_json)
     c = int(batch.column("chunk")[0].as_py())
-    ids, lengths, problems = check_chunk(job, processor_for(job.model_dir), store, c, option, with_image)
+    ids, lengths, problems, pictures = check_chunk(job, processor_for(job.model_dir), store, c, option, with_image)
     node = _node_id()
     return pa.table(
-        {"row": pa.array(ids, pa.int64()), "length": pa.array(lengths, pa.int32()), "problem": pa.array(problems, pa.list_(pa.string())), "node": [node] * len(ids)}
+        {"row": pa.array(ids, pa.int64()), "length": pa.array(lengths, pa.int32()), "problem": pa.array(problems, pa.list_(pa.string())),
+         "image_tokens": pa.array(pictures, pa.int32()), "node": [node] * len(ids)}
     )
 
 
@@ -169,7 +178,7 @@ def index_key(job: JobConfig, store: rowstore.Store) -> str:
     model = Path(job.model_dir)
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model.glob("*.json")) if model.is_dir() else []
     d = job.data
-    text = json.dumps([INDEX_VERSION, str(model.resolve()), files, d.messages, d.prompt, d.answer, d.image, d.images, d.train_on, store.root])
+    text = json.dumps([INDEX_VERSION, str(model.resolve()), files, d.messages, d.prompt, d.answer, d.image, d.images, d.train_on, d.max_pixels, d.min_pixels, store.root])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -185,22 +194,24 @@ def all_in_process(stores: dict[str, rowstore.Store]) -> bool:
     return all(in_process(store) for store in stores.values())
 
 
-def scan(job: JobConfig, store: rowstore.Store, option: str) -> tuple[np.ndarray, np.ndarray, int]:
+def scan(job: JobConfig, store: rowstore.Store, option: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Every row checked and measured: in this process for a small file (in_process), else by Ray Data
-    tasks spread over the cluster's nodes; (row ids, lengths, nodes that ran the pass: 0 when this process
-    did or the index was read back from the cache beside the store). Raises DataError listing every bad row."""
+    tasks spread over the cluster's nodes; (row ids, lengths, the tokens each row's images take, nodes that
+    ran the pass: 0 when this process did or the index was read back from the cache beside the store).
+    Raises DataError listing every bad row."""
     cache = Path(store.root) / f"index-{index_key(job, store)}.npz"
     if cache.is_file():
         saved = np.load(cache)
-        return saved["rows"], saved["lengths"], 0
+        return saved["rows"], saved["lengths"], saved["image_tokens"], 0
     with_image = architectures.for_model_dir(job.model_dir).kind == "vlm"
-    ids, lengths, problems, nodes = [], [], [], set()
+    ids, lengths, pictures, problems, nodes = [], [], [], [], set()
     if in_process(store):
         processor = processor_for(job.model_dir)
         for c in range(store.n_chunks):
-            got_ids, got_lengths, got_problems = check_chunk(job, processor, store, c, option, with_image)
+            got_ids, got_lengths, got_problems, got_pictures = check_chunk(job, processor, store, c, option, with_image)
             ids.append(np.asarray(got_ids, np.int64))
             lengths.append(np.asarray(got_lengths, np.int32))
+            pictures.append(np.asarray(got_pictures, np.int32))
             problems.extend(q for p in got_problems for q in p)
     else:
         import ray.data
@@ -214,6 +225,7 @@ def scan(job: JobConfig, store: rowstore.Store, option: str) -> tuple[np.ndarray
         for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             ids.append(b.column("row").to_numpy())
             lengths.append(b.column("length").to_numpy())
+            pictures.append(b.column("image_tokens").to_numpy())
             problems.extend(q for p in b.column("problem").to_pylist() for q in p)
             nodes.update(b.column("node").to_pylist())
     rows, lens = np.concatenate(ids), np.concatenate(lengths)
@@ -223,11 +235,11 @@ def scan(job: JobConfig, store: rowstore.Store, option: str) -> tuple[np.ndarray
             problems += [too_long_message(f"{store.data_file} ({option})", int(i), int(n), job.data) for i, n in zip(rows[long], lens[long], strict=True)]
         raise DataError(sorted(problems, key=_row_number))
     order = np.argsort(rows)
-    rows, lens = rows[order], lens[order]
+    rows, lens, images = rows[order], lens[order], np.concatenate(pictures)[order]
     tmp = cache.with_suffix(f".{os.getpid()}.npz")
-    np.savez(tmp, rows=rows, lengths=lens)
+    np.savez(tmp, rows=rows, lengths=lens, image_tokens=images)
     tmp.rename(cache)
-    return rows, lens, len(nodes)
+    return rows, lens, images, len(nodes)
 
 
 def _row_number(problem: str) -> tuple[str, int]:
@@ -241,7 +253,7 @@ def index(job: JobConfig, stores: dict[str, rowstore.Store]) -> dict[str, Index]
     for which, store in stores.items():
         option = f"data.{which}"
         try:
-            rows, lengths, nodes = scan(job, store, option)
+            rows, lengths, images, nodes = scan(job, store, option)
         except DataError as e:
             problems.extend(e.problems)
             continue
@@ -249,7 +261,9 @@ def index(job: JobConfig, stores: dict[str, rowstore.Store]) -> dict[str, Index]
         if long.any() and job.data.too_long == "error":
             problems.extend(too_long_message(f"{store.data_file} ({option})", int(i), int(n), job.data) for i, n in zip(rows[long], lengths[long], strict=True))
             continue
-        out[which] = Index(store, option, rows[~long], lengths[~long], int(long.sum()), cached=nodes == 0, nodes=nodes)
+        vlm = architectures.for_model_dir(job.model_dir).kind == "vlm"
+        out[which] = Index(store, option, rows[~long], lengths[~long], int(long.sum()), cached=nodes == 0, nodes=nodes,
+                           image_tokens=images[~long] if vlm else None)
     if problems:
         raise DataError(problems)
     return out
@@ -538,3 +552,11 @@ def micro_batches(iterator: Any, nodes: set[str] | None = None) -> Any:
         if nodes is not None:
             nodes.add(payload["node"])
         yield int(t.column("step")[0].as_py()), int(t.column("micro")[0].as_py()), payload["rows"], tensors
+
+
+def image_token_summary(ix: Index) -> str | None:
+    """What the rows' images take, for the run's output: min / median / max image tokens a row (None: a text model)."""
+    if ix.image_tokens is None or not len(ix.image_tokens):
+        return None
+    t = ix.image_tokens
+    return f"image tokens per row: min {int(t.min())}, median {int(np.median(t))}, max {int(t.max())}"

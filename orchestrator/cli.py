@@ -194,7 +194,8 @@ def validate(job_file: str, sets: tuple[str, ...], as_json: bool, no_data: bool)
         summary = launch.validate_data(job)
         for which, s in summary.items():
             dropped = f", {s['dropped']} longer than data.max_length dropped" if s["dropped"] else ""
-            click.echo(f"data.{which}: {s['rows']} rows ok, longest {s['longest']} tokens (data.max_length {job.data.max_length}){dropped}", err=True)
+            images = f"; {s['images']}" if s.get("images") else ""
+            click.echo(f"data.{which}: {s['rows']} rows ok, longest {s['longest']} tokens (data.max_length {job.data.max_length}){dropped}{images}", err=True)
     if as_json:
         _print_json(job.model_dump(mode="json"))
     else:

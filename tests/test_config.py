@@ -202,3 +202,10 @@ def test_flash_attention_2_is_refused_before_launch_where_it_cannot_run(world, t
     assert "expected 'auto', 'sdpa', 'flash_attention_2' or 'eager'" in problems(path, "train.attn_implementation=flash")["train.attn_implementation"]
     job, _ = build_job(load_raw(path), [fa2, "precision=bf16"], cluster=True)  # a cluster's workers are checked where they run
     assert job.train.attn_implementation == "flash_attention_2"
+
+
+def test_a_pixel_budget_whose_floor_is_above_its_ceiling_is_refused(world, tmp_path):
+    path = write_job(tmp_path, world)
+    got = problems(path, "data.max_pixels=1000", "data.min_pixels=2000")
+    assert "above data.max_pixels=1000" in got["data.min_pixels"]
+    assert "data.max_pixels" in problems(path, "data.max_pixels=0")  # at least 1

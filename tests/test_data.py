@@ -120,3 +120,54 @@ def test_chat_messages_must_end_with_the_answer(tmp_path):
     path = tinymodels.write_parquet(broken, tmp_path / "chat.parquet")
     msg = bad(path, messages="messages")
     assert f"{path} row 1: the last message must be the assistant's answer" in msg
+
+
+def test_a_photo_sized_image_under_two_pixel_budgets_gives_the_processors_own_token_counts(tmp_path):
+    """data.max_pixels resizes an image (aspect kept) before the processor: a 2000x1500 photo on Qwen2-VL (dynamic
+    resolution; its own pixel cap lifted here, as a user's 12-megapixel setting would) makes the image tokens that
+    the processor's formula (smart_resize, then one token per merged patch) predicts for the budgeted size, and
+    LLaVA (fixed size) makes the same tokens whatever the budget. The validation pass reports them per row."""
+    import io
+    import json
+    import math
+
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        smart_resize,  # the processor rayft loads (no torchvision)
+    )
+
+    from jobs.data import encode_row, fit_pixels
+    from jobs.model import load_processor
+    from jobs.stream import build_stores, image_token_summary, index
+    from orchestrator.architectures import for_model_dir
+    from orchestrator.config import build_job
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 1500), (200, 30, 30)).save(buf, format="PNG")
+    row = {**tinymodels.colour_rows(1, seed=3)[0], "image": buf.getvalue()}
+    data = tinymodels.write_parquet([row] * 4, tmp_path / "photos.parquet")
+    qwen = tinymodels.TINY_VLMS["qwen2_vl"](tmp_path / "qwen")
+    saved = json.loads((qwen / "processor_config.json").read_text())
+    saved["image_processor"]["size"] = {"longest_edge": 4000 * 4000, "shortest_edge": 64}  # max_pixels, min_pixels
+    (qwen / "processor_config.json").write_text(json.dumps(saved))
+    config = {**saved["image_processor"], "max_pixels": 4000 * 4000, "min_pixels": 64}
+    processor = load_processor(str(qwen), for_model_dir(qwen))
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    factor = config["patch_size"] * config["merge_size"]
+    counts = {}
+    for budget in (1_000_000, 250_000):
+        w, h = fit_pixels(Image.new("RGB", (2000, 1500)), budget, None).size
+        assert w * h <= budget and abs(w / h - 4 / 3) < 0.01
+        rh, rw = smart_resize(h, w, factor=factor, min_pixels=config["min_pixels"], max_pixels=config["max_pixels"])
+        expected = (rh // factor) * (rw // factor)
+        cfg = DataConfig(train=str(data), max_pixels=budget, max_length=100_000)
+        counts[budget] = int((encode_row(row, 0, cfg, processor, True, data).input_ids == pad).sum())
+        assert counts[budget] == expected, (budget, counts[budget], expected)
+        job, _ = build_job({"model": str(qwen), "data": {"train": str(data), "max_pixels": budget, "max_length": 100_000}, "method": "full"})
+        ix = index(job, build_stores(job, tmp_path / f"cache-{budget}"))["train"]
+        assert list(ix.image_tokens) == [expected] * 4 and image_token_summary(ix) == f"image tokens per row: min {expected}, median {expected}, max {expected}"
+    assert math.isclose(counts[1_000_000] / counts[250_000], 4, rel_tol=0.1)  # a quarter of the pixels, a quarter of the tokens
+    llava = tinymodels.TINY_VLMS["llava"](tmp_path / "llava")
+    processor = load_processor(str(llava), for_model_dir(llava))
+    fixed = {b: len(encode_row(row, 0, DataConfig(train=str(data), max_pixels=b), processor, True, data).input_ids) for b in (1_000_000, 250_000, None)}
+    assert len(set(fixed.values())) == 1, fixed

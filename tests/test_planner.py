@@ -350,3 +350,21 @@ def test_a_deepspeed_auto_override_is_planned_as_deepspeeds_default():
     default, _ = build_job({"model": "7B", "data": {"train": "x.jsonl"}, "method": "full", "deepspeed": {"stage": 2}}, local_files=False)
     shape = planner.load_shape("7B")
     assert planner.plan(job, shape, "gpu").total == planner.plan(default, shape, "gpu").total
+
+
+def test_max_pixels_caps_a_dynamic_resolution_models_vision_activations(tmp_path):
+    """Qwen2-VL's image tokens follow the image's pixels: without data.max_pixels the planner must assume a row's
+    every token is an image token (max_length x merged patches); with it, each image's patches are capped at
+    max_pixels / patch_size^2, and the predicted activations shrink. A fixed-size model (LLaVA) is unaffected."""
+    from orchestrator.planner.memory import dynamic_patches
+
+    qwen = tinymodels.TINY_VLMS["qwen2_vl"](tmp_path / "qwen")
+    raw = {"model": str(qwen), "data": {"train": "x.parquet", "max_length": 4096}, "method": "full"}
+    shape = planner.load_shape(str(qwen))
+    jobs = {px: build_job(apply_overrides(raw, {"data.max_pixels": px}), local_files=False)[0] for px in (None, 64 * 64)}
+    assert dynamic_patches(jobs[None], shape) == 4 * 4096 and dynamic_patches(jobs[64 * 64], shape) == 64 * 64 // 8**2
+    assert planner.plan(jobs[64 * 64], shape, "cpu").total < planner.plan(jobs[None], shape, "cpu").total
+    llava = tinymodels.TINY_VLMS["llava"](tmp_path / "llava")
+    raw = {**raw, "model": str(llava)}
+    fixed = [planner.plan(build_job(apply_overrides(raw, {"data.max_pixels": px}), local_files=False)[0], planner.load_shape(str(llava)), "cpu").total for px in (None, 64 * 64)]
+    assert fixed[0] == fixed[1]

@@ -79,6 +79,9 @@ def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = N
         )
     elif job.data.batch_tokens is not None and job.data.batching != "tokens":
         problems.append(Problem("data.batch_tokens", f"applies to batching: tokens, not {job.data.batching}", "set data.batching: tokens, or remove batch_tokens"))
+    if job.data.min_pixels is not None and job.data.max_pixels is not None and job.data.min_pixels > job.data.max_pixels:
+        problems.append(Problem("data.min_pixels", f"{job.data.min_pixels} is above data.max_pixels={job.data.max_pixels}",
+                                "set min_pixels <= max_pixels, or remove one of them"))
     if isinstance(job.lora.targets, list) and not job.lora.targets:
         problems.append(Problem("lora.targets", "empty list", "use targets: auto or name at least one module"))
     if job.deepspeed is not None:

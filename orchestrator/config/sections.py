@@ -73,6 +73,12 @@ class DataConfig(Section):
     """Longest tokenized example, image tokens included; longer rows are never truncated."""
     too_long: Literal["error", "drop"] = "error"
     """What to do with a row longer than max_length: fail naming the row, or drop and count it."""
+    max_pixels: int | None = Field(None, ge=1)
+    """Image budget: an image of more pixels (width x height) is resized down to fit, aspect kept, before the
+    processor sees it. Dynamic-resolution models (Qwen2-VL, Qwen2.5-VL) then make fewer image tokens (about
+    pixels / 784); fixed-size ones (LLaVA, PaliGemma, Idefics3 per tile) only decode less. null: as stored."""
+    min_pixels: int | None = Field(None, ge=1)
+    """An image of fewer pixels is resized up to this many, aspect kept. null: as stored."""
     blind: bool = False
     """Replace every image by a uniform grey one (a control run: accuracy should stay at chance if the task needs the image)."""
     batching: Literal["rows", "length_grouped", "tokens"] = "rows"

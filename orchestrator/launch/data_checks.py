@@ -85,7 +85,8 @@ class DataPass:
 def validate_data(job: JobConfig) -> dict[str, dict[str, int]]:
     """`rayft validate`'s data checks: the same preflight and validation pass as `rayft train` (whose index
     a later run reuses), on an embedded Ray whose output goes to <output>/.rayft-data/validate.log. Returns
-    per file (train, eval): rows usable, rows dropped (data.too_long: drop) and the longest row in tokens;
+    per file (train, eval): rows usable, rows dropped (data.too_long: drop), the longest row in tokens and what
+    the images take (stream.image_token_summary, None for a text model);
     raises DataError naming every problem."""
     from jobs.stream import all_in_process
 
@@ -102,4 +103,7 @@ def validate_data(job: JobConfig) -> dict[str, dict[str, int]]:
             finally:
                 if started:
                     shutdown_ray()
-    return {which: {"rows": len(ix.rows), "dropped": ix.dropped, "longest": int(ix.lengths.max()) if len(ix.lengths) else 0} for which, ix in indexes.items()}
+    from jobs.stream import image_token_summary
+
+    return {which: {"rows": len(ix.rows), "dropped": ix.dropped, "longest": int(ix.lengths.max()) if len(ix.lengths) else 0,
+                    "images": image_token_summary(ix)} for which, ix in indexes.items()}

@@ -205,8 +205,13 @@ def _train(
                 if created:  # nothing trained: leave nothing behind
                     shutil.rmtree(run_dir, ignore_errors=True)
                 raise
+            from jobs.stream import image_token_summary
+
             for which, text in said.items():
                 print(f"data.{which}: {text}", file=user_stream, flush=True)
+            for which, ix in indexes.items():
+                if summary := image_token_summary(ix):
+                    print(f"data.{which}: {summary}", file=user_stream, flush=True)
             stamps["encoded_once"] = time.time()
             torch_import.join()
             with ProgressView(run_dir, user_stream, enabled=progress):

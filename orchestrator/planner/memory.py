@@ -208,11 +208,20 @@ def _activations(job: JobConfig, shape: ModelShape, element: int) -> int:
     logits = tokens * shape.vocab * (element + 8)  # the logits, their fp32 upcast for the loss, log-softmax
     total = logits + _stack_bytes(shape.text, tokens, element, job.train.gradient_checkpointing)
     if shape.vision is not None and _vision_trains(job, shape):
-        per_image = shape.image_tokens or shape.patches_per_token * job.data.max_length
+        per_image = shape.image_tokens or dynamic_patches(job, shape)
         total += _stack_bytes(
             shape.vision, job.train.micro_batch_size * per_image, element, job.train.gradient_checkpointing
         )
     return total
+
+
+def dynamic_patches(job: JobConfig, shape: ModelShape) -> int:
+    """Vision patches of a row's images at dynamic resolution (Qwen2-VL): as many as its longest row's tokens
+    allow (every token an image token), or fewer where data.max_pixels caps each image's pixels."""
+    most = shape.patches_per_token * job.data.max_length
+    if job.data.max_pixels is not None and shape.patch_size:
+        return min(most, job.data.max_pixels // shape.patch_size**2)
+    return most
 
 
 def _layer_elements(stack: Stack) -> int:

@@ -113,6 +113,8 @@ class ModelShape:
     """Tokens the vision encoder sees per image; None for dynamic resolution (Qwen-VL)."""
     patches_per_token: int = 1
     """Dynamic resolution: vision patches per image token in the text (spatial_merge_size^2)."""
+    patch_size: int | None = None
+    """Dynamic resolution: the vision encoder's patch side in pixels (data.max_pixels caps its patches per image)."""
     name: str = ""
 
     @property
@@ -270,6 +272,7 @@ def _vlm(name: str, config: dict[str, Any]) -> tuple[list[Tensor], dict[str, Any
             vision=v_stack,
             vision_prefix="model.visual",
             patches_per_token=per_token,
+            patch_size=vision["patch_size"],
         )
         return v_tensors + t_tensors, shape, text
     if "text_config" not in config or "vision_config" not in config:
