@@ -38,9 +38,47 @@ def answer_stats(logits: Any, labels: Any) -> tuple[float, int, int, int]:
     return float(loss), int(mask.sum()), correct, int(scored.sum())
 
 
-def evaluate(model: Any, batches: list[dict[str, Any]], device: Any, autocast: Any, float_dtype: Any = None) -> dict[str, float]:
-    """Summed over this worker's batches and then over all workers (a collective when distributed)."""
+def keeps_logits(model: Any) -> bool:
+    """Whether the model's forward takes transformers' logits_to_keep (its language-model head then runs at the
+    positions given only). `model`: the transformers model, or peft's wrapper of it."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+
+
+def answer_logits(model: Any, batch: dict[str, Any], labels: Any, keep: bool) -> tuple[Any, Any, Any]:
+    """The logits that predict answer tokens, and only those: (logits [answer tokens, vocabulary], their targets,
+    the row of each). In VLM SFT most positions are image and prompt tokens without loss, yet the head and the
+    loss's fp32 copy would cover every one (with a 152k vocabulary the step's largest tensor). keep (keeps_logits):
+    the head runs at the positions where any row of the batch has an answer token next; else at every position,
+    and the answer positions are picked after."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    if keep:
+        positions = mask.any(dim=0).nonzero(as_tuple=True)[0]  # a tensor, even empty (an int 0 would keep all)
+        logits = model(**batch, logits_to_keep=positions).logits
+        mask, targets = mask[:, positions], targets[:, positions]
+    else:
+        logits = model(**batch).logits[:, :-1]
+    rows, cols = mask.nonzero(as_tuple=True)
+    return logits[rows, cols], targets[rows, cols], rows
+
+
+def answer_loss(model: Any, batch: dict[str, Any], labels: Any, keep: bool) -> Any:
+    """The micro batch's loss as the model's own (the mean cross-entropy over its answer tokens, in fp32), from
+    answer_logits; 0 for a batch without answers (a filler-only one) instead of NaN."""
+    import torch.nn.functional as F
+
+    logits, targets, _ = answer_logits(model, batch, labels, keep)
+    return F.cross_entropy(logits.float(), targets, reduction="sum") / max(1, len(targets))
+
+
+def evaluate(model: Any, batches: list[dict[str, Any]], device: Any, autocast: Any, float_dtype: Any = None, keep: bool = False) -> dict[str, float]:
+    """Summed over this worker's batches and then over all workers (a collective when distributed).
+    keep: the head runs at the answer positions only (answer_logits)."""
     import torch
+    import torch.nn.functional as F
 
     was_training = model.training
     model.eval()
@@ -49,8 +87,13 @@ def evaluate(model: Any, batches: list[dict[str, Any]], device: Any, autocast: A
         for batch in batches:
             batch = to_device(batch, device, float_dtype)
             labels = batch.pop("labels")
-            logits = model(**batch).logits
-            totals = [a + b for a, b in zip(totals, answer_stats(logits, labels), strict=True)]
+            logits, targets, rows = answer_logits(model, batch, labels, keep)
+            logits = logits.float()
+            misses = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
+            misses.index_add_(0, rows, (logits.argmax(-1) != targets).long())
+            scored = (labels[:, 1:] != IGNORE_INDEX).any(dim=1)  # a filler row (jobs/data.filler_row) has no answer: not an example
+            stats = (float(F.cross_entropy(logits, targets, reduction="sum")), len(targets), int(((misses == 0) & scored).sum()), int(scored.sum()))
+            totals = [a + b for a, b in zip(totals, stats, strict=True)]
     loss, tokens, correct, count = reduce(totals, device)  # every rank, with or without rows
     model.train(was_training)
     return {"eval_loss": loss / max(tokens, 1), "eval_accuracy": correct / max(count, 1), "eval_examples": int(count)}

@@ -26,7 +26,7 @@ from typing import Any
 from jobs import attempts, collective, stream, zero
 from jobs.batching import epoch_of
 from jobs.checkpoint import CHECKPOINTS, META_FILE, STATE_FILE, WEIGHTS_FILE
-from jobs.evaluate import evaluate, to_device
+from jobs.evaluate import answer_loss, evaluate, keeps_logits, to_device
 from jobs.generate import EvalGenerator
 from jobs.metrics_log import append_metrics, read_metrics
 from jobs.model import (
@@ -88,6 +88,8 @@ class Training:
     """The worker's training device: where restored state goes."""
     adapters: bool
     """lora/qlora: only adapter weights train (and are checkpointed)."""
+    keep_logits: bool = False
+    """The model computes logits at the answer positions only (jobs/evaluate.answer_logits: logits_to_keep)."""
     zero3_config: Any = None
     """transformers' HfDeepSpeedConfig under ZeRO-3, else None. transformers holds it only weakly and asks it
     whether ZeRO-3 is on (to load each rank's partition of the model, and after): kept here, it lives as long
@@ -112,6 +114,7 @@ def build_training(
     zero3_config = zero.hf_deepspeed_config(job, ds_config, arch) if ds_config else None
     ddp = world > 1 if ddp is None else ddp
     model = build_model(job, arch, device) if model is None else model
+    keep = keeps_logits(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if ds_config:
         # DeepSpeed holds the weights in the run's precision (fp32 master copies in the optimizer), scales
@@ -133,6 +136,7 @@ def build_training(
             max_grad_norm=None,  # DeepSpeed clips (gradient_clipping in its config)
             device=device,
             adapters=job.method != "full",
+            keep_logits=keep,
             zero3_config=zero3_config,
         )
     core = model
@@ -161,6 +165,7 @@ def build_training(
         max_grad_norm=job.train.max_grad_norm,
         device=device,
         adapters=job.method != "full",
+        keep_logits=keep,
     )
 
 
@@ -175,8 +180,9 @@ def optimizer_step(training: Training, batches: list[dict[str, Any]], device: An
     step_loss: Any = 0.0
     for k, batch in enumerate(batches):
         batch = to_device(batch, device, t.input_dtype)
+        labels = batch.pop("labels")
         if t.deepspeed:
-            loss = t.model(**batch).loss
+            loss = answer_loss(t.model, batch, labels, t.keep_logits)
             t.model.backward(loss)  # divides by grad_accum itself
             t.model.step()  # optimizer + scheduler only at the accumulation boundary
             step_loss = step_loss + loss.detach().float() / len(batches)
@@ -185,7 +191,7 @@ def optimizer_step(training: Training, batches: list[dict[str, Any]], device: An
         sync = t.model.no_sync() if t.ddp and k < len(batches) - 1 else nullcontext()
         with sync:
             with t.autocast():
-                loss = t.model(**batch).loss / len(batches)
+                loss = answer_loss(t.model, batch, labels, t.keep_logits) / len(batches)
             t.scaler.scale(loss).backward()
         step_loss = step_loss + loss.detach().float()
     if not t.deepspeed:
@@ -423,7 +429,7 @@ def run_eval(training: Training, device: Any, eval_shard: Any, generator: EvalGe
     # and ranks run different numbers of eval batches); ZeRO-3's forwards gather, so its short ranks get filler
     # batches (jobs/stream.py)
     model = training.core if training.ddp else training.model
-    metrics = evaluate(model, batches, device, training.autocast, training.input_dtype)
+    metrics = evaluate(model, batches, device, training.autocast, training.input_dtype, keep=training.keep_logits)
     generated = generator(training, device) if generator else None
     if generated is not None:
         metrics["eval_generated_accuracy"] = generated["accuracy"]

@@ -204,3 +204,36 @@ def test_a_published_qwen2_vl_tokenizer_layout_loads_without_torchvision(tmp_pat
     examples, processor = encode(path, rows_file)
     assert processor.image_token == "<|image_pad|>"
     assert all(int((e.input_ids == processor.image_token_id).sum()) == IMAGE_TOKENS["qwen2_vl"] for e in examples)
+
+
+@pytest.mark.parametrize("name", ["llava", *ARCHS, "llama", "qwen2"])
+def test_logits_only_where_the_loss_is_give_the_models_own_loss_gradients_and_eval(name: str, rows_file: Path, tmp_path: Path) -> None:
+    """Every architecture takes logits_to_keep: the head runs at the answer positions only (jobs/evaluate.answer_logits),
+    and the loss, its gradients and the eval's numbers equal those from the model's own full-sequence logits."""
+    from jobs.data import pad_token_id
+    from jobs.evaluate import answer_logits, answer_loss, answer_stats, evaluate, keeps_logits
+
+    torch.manual_seed(0)
+    path = tinymodels.build_tiny_text(tmp_path / name, arch=name) if name in ("llama", "qwen2") else tinymodels.TINY_VLMS[name](tmp_path / name)
+    arch = for_model_dir(path)
+    processor = load_processor(str(path), arch)
+    examples, _ = encode_rows(rows_file, DataConfig(train=str(rows_file)), processor, arch.kind == "vlm")
+    batch = collate(examples, pad_token_id(processor))
+    labels = batch.pop("labels")
+    model = build_model(JobConfig.model_validate({"model": str(path), "data": {"train": str(rows_file)}, "method": "full", "precision": "fp32"}), arch, torch.device("cpu"))
+    assert keeps_logits(model)
+    model.train()
+    own = model(**batch, labels=labels).loss
+    own.backward()
+    own_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    kept = answer_loss(model, batch, labels, keep=True)
+    kept.backward()
+    assert torch.allclose(kept, own, atol=1e-5), (float(kept), float(own))
+    assert own_grads and all(torch.allclose(p.grad, own_grads[n], atol=1e-5, rtol=1e-4) for n, p in model.named_parameters() if n in own_grads)
+    with torch.no_grad():
+        logits, _, _ = answer_logits(model, batch, labels, keep=True)
+        assert logits.shape[0] == int((labels[:, 1:] != IGNORE_INDEX).sum())  # one row of logits per answer token
+        full = answer_stats(model(**batch).logits, labels)
+    got = evaluate(model, [{**batch, "labels": labels}], torch.device("cpu"), torch.no_grad, keep=True)
+    assert math.isclose(got["eval_loss"], full[0] / full[1], rel_tol=1e-5) and got["eval_accuracy"] == full[2] / full[3]
