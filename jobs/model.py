@@ -223,9 +223,20 @@ def build_model(job: JobConfig, arch: Architecture, device: torch.device) -> Any
         if job.precision != "fp32":
             keep_adapter_inputs(model)
     for name, param in model.named_parameters():
-        if any(name == prefix or name.startswith(prefix + ".") for prefix in job.freeze):
+        if arch.component_of(name) in job.freeze or any(name == prefix or name.startswith(prefix + ".") for prefix in job.freeze):
             param.requires_grad_(False)
     return model
+
+
+def param_groups(model: Any, job: JobConfig, arch: Architecture) -> list[tuple[str, list[Any], float]]:
+    """The trainable parameters as (component, parameters, peak rate): one per component of train.lr_groups at its
+    rate, the rest ("rest") at train.lr; one group when lr_groups is empty."""
+    groups: dict[str, list[Any]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            part = arch.component_of(name)
+            groups.setdefault(part if part in job.train.lr_groups else "rest", []).append(param)
+    return [(part, params, job.train.lr_groups.get(part, job.train.lr)) for part, params in groups.items()]
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

@@ -33,6 +33,7 @@ from jobs.model import (
     build_model,
     count_parameters,
     load_trainable_state,
+    param_groups,
     torch_dtype,
     trainable_state,
 )
@@ -88,6 +89,8 @@ class Training:
     """The worker's training device: where restored state goes."""
     adapters: bool
     """lora/qlora: only adapter weights train (and are checkpointed)."""
+    lr_groups: list[dict[str, Any]] = field(default_factory=list)
+    """Each optimizer group's component, peak rate and parameter count (train.lr_groups; one group without it)."""
     keep_logits: bool = False
     """The model computes logits at the answer positions only (jobs/evaluate.answer_logits: logits_to_keep)."""
     zero3_config: Any = None
@@ -115,12 +118,16 @@ def build_training(
     ddp = world > 1 if ddp is None else ddp
     model = build_model(job, arch, device) if model is None else model
     keep = keeps_logits(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, job, arch)
+    params = [p for _, ps, _ in groups for p in ps]
+    # train.lr_groups: an optimizer group per component at its rate; without it, one list as always
+    optimized = [{"params": ps, "lr": lr} for _, ps, lr in groups] if job.train.lr_groups else params
+    rates = [{"component": part, "lr": lr, "params": sum(getattr(p, "ds_numel", p.numel()) for p in ps)} for part, ps, lr in groups]
     if ds_config:
         # DeepSpeed holds the weights in the run's precision (fp32 master copies in the optimizer), scales
         # fp16 losses, clips, accumulates and steps the scheduler at accumulation boundaries.
         engine, optimizer, scheduler = zero.initialize(
-            model, ds_config, params, job.train.lr, job.train.weight_decay, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+            model, ds_config, optimized, job.train.lr, job.train.weight_decay, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         )
         return Training(
             model=engine,
@@ -137,6 +144,7 @@ def build_training(
             device=device,
             adapters=job.method != "full",
             keep_logits=keep,
+            lr_groups=rates,
             zero3_config=zero3_config,
         )
     core = model
@@ -150,7 +158,7 @@ def build_training(
     # The fused kernel updates each parameter in one pass; the default on CPU is a Python loop of ~10 elementwise
     # ops per parameter, which cost 25% of a full fine-tuning step of a 51M model here (bench/hf_compare.py).
     fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(params, lr=job.train.lr, weight_decay=job.train.weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW(optimized, lr=job.train.lr, weight_decay=job.train.weight_decay, fused=fused)
     return Training(
         model=model,
         core=core,
@@ -166,6 +174,7 @@ def build_training(
         device=device,
         adapters=job.method != "full",
         keep_logits=keep,
+        lr_groups=rates,
     )
 
 
@@ -514,6 +523,8 @@ def run_worker(config: dict[str, Any], worker: Worker, clock: dict[str, float] |
             "stream": "direct" if plan.get("direct") else "ray_data",
             "attention": getattr(getattr(training.core, "config", None), "_attn_implementation", None),  # the kernel that ran
             "trainable_params": trainable,
+            # train.lr_groups: each optimizer group's peak rate and parameters (one group at train.lr without it)
+            "lr_groups": training.lr_groups,
             "total_params": total,
             "world_size": world,
             "ray_nodes": len(set(node_ids)),

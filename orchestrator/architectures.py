@@ -36,6 +36,22 @@ class Architecture:
     note: str = ""
     max_images: int | None = None
     """Most images one row may hold (None: any number, each where its {"type": "image"} part is)."""
+    components: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """The model's parts by the names a user writes (freeze, train.lr_groups): vision, projector, language, each
+    as module-name prefixes; a weight belongs to the part with its longest matching prefix (Qwen2-VL's merger,
+    the projector, sits inside its vision tower)."""
+
+    def component_of(self, name: str) -> str | None:
+        """The component (vision, projector, language) holding parameter or module `name`; peft's wrapper prefix
+        (base_model.model.) is ignored. None: in no component."""
+        name = name.removeprefix("base_model.model.")
+        found = [(len(prefix), part) for part, prefixes in self.components for prefix in prefixes
+                 if name == prefix or name.startswith(prefix + ".")]
+        return max(found)[1] if found else None
+
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        return tuple(part for part, _ in self.components)
 
     def lora_target_regex(self, train_vision: bool) -> str:
         if train_vision and self.vision_lora_targets:
@@ -65,6 +81,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_lora_targets=_vit(r"model\.vision_tower"),
         keep_out_of_4bit=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
         vision_modules=("model.vision_tower", "model.multi_modal_projector"),
+        components=(("vision", ("model.vision_tower",)), ("projector", ("model.multi_modal_projector",)), ("language", ("model.language_model", "lm_head"))),
         # processor: LlavaProcessor expands <image> to (image_size/patch_size)^2 tokens (+1 with a CLS token)
     ),
     Architecture(
@@ -76,6 +93,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_lora_targets=_vit(r"model\.vision_model"),
         keep_out_of_4bit=("model.vision_model", "model.connector", "lm_head"),
         vision_modules=("model.vision_model", "model.connector"),
+        components=(("vision", ("model.vision_model",)), ("projector", ("model.connector",)), ("language", ("model.text_model", "lm_head"))),
         # processor: the tokenizer must hold <fake_token_around_image>, <image>, <end_of_utterance>, <global-img> and
         # <row_i_col_j>; tiny models use do_image_splitting=False
     ),
@@ -88,6 +106,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_lora_targets=r"model\.visual\.blocks\.\d+\.(?:attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)",
         keep_out_of_4bit=("model.visual", "lm_head"),
         vision_modules=("model.visual",),
+        components=(("vision", ("model.visual",)), ("projector", ("model.visual.merger",)), ("language", ("model.language_model", "lm_head"))),
         # processor: without torchvision, stock checkpoints load through an image-only subclass of the processor
         # (jobs/model.py); it returns image_grid_thw and mm_token_type_ids, both passed to the model
     ),
@@ -100,6 +119,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_lora_targets=r"model\.visual\.blocks\.\d+\.(?:attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj)",
         keep_out_of_4bit=("model.visual", "lm_head"),
         vision_modules=("model.visual",),
+        components=(("vision", ("model.visual",)), ("projector", ("model.visual.merger",)), ("language", ("model.language_model", "lm_head"))),
         # processor: as qwen2_vl
     ),
     Architecture(
@@ -111,6 +131,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_lora_targets=_vit(r"model\.vision_tower"),
         keep_out_of_4bit=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
         vision_modules=("model.vision_tower", "model.multi_modal_projector"),
+        components=(("vision", ("model.vision_tower",)), ("projector", ("model.multi_modal_projector",)), ("language", ("model.language_model", "lm_head"))),
         # processor: it adds 1152 <loc>/<seg> tokens (size the vocabulary from len(tokenizer)); no chat
         # template: one user message (its image tokens first) and the answer as the suffix
         max_images=1,
@@ -124,6 +145,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_lora_targets="",
         keep_out_of_4bit=(),
         vision_modules=("vision_tower", "mm_projector"),
+        components=(("vision", ("vision_tower",)), ("projector", ("mm_projector",)), ("language", ("llm",))),
         note="NVILA-Lite supports full fine-tuning only",
     ),
     Architecture(
@@ -135,6 +157,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_lora_targets="",
         keep_out_of_4bit=("lm_head",),
         vision_modules=(),
+        components=(("language", ("model", "lm_head")),),
     ),
     Architecture(
         name="qwen2",
@@ -145,6 +168,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_lora_targets="",
         keep_out_of_4bit=("lm_head",),
         vision_modules=(),
+        components=(("language", ("model", "lm_head")),),
     ),
 )
 

@@ -288,3 +288,21 @@ def test_nvila_lite_is_full_fine_tuning_only() -> None:
     arch = for_model_type("nvila_lite")
     assert arch.methods == ("full",)
     assert arch.lora_targets == "" and arch.keep_out_of_4bit == ()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_components_cover_every_weight_once_and_name_the_projector(name: str) -> None:
+    """freeze and train.lr_groups take component names (vision, projector, language): each architecture's
+    prefixes put every weight in exactly one component, found from the model (get_decoder for the language model),
+    and the projector (Qwen2-VL's merger inside its vision tower) apart from the vision tower."""
+    arch, model = build(name)
+    parts = {n: arch.component_of(n) for n, _ in model.named_parameters()}
+    assert None not in parts.values(), f"{name}: in no component: {[n for n, p in parts.items() if p is None][:5]}"
+    decoder = decoder_layers(model)[0].rsplit(".layers.", 1)[0]
+    assert {p for n, p in parts.items() if under(n, [decoder])} == {"language"}
+    assert arch.component_of("base_model.model." + next(iter(parts))) == next(iter(parts.values()))  # peft's prefix
+    if arch.kind == "vlm":
+        assert set(parts.values()) == {"vision", "projector", "language"}
+        assert all(under(n, arch.vision_modules) for n, p in parts.items() if p in ("vision", "projector"))
+    else:
+        assert set(parts.values()) == {"language"}

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from orchestrator import tinymodels
 from orchestrator.cli import main
 from orchestrator.config import ConfigError, JobConfig, apply_overrides, build_job, load_job, load_raw
 
@@ -209,3 +210,33 @@ def test_a_pixel_budget_whose_floor_is_above_its_ceiling_is_refused(world, tmp_p
     got = problems(path, "data.max_pixels=1000", "data.min_pixels=2000")
     assert "above data.max_pixels=1000" in got["data.min_pixels"]
     assert "data.max_pixels" in problems(path, "data.max_pixels=0")  # at least 1
+
+
+def test_freeze_and_learning_rates_by_component_are_checked_against_the_model_and_method(world, tmp_path):
+    path = write_job(tmp_path, world)  # LLaVA
+    got = problems(path, "method=lora", "quantization.type=none", "train.lr_groups.projector=1e-4", "train.lr_groups.vision=1e-5")
+    assert "no projector weight trains" in got["train.lr_groups.projector"] and "lora.train_vision: true" in got["train.lr_groups.vision"]
+    got = problems(path, "method=full", "quantization.type=none", "freeze=[vision]", "train.lr_groups.vision=1e-5")
+    assert "vision is frozen" in got["train.lr_groups.vision"]
+    assert "'vision', 'projector' or 'language'" in problems(path, "train.lr_groups.audio=1e-5")["train.lr_groups.audio"]
+    job = load_job(path, ["method=full", "quantization.type=none", "freeze=[vision]", "train.lr_groups.projector=1e-4"])[0]
+    assert job.freeze == ["vision"] and job.train.lr_groups == {"projector": 1e-4}
+    text = tinymodels.build_tiny_text(tmp_path / "llama")
+    assert "llama has no vision component" in problems(path, f"model={text}", "method=full", "quantization.type=none", "freeze=[vision]")["freeze"]
+
+
+def test_a_search_space_takes_a_components_learning_rate(world, tmp_path):
+    from orchestrator.config import load_search
+
+    path = write_job(tmp_path, world, method="full", **{"quantization.type": "none"})
+    body = yaml.safe_load(path.read_text())
+    body["tune"] = {"space": {"train.lr_groups.projector": {"loguniform": [1e-5, 1e-3]}, "train.lr_groups.vision": {"choice": [1e-6, 2.0]}}}
+    path.write_text(yaml.safe_dump(body))
+    with pytest.raises(ConfigError) as e:
+        load_search(path)
+    said = [str(p) for p in e.value.problems]
+    assert len(said) == 1 and "tune.space.train.lr_groups.vision" in said[0] and "value 2.0" in said[0], said
+    body["tune"]["space"]["train.lr_groups.vision"] = {"choice": [1e-6, 1e-5]}
+    path.write_text(yaml.safe_dump(body))
+    _, base, _ = load_search(path)
+    assert "lr_groups" not in base.get("train", {})  # each trial sets its own

@@ -237,3 +237,35 @@ def test_logits_only_where_the_loss_is_give_the_models_own_loss_gradients_and_ev
         full = answer_stats(model(**batch).logits, labels)
     got = evaluate(model, [{**batch, "labels": labels}], torch.device("cpu"), torch.no_grad, keep=True)
     assert math.isclose(got["eval_loss"], full[0] / full[1], rel_tol=1e-5) and got["eval_accuracy"] == full[2] / full[3]
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_freeze_and_learning_rate_groups_by_component_reach_the_optimizer(name: str, rows_file: Path, tmp_path: Path) -> None:
+    """freeze: [vision] leaves the vision tower (not Qwen2-VL's merger, the projector inside it) without gradients;
+    train.lr_groups puts the projector in an optimizer group of its own rate, the rest at train.lr, and the schedule
+    scales both alike. Without lr_groups the optimizer has one group, as before."""
+    from jobs.data import pad_token_id
+    from jobs.train_loop import build_training, lr_lambda, optimizer_step
+
+    path = tinymodels.TINY_VLMS[name](tmp_path / name)
+    arch = for_model_dir(path)
+    raw = {"model": str(path), "data": {"train": str(rows_file)}, "method": "full", "precision": "fp32", "freeze": ["vision"],
+           "train": {"lr": 1e-4, "lr_groups": {"projector": 1e-2}, "warmup_ratio": 0.0}}
+    job = JobConfig.model_validate(raw)
+    schedule = lambda step: lr_lambda(step, total=10, warmup=0, schedule="cosine")  # noqa: E731
+    training = build_training(job, arch, torch.device("cpu"), 1, schedule, None, ddp=False)
+    trainable = {n: arch.component_of(n) for n, p in training.core.named_parameters() if p.requires_grad}
+    assert set(trainable.values()) == {"projector", "language"}
+    assert sorted((g["component"], g["lr"]) for g in training.lr_groups) == [("projector", 1e-2), ("rest", 1e-4)]
+    by_lr = {g["lr"]: g for g in training.optimizer.param_groups}
+    assert set(by_lr) == {1e-2, 1e-4}
+    projector = {id(p) for n, p in training.core.named_parameters() if trainable.get(n) == "projector"}
+    assert {id(p) for p in by_lr[1e-2]["params"]} == projector
+    examples, processor = encode(path, rows_file)
+    before = {n: p.detach().clone() for n, p in training.core.named_parameters()}
+    optimizer_step(training, [collate(examples, pad_token_id(processor))], torch.device("cpu"))
+    assert [g["lr"] for g in training.optimizer.param_groups] == [g["initial_lr"] * schedule(1) for g in training.optimizer.param_groups]
+    moved = {arch.component_of(n) for n, p in training.core.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"projector", "language"}
+    plain = build_training(JobConfig.model_validate({**raw, "freeze": [], "train": {"lr": 1e-4}}), arch, torch.device("cpu"), 1, schedule, None, ddp=False)
+    assert len(plain.optimizer.param_groups) == 1 and [g["component"] for g in plain.lr_groups] == ["rest"]

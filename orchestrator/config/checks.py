@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from orchestrator import dotted
 from orchestrator.config.job import JobConfig
@@ -22,6 +23,28 @@ def uses_gpu(job: JobConfig, gpus: bool | None = None) -> bool:
     """The one "use a GPU?" rule: scaling.gpu on, or auto where GPUs are there to use (gpus: whether the
     Ray cluster has them, launch.Capacity; None: whether this machine has one)."""
     return job.scaling.gpu == "on" or (job.scaling.gpu == "auto" and (gpu_present() if gpus is None else gpus))
+
+
+COMPONENTS = ("vision", "projector", "language")
+
+
+def _component_problems(job: JobConfig, arch: Any) -> list[Problem]:
+    """freeze and train.lr_groups name components the architecture has, and components that train."""
+    problems = []
+    have = arch.component_names
+    for name in job.freeze:
+        if name in COMPONENTS and name not in have:
+            problems.append(Problem("freeze", f"{arch.name} has no {name} component (it has {', '.join(have)})", f"remove {name} from freeze"))
+    for name in job.train.lr_groups:
+        key = f"train.lr_groups.{name}"
+        if name not in have:
+            problems.append(Problem(key, f"{arch.name} has no {name} component (it has {', '.join(have)})", f"remove {name} from train.lr_groups"))
+        elif name in job.freeze:
+            problems.append(Problem(key, f"{name} is frozen (freeze lists it): no weight of it trains", f"remove {name} from freeze or from train.lr_groups"))
+        elif job.method != "full" and (name == "projector" or (name == "vision" and not job.lora.train_vision)):
+            why = "set lora.train_vision: true (adapters on the vision tower)" if name == "vision" else "use method: full"
+            problems.append(Problem(key, f"method: {job.method} trains adapters on the language model only: no {name} weight trains", why))
+    return problems
 
 
 def flash_attn_importable() -> bool:
@@ -133,6 +156,7 @@ def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = N
                     )
                 if job.lora.train_vision and arch.kind == "text":
                     problems.append(Problem("lora.train_vision", f"{arch.name} has no vision tower", "set train_vision: false"))
+                problems.extend(_component_problems(job, arch))
 
         for key, value in (("data.train", job.data.train), ("data.eval", job.data.eval)):
             if value is None:

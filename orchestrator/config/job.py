@@ -53,7 +53,8 @@ class JobConfig(Section):
     deepspeed: DeepSpeedConfig | None = None
     """Shard training with DeepSpeed ZeRO (null: plain PyTorch data parallel)."""
     freeze: list[str] = []
-    """Module-name prefixes kept frozen in full fine-tuning (e.g. model.vision_tower)."""
+    """What stays frozen in full fine-tuning: component names (vision, projector, language; see
+    orchestrator/architectures.py) or module-name prefixes (e.g. model.vision_tower)."""
     tune: TuneConfig | None = None
     """The search `rayft tune` runs over this job (ignored by `rayft train`)."""
     output: str = "./runs"

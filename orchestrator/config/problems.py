@@ -61,7 +61,7 @@ def pydantic_problems(err: ValidationError) -> list[Problem]:
     root = {"TuneConfig": TuneConfig, "Dimension": Dimension}.get(err.title, JobConfig)
     problems = []
     for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
+        loc = [str(p) for p in e["loc"] if p != "[key]"]  # a mapping's bad key: pydantic adds "[key]" after it
         path = ".".join(loc) or "(job)"
         kind = e["type"]
         if kind == "extra_forbidden":

@@ -146,10 +146,22 @@ class TrainConfig(Section):
     """Seed for weights of new modules, data order and dropout."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third more compute."""
+    lr_groups: dict[Literal["vision", "projector", "language"], float] = {}
+    """Peak learning rates per component (vision tower, projector, language model, as orchestrator/architectures.py
+    names their modules), e.g. {projector: 1e-4, vision: 1e-5}; a component not listed trains at lr. The
+    schedule scales each the same way. Searchable as train.lr_groups.<component>."""
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     """The attention kernel: auto = FlashAttention 2 on a GPU where the flash_attn package imports and precision
     is bf16 or fp16, else transformers' default (sdpa where the model supports it, eager otherwise); the start
-    record and the manifest say which ran."""
+    record in metrics.jsonl says which ran."""
+
+    @field_validator("lr_groups")
+    @classmethod
+    def _rates(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [f"{k}: {v}" for k, v in value.items() if not 0.0 < v <= 1.0]
+        if bad:
+            raise ValueError(f"learning rates must be > 0 and <= 1, as train.lr: {', '.join(bad)}")
+        return value
 
 
 class DeepSpeedConfig(Section):
