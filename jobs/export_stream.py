@@ -162,11 +162,22 @@ def four_bit_keys(meta: Any, job: JobConfig, arch: architectures.Architecture) -
     }
 
 
+SAVED = ".modules_to_save.default."  # peft's trainable copy of a module trained whole (lora.train_projector)
+
+
+def saved_modules(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """model weight key -> the trained weight, for the modules a LoRA run trained whole (peft's modules_to_save:
+    `base_model.model.<module>.modules_to_save.default.<param>`)."""
+    return {name.removeprefix("base_model.model.").replace(SAVED, "."): value for name, value in weights.items() if SAVED in name}
+
+
 def read_adapters(job: JobConfig, weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """model weight key -> (A, B) in fp32, from the checkpoint's peft names
-    (`base_model.model.<module>.lora_A.default.weight`)."""
+    (`base_model.model.<module>.lora_A.default.weight`); the weights of modules trained whole are saved_modules'."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for name, value in weights.items():
+        if SAVED in name:
+            continue
         module, sep, rest = name.partition(".lora_")
         if not sep or not module.startswith("base_model.model."):
             raise ExportError(f"checkpoint weight {name}: not a LoRA adapter weight (lora_A / lora_B of a Linear)")
@@ -219,13 +230,27 @@ def _trained_inputs(job: JobConfig, checkpoint_dir: Path, layout: BaseLayout) ->
 
     path = checkpoint_dir / WEIGHTS_FILE
     full = job.method == "full"
-    adapters = {} if full else read_adapters(job, load_file(str(path)))
-    trained = safe_open(str(path), "pt") if full else None
+    weights = {} if full else load_file(str(path))
+    adapters = read_adapters(job, weights)
+    trained: Any = safe_open(str(path), "pt") if full else SavedModules(saved_modules(weights))
     known = set(layout.to_model.values())
-    unknown = sorted((set(adapters) | set(trained.keys() if trained is not None else ())) - known)
+    unknown = sorted((set(adapters) | set(trained.keys())) - known)
     if unknown:
         raise ExportError(f"the checkpoint has weights the base {job.model} lacks: {unknown[:5]}")
     return adapters, trained
+
+
+class SavedModules:
+    """A LoRA run's whole-trained weights (saved_modules), read as merge_streamed reads a full checkpoint."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
 
 
 def merge_streamed(job: JobConfig, checkpoint_dir: Path, model_dir: Path) -> dict[str, Any]:
@@ -240,7 +265,7 @@ def merge_streamed(job: JobConfig, checkpoint_dir: Path, model_dir: Path) -> dic
     layout = read_layout(job, architectures.for_model_dir(job.model_dir))
     export_dtype = torch_dtype(job.export.precision(job.precision))
     adapters, trained = _trained_inputs(job, checkpoint_dir, layout)
-    trained_keys = set(trained.keys()) if trained is not None else set()
+    trained_keys = set(trained.keys())  # a full run's every weight; a LoRA run's modules trained whole (lora.train_projector)
     model_dir.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
     total_size = merged = 0

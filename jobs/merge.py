@@ -57,7 +57,9 @@ def dequantized_state(model: Any) -> dict[str, Any]:
     for mod_name, module in model.named_modules():
         if ".lora_" in f".{mod_name}" or "lora_" in mod_name.rsplit(".", 1)[-1]:
             continue
-        clean = mod_name.replace(".base_layer", "")
+        if ".modules_to_save." in f"{mod_name}.":  # lora.train_projector's trained copy: the adapter's, not the base's
+            continue
+        clean = mod_name.replace(".base_layer", "").replace(".original_module", "")
         prefix = f"{clean}." if clean else ""
         if isinstance(module, bnb.nn.Linear4bit):
             w = module.weight

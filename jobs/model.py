@@ -190,6 +190,8 @@ def attach_lora(model: Any, job: JobConfig, arch: Architecture) -> Any:
         lora_dropout=job.lora.dropout,
         target_modules=lora_targets(job, arch),
         bias="none",
+        # lora.train_projector: a trainable copy of the projector beside the frozen one (peft's modules_to_save)
+        modules_to_save=list(dict(arch.components).get("projector", ())) if job.lora.train_projector else None,
     )
     return get_peft_model(model, config)
 

@@ -240,3 +240,12 @@ def test_a_search_space_takes_a_components_learning_rate(world, tmp_path):
     path.write_text(yaml.safe_dump(body))
     _, base, _ = load_search(path)
     assert "lr_groups" not in base.get("train", {})  # each trial sets its own
+
+
+def test_training_the_projector_beside_adapters_is_checked_and_opens_its_learning_rate(world, tmp_path):
+    path = write_job(tmp_path, world)  # LLaVA, qlora
+    job = load_job(path, ["lora.train_projector=true", "train.lr_groups.projector=1e-4"])[0]
+    assert job.lora.train_projector and job.train.lr_groups == {"projector": 1e-4}
+    assert "applies to lora/qlora" in problems(path, "method=full", "quantization.type=none", "lora.train_projector=true")["lora.train_projector"]
+    text = tinymodels.build_tiny_text(tmp_path / "llama")
+    assert "llama has no projector" in problems(path, f"model={text}", "lora.train_projector=true")["lora.train_projector"]

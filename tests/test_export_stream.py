@@ -242,3 +242,23 @@ def test_export_dtype_fp32_keeps_what_a_bf16_export_would_round_away(bases, rows
     assert all(torch.equal(wide[k].to(torch.bfloat16), narrow[k]) for k in narrow)  # the same merge, rounded once more
     assert record["checks"]["layers"]["max_rel_diff"] < 1e-5 < bf16["checks"]["layers"]["max_rel_diff"]
     assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("arch", ["llava", "idefics3", "qwen2_vl", "paligemma"])
+def test_a_projector_trained_beside_the_adapters_is_exported_and_checked(bases, rows, tmp_path, arch):
+    """lora.train_projector (peft's modules_to_save) on a QLoRA run: the streamed export writes the trained
+    projector, bit for bit as the in-memory export (merge_and_unload) does, and the end-to-end logits check,
+    whose as-trained model holds the trained copy, passes."""
+    job = job_for(bases[arch], rows, "qlora", "bf16", "nf4")
+    job = job.model_copy(update={"lora": job.lora.model_copy(update={"train_projector": True})})
+    ckpt = checkpoint(job, tmp_path / "ckpt")
+    with safe_open(str(ckpt / WEIGHTS_FILE), "pt") as f:
+        saved = {k.removeprefix("base_model.model.").replace(".modules_to_save.default.", "."): f.get_tensor(k) for k in f.keys() if ".modules_to_save." in k}
+    projector = architectures.for_model_dir(job.model).component_of
+    assert saved and all(projector(k) == "projector" for k in saved)
+    streamed = export(job, ckpt, tmp_path / "streamed")
+    in_memory = export(job.model_copy(update={"export": job.export.model_copy(update={"merge": "in_memory"})}), ckpt, tmp_path / "in_memory")
+    got, want = tensors(tmp_path / "streamed"), tensors(tmp_path / "in_memory")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert in_memory["checks"]["end_to_end"]["passed"] and streamed["checks"]["end_to_end"]["ran"] and streamed["checks"]["end_to_end"]["passed"], streamed["checks"]["end_to_end"]
+    assert all(torch.equal(got[k], v.to(got[k].dtype)) for k, v in saved.items())  # the trained projector, in the export dtype

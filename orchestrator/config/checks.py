@@ -35,14 +35,18 @@ def _component_problems(job: JobConfig, arch: Any) -> list[Problem]:
     for name in job.freeze:
         if name in COMPONENTS and name not in have:
             problems.append(Problem("freeze", f"{arch.name} has no {name} component (it has {', '.join(have)})", f"remove {name} from freeze"))
+    if job.lora.train_projector and "projector" not in have:
+        problems.append(Problem("lora.train_projector", f"{arch.name} has no projector", "set train_projector: false"))
+    elif job.lora.train_projector and job.method == "full":
+        problems.append(Problem("lora.train_projector", "applies to lora/qlora (method: full trains the projector anyway)", "remove train_projector"))
     for name in job.train.lr_groups:
         key = f"train.lr_groups.{name}"
         if name not in have:
             problems.append(Problem(key, f"{arch.name} has no {name} component (it has {', '.join(have)})", f"remove {name} from train.lr_groups"))
         elif name in job.freeze:
             problems.append(Problem(key, f"{name} is frozen (freeze lists it): no weight of it trains", f"remove {name} from freeze or from train.lr_groups"))
-        elif job.method != "full" and (name == "projector" or (name == "vision" and not job.lora.train_vision)):
-            why = "set lora.train_vision: true (adapters on the vision tower)" if name == "vision" else "use method: full"
+        elif job.method != "full" and ((name == "projector" and not job.lora.train_projector) or (name == "vision" and not job.lora.train_vision)):
+            why = "set lora.train_vision: true (adapters on the vision tower)" if name == "vision" else "set lora.train_projector: true"
             problems.append(Problem(key, f"method: {job.method} trains adapters on the language model only: no {name} weight trains", why))
     return problems
 

@@ -106,6 +106,9 @@ class LoraConfig(Section):
     or a list of module-name suffixes."""
     train_vision: bool = False
     """Also adapt the vision tower's projections (with targets: auto)."""
+    train_projector: bool = False
+    """Also train the projector (a VLM's vision-to-language layers) fully, beside the adapters (peft's
+    modules_to_save); the export writes the trained projector into the merged model."""
 
 
 class QuantizationConfig(Section):
