@@ -19,23 +19,26 @@ def to_device(batch: dict[str, Any], device: Any, float_dtype: Any = None) -> di
 
 
 def answer_stats(logits: Any, labels: Any) -> tuple[float, int, int, int]:
-    """(summed token loss, answer tokens, exactly-correct examples, examples) for one batch.
-    Only the answer positions' logits are upcast to fp32: a copy of the whole batch's (tokens x vocabulary,
-    ~30 GB at 16k tokens and a 152k vocabulary) would be the eval's largest tensor."""
+    """(summed token loss, answer tokens, exactly-correct examples, examples) for one batch, from the full
+    sequence's logits. Only the answer positions' logits are upcast to fp32: a copy of the whole batch's (tokens x
+    vocabulary, ~30 GB at 16k tokens and a 152k vocabulary) would be the eval's largest tensor."""
+    targets = labels[:, 1:]
+    rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    return answer_counts(logits[rows, positions], targets[rows, positions], rows, labels)
+
+
+def answer_counts(logits: Any, targets: Any, rows: Any, labels: Any) -> tuple[float, int, int, int]:
+    """answer_stats' numbers from the answer positions' logits alone (answer_logits' output): (summed token loss,
+    answer tokens, exactly-correct examples, examples)."""
     import torch
     import torch.nn.functional as F
 
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    rows, positions = mask.nonzero(as_tuple=True)
-    answer_logits = logits[rows, positions].float()  # (answer tokens, vocabulary)
-    answer_targets = targets[rows, positions]
-    loss = F.cross_entropy(answer_logits, answer_targets, reduction="sum")
-    misses = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
-    misses.index_add_(0, rows, (answer_logits.argmax(-1) != answer_targets).long())
-    scored = mask.any(dim=1)  # a filler row (jobs/data.filler_row) has no answer: not an example
-    correct = int(((misses == 0) & scored).sum())
-    return float(loss), int(mask.sum()), correct, int(scored.sum())
+    logits = logits.float()  # (answer tokens, vocabulary)
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    misses = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
+    misses.index_add_(0, rows, (logits.argmax(-1) != targets).long())
+    scored = (labels[:, 1:] != IGNORE_INDEX).any(dim=1)  # a filler row (jobs/data.filler_row) has no answer: not an example
+    return float(loss), len(targets), int(((misses == 0) & scored).sum()), int(scored.sum())
 
 
 def keeps_logits(model: Any) -> bool:
@@ -78,7 +81,6 @@ def evaluate(model: Any, batches: list[dict[str, Any]], device: Any, autocast: A
     """Summed over this worker's batches and then over all workers (a collective when distributed).
     keep: the head runs at the answer positions only (answer_logits)."""
     import torch
-    import torch.nn.functional as F
 
     was_training = model.training
     model.eval()
@@ -87,12 +89,7 @@ def evaluate(model: Any, batches: list[dict[str, Any]], device: Any, autocast: A
         for batch in batches:
             batch = to_device(batch, device, float_dtype)
             labels = batch.pop("labels")
-            logits, targets, rows = answer_logits(model, batch, labels, keep)
-            logits = logits.float()
-            misses = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
-            misses.index_add_(0, rows, (logits.argmax(-1) != targets).long())
-            scored = (labels[:, 1:] != IGNORE_INDEX).any(dim=1)  # a filler row (jobs/data.filler_row) has no answer: not an example
-            stats = (float(F.cross_entropy(logits, targets, reduction="sum")), len(targets), int(((misses == 0) & scored).sum()), int(scored.sum()))
+            stats = answer_counts(*answer_logits(model, batch, labels, keep), labels)
             totals = [a + b for a, b in zip(totals, stats, strict=True)]
     loss, tokens, correct, count = reduce(totals, device)  # every rank, with or without rows
     model.train(was_training)

@@ -250,6 +250,7 @@ def _row_number(problem: str) -> tuple[str, int]:
 def index(job: JobConfig, stores: dict[str, rowstore.Store]) -> dict[str, Index]:
     """The validation pass over every data file, then data.max_length applied (error naming each row, or drop)."""
     out, problems = {}, []
+    vlm = architectures.for_model_dir(job.model_dir).kind == "vlm"
     for which, store in stores.items():
         option = f"data.{which}"
         try:
@@ -261,7 +262,6 @@ def index(job: JobConfig, stores: dict[str, rowstore.Store]) -> dict[str, Index]
         if long.any() and job.data.too_long == "error":
             problems.extend(too_long_message(f"{store.data_file} ({option})", int(i), int(n), job.data) for i, n in zip(rows[long], lengths[long], strict=True))
             continue
-        vlm = architectures.for_model_dir(job.model_dir).kind == "vlm"
         out[which] = Index(store, option, rows[~long], lengths[~long], int(long.sum()), cached=nodes == 0, nodes=nodes,
                            image_tokens=images[~long] if vlm else None)
     if problems:
