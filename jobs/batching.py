@@ -14,7 +14,10 @@ Batching (`data.batching`):
 - length_grouped: the permutation is cut into mega batches of 50 global micro batches, each sorted by
   length and cut again (HF Trainer's `group_by_length` recipe); the micro batches are then shuffled;
 - tokens: each worker's micro batch holds as many rows as fit `data.batch_tokens` padded tokens
-  (rows x longest row), filled from length-sorted mega batches; the micro batches are then shuffled.
+  (rows x longest row), filled from length-sorted mega batches; the micro batches are then shuffled;
+- packed: each worker's micro batch is rows whose lengths sum to at most `data.batch_tokens` (one packed
+  sequence, jobs/data.collate with packed_from), filled first-fit longest first within each mega batch; the
+  micro batches are then shuffled.
 """
 
 from __future__ import annotations
@@ -64,12 +67,16 @@ def global_micro_batches(order: np.ndarray, lengths: np.ndarray, data: DataConfi
         return [[order[m * g + r * micro : m * g + (r + 1) * micro] for r in range(world)] for m in range(len(order) // g)]
     # length_grouped and tokens: sort mega batches by length, longest first, then cut
     mega = MEGA * g
+    if data.batching == "packed":  # a packed micro batch holds batch_tokens / mean length rows, not micro_batch_size
+        mega = MEGA * world * max(micro, int(data.batch_tokens or 0) // max(1, int(lengths.mean())))
     pieces: list[np.ndarray] = []
     for start in range(0, len(order), mega):
         chunk = order[start : start + mega]
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
         if data.batching == "length_grouped":
             pieces.extend(chunk[m * micro : (m + 1) * micro] for m in range(len(chunk) // micro))
+        elif data.batching == "packed":
+            pieces.extend(_pack_to_budget(chunk, lengths, data))
         else:
             pieces.extend(_fill_to_budget(chunk, lengths, data))
     if data.batching == "length_grouped":
@@ -99,7 +106,7 @@ def build_schedule(rows: np.ndarray, lengths: np.ndarray, train: TrainConfig, da
         if per_epoch == 0:
             raise ValueError(
                 f"{n} rows cannot fill one optimizer step ({train.micro_batch_size} rows x {world} workers x grad_accum {train.grad_accum}"
-                + (f", batch_tokens {data.batch_tokens}" if data.batching == "tokens" else "")
+                + (f", batch_tokens {data.batch_tokens}" if data.batching in ("tokens", "packed") else "")
                 + "); use more rows, or lower train.micro_batch_size / train.grad_accum"
             )
         schedule.epoch_starts.append(schedule.total_steps)
@@ -114,12 +121,15 @@ def build_schedule(rows: np.ndarray, lengths: np.ndarray, train: TrainConfig, da
 
 def eval_batches(rows: np.ndarray, lengths: np.ndarray, data: DataConfig, micro: int, rank: int, world: int) -> list[np.ndarray]:
     """Worker `rank`'s eval micro batches: every world-th row from `rank`, in micro batches of `micro`
-    rows (tokens: up to batch_tokens padded tokens), sorted by length unless batching is rows."""
+    rows (tokens: up to batch_tokens padded tokens; packed: up to batch_tokens tokens), sorted by length unless
+    batching is rows."""
     mine = np.arange(rank, len(rows), world)
     if data.batching != "rows":
         mine = mine[np.argsort(-lengths[mine], kind="stable")]
     if data.batching == "tokens":
         return [rows[part] for part in _fill_to_budget(mine, lengths, data)]
+    if data.batching == "packed":
+        return [rows[part] for part in _pack_to_budget(mine, lengths, data)]
     return [rows[mine[i : i + micro]] for i in range(0, len(mine), micro)]
 
 
@@ -133,6 +143,32 @@ def _fill_to_budget(sorted_positions: np.ndarray, lengths: np.ndarray, data: Dat
         out.append(sorted_positions[i : i + n])
         i += n
     return out
+
+
+def _pack_to_budget(sorted_positions: np.ndarray, lengths: np.ndarray, data: DataConfig) -> list[np.ndarray]:
+    """Pack positions sorted longest first into micro batches whose lengths sum to at most data.batch_tokens:
+    first fit (each row into the first micro batch with room, else a new one), which leaves little room unused
+    when short rows follow long ones. The rows keep their sorted order within a micro batch."""
+    assert data.batch_tokens is not None
+    if len(sorted_positions) == 0:
+        return []
+    shortest = int(lengths[sorted_positions[-1]])
+    bins: list[list[int]] = []
+    room: list[int] = []
+    open_bins: list[int] = []  # the bins that still have room for the shortest row
+    for p in sorted_positions:
+        n = int(lengths[p])
+        k = next((j for j in open_bins if room[j] >= n), None)
+        if k is None:
+            k = len(bins)
+            bins.append([])
+            room.append(data.batch_tokens)
+            open_bins.append(k)
+        bins[k].append(int(p))
+        room[k] -= n
+        if room[k] < shortest:
+            open_bins.remove(k)
+    return [np.asarray(b, dtype=sorted_positions.dtype) for b in bins]
 
 
 def padding_fraction(batches: list[np.ndarray], length_of: dict[int, int] | np.ndarray) -> float:

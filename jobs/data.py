@@ -436,11 +436,15 @@ def pad_token_id(processor: Any) -> int:
     return getattr(processor, "tokenizer", processor).pad_token_id or 0
 
 
-def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list[Encoded], pad_id: int, packed_from: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad token-level tensors; concatenate the rest (pixel_values, image_grid_thw, ...) along dim 0,
-    from the rows that have them (a text row in a VLM batch adds no image tensors)."""
+    from the rows that have them (a text row in a VLM batch adds no image tensors).
+    packed_from (data.batching: packed; the architecture's first position id): one sequence of the rows end to end
+    (collate_packed) instead."""
     import torch
 
+    if packed_from is not None:
+        return collate_packed(examples, packed_from)
     longest = max(len(e.input_ids) for e in examples)
     n = len(examples)
     batch = {
@@ -461,6 +465,38 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
                 batch[key][j, :length] = e.extras[key]
             else:  # a text row beside image rows: prompt tokens 0, answer tokens as encode_row fills them
                 batch[key][j, :length] = (e.labels != IGNORE_INDEX).long() * TOKEN_LEVEL_FILL[key]
+    image_keys = dict.fromkeys(k for e in examples for k in e.extras if k not in TOKEN_LEVEL_FILL)
+    for key in image_keys:
+        batch[key] = cat_padded([e.extras[key] for e in examples if key in e.extras])
+    return batch
+
+
+def collate_packed(examples: list[Encoded], first_position: int) -> dict[str, torch.Tensor]:
+    """The rows end to end as one sequence (a batch of one), without padding or attention_mask: position_ids restart
+    at first_position with each row, which is how transformers tells the rows apart (masking_utils builds a
+    block-diagonal causal mask from them; FlashAttention 2 runs them as variable-length sequences), and the
+    label of each row's first token is ignored, so no row predicts the next one's start. Image tensors are
+    concatenated as in collate; Qwen2-VL's 3-D positions are made per row on the worker (jobs/packing.py)."""
+    import torch
+
+    def token_level(key: str, e: Encoded) -> torch.Tensor:
+        if key in e.extras:
+            return e.extras[key]
+        return (e.labels != IGNORE_INDEX).long() * TOKEN_LEVEL_FILL[key]  # a text row beside image rows, as collate
+
+    labels = []
+    for e in examples:
+        row = e.labels.clone()
+        row[0] = IGNORE_INDEX
+        labels.append(row)
+    batch = {
+        "input_ids": torch.cat([e.input_ids for e in examples])[None],
+        "labels": torch.cat(labels)[None],
+        "position_ids": torch.cat([torch.arange(len(e.input_ids)) + first_position for e in examples])[None],
+    }
+    for key in (k for k in TOKEN_LEVEL_FILL if any(k in e.extras for e in examples)):
+        dtype = next(e.extras[key].dtype for e in examples if key in e.extras)
+        batch[key] = torch.cat([token_level(key, e).to(dtype) for e in examples])[None]
     image_keys = dict.fromkeys(k for e in examples for k in e.extras if k not in TOKEN_LEVEL_FILL)
     for key in image_keys:
         batch[key] = cat_padded([e.extras[key] for e in examples if key in e.extras])

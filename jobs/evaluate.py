@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jobs import packing
 from jobs.collective import reduce
 from jobs.data import IGNORE_INDEX
 
@@ -24,21 +25,22 @@ def answer_stats(logits: Any, labels: Any) -> tuple[float, int, int, int]:
     vocabulary, ~30 GB at 16k tokens and a 152k vocabulary) would be the eval's largest tensor."""
     targets = labels[:, 1:]
     rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    return answer_counts(logits[rows, positions], targets[rows, positions], rows, labels)
+    return answer_counts(logits[rows, positions], targets[rows, positions], rows)
 
 
-def answer_counts(logits: Any, targets: Any, rows: Any, labels: Any) -> tuple[float, int, int, int]:
-    """answer_stats' numbers from the answer positions' logits alone (answer_logits' output): (summed token loss,
-    answer tokens, exactly-correct examples, examples)."""
+def answer_counts(logits: Any, targets: Any, rows: Any) -> tuple[float, int, int, int]:
+    """answer_stats' numbers from the answer positions' logits alone (answer_logits' output, rows: the example of
+    each answer token): (summed token loss, answer tokens, exactly-correct examples, examples). An example is a row
+    with an answer: a filler row (jobs/data.filler_row) has none, so it is not one."""
     import torch
     import torch.nn.functional as F
 
     logits = logits.float()  # (answer tokens, vocabulary)
     loss = F.cross_entropy(logits, targets, reduction="sum")
-    misses = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
-    misses.index_add_(0, rows, (logits.argmax(-1) != targets).long())
-    scored = (labels[:, 1:] != IGNORE_INDEX).any(dim=1)  # a filler row (jobs/data.filler_row) has no answer: not an example
-    return float(loss), len(targets), int(((misses == 0) & scored).sum()), int(scored.sum())
+    examples, owner = torch.unique(rows, return_inverse=True)
+    misses = torch.zeros(len(examples), dtype=torch.long, device=logits.device)
+    misses.index_add_(0, owner, (logits.argmax(-1) != targets).long())
+    return float(loss), len(targets), int((misses == 0).sum()), len(examples)
 
 
 def keeps_logits(model: Any) -> bool:
@@ -55,17 +57,23 @@ def answer_logits(model: Any, batch: dict[str, Any], labels: Any, keep: bool) ->
     the row of each). In VLM SFT most positions are image and prompt tokens without loss, yet the head and the
     loss's fp32 copy would cover every one (with a 152k vocabulary the step's largest tensor). keep (keeps_logits):
     the head runs at the positions where any row of the batch has an answer token next; else at every position,
-    and the answer positions are picked after."""
+    and the answer positions are picked after. A packed batch (jobs/packing.py): the rows are those of its one
+    sequence, and the model runs without a cache, so that transformers builds the mask from the positions."""
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
+    owner = None
+    if packing.is_packed(batch):
+        owner = packing.row_ids(batch["position_ids"])[:, 1:]  # the row each target token belongs to
+        batch = {**packing.model_inputs(model, batch), "use_cache": False}
     if keep:
         positions = mask.any(dim=0).nonzero(as_tuple=True)[0]  # a tensor, even empty (an int 0 would keep all)
         logits = model(**batch, logits_to_keep=positions).logits
         mask, targets = mask[:, positions], targets[:, positions]
+        owner = owner[:, positions] if owner is not None else None
     else:
         logits = model(**batch).logits[:, :-1]
     rows, cols = mask.nonzero(as_tuple=True)
-    return logits[rows, cols], targets[rows, cols], rows
+    return logits[rows, cols], targets[rows, cols], owner[rows, cols] if owner is not None else rows
 
 
 def answer_loss(model: Any, batch: dict[str, Any], labels: Any, keep: bool) -> Any:
@@ -89,7 +97,7 @@ def evaluate(model: Any, batches: list[dict[str, Any]], device: Any, autocast: A
         for batch in batches:
             batch = to_device(batch, device, float_dtype)
             labels = batch.pop("labels")
-            stats = answer_counts(*answer_logits(model, batch, labels, keep), labels)
+            stats = answer_counts(*answer_logits(model, batch, labels, keep))
             totals = [a + b for a, b in zip(totals, stats, strict=True)]
     loss, tokens, correct, count = reduce(totals, device)  # every rank, with or without rows
     model.train(was_training)

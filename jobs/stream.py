@@ -322,7 +322,8 @@ def encode_item(
     if not problem:
         if filler is not None and not any(has_image(e) for e in examples) and (with_image or not examples):
             examples.append(pickle.loads(filler))
-        tensors = {k: v.numpy() for k, v in collate(examples, pad_id).items()}
+        packed_from = architectures.for_model_dir(job.model_dir).first_position if job.data.batching == "packed" else None
+        tensors = {k: v.numpy() for k, v in collate(examples, pad_id, packed_from).items()}
         payload = pickle.dumps({"rows": ids, "tensors": tensors, "node": node}, protocol=5)
     return pa.table({"step": batch.column("step"), "micro": batch.column("micro"), "batch": pa.array([payload], pa.binary()), "problem": [problem]})
 

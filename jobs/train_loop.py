@@ -370,8 +370,9 @@ class Window:
 
     def count(self, micro: list[Any], batches: list[dict[str, Any]]) -> None:
         """A step's rows and tokens, before it runs."""
-        self.tokens += sum(int(b["attention_mask"].sum()) for b in batches)
-        self.padded += sum(b["attention_mask"].numel() for b in batches)
+        for b in batches:  # a packed micro batch (no attention_mask) has no padding
+            self.tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+            self.padded += b["input_ids"].numel()
         self.samples += sum(len(rows) for rows in micro)
 
     def add_loss(self, step_loss: float) -> None:

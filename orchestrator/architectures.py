@@ -40,6 +40,11 @@ class Architecture:
     """The model's parts by the names a user writes (freeze, train.lr_groups): vision, projector, language, each
     as module-name prefixes; a weight belongs to the part with its longest matching prefix (Qwen2-VL's merger,
     the projector, sits inside its vision tower)."""
+    packs: bool = True
+    """data.batching: packed is correct here: rows concatenated without padding, positions restarting per row, no
+    attention across rows (tests/test_packing.py checks each architecture against the same rows unpacked)."""
+    first_position: int = 0
+    """The position id of a row's first token (PaliGemma counts from 1)."""
 
     def component_of(self, name: str) -> str | None:
         """The component (vision, projector, language) holding parameter or module `name`; peft's wrapper prefix
@@ -135,6 +140,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         # processor: it adds 1152 <loc>/<seg> tokens (size the vocabulary from len(tokenizer)); no chat
         # template: one user message (its image tokens first) and the answer as the suffix
         max_images=1,
+        first_position=1,
     ),
     Architecture(
         name="nvila_lite",
@@ -147,6 +153,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         vision_modules=("vision_tower", "mm_projector"),
         components=(("vision", ("vision_tower",)), ("projector", ("mm_projector",)), ("language", ("llm",))),
         note="NVILA-Lite supports full fine-tuning only",
+        packs=False,  # its remote model code is not in transformers: packing cannot be checked against it
     ),
     Architecture(
         name="llama",

@@ -122,6 +122,20 @@ def test_architecture_capabilities_are_enforced(world, tmp_path):
     assert job.method == "full"
 
 
+def test_packing_is_refused_before_launch_where_it_cannot_run(world, tmp_path):
+    """data.batching: packed needs a token budget, and an architecture whose packed positions rayft has checked."""
+    path = write_job(tmp_path, world)
+    assert "batching: packed needs a token budget" in problems(path, "data.batching=packed")["data.batch_tokens"]
+    assert "the longest row would not fit" in problems(path, "data.batching=packed", "data.batch_tokens=8")["data.batch_tokens"]
+    nvila = tmp_path / "nvila"
+    nvila.mkdir()
+    (nvila / "config.json").write_text('{"model_type": "nvila_lite"}')
+    found = problems(path, f"model={nvila}", "method=full", "quantization.type=none", "data.batching=packed", "data.batch_tokens=4096")
+    assert "nvila_lite cannot pack rows" in found["data.batching"] and "use data.batching: tokens" in found["data.batching"]
+    job, _ = load_job(path, ["data.batching=packed", "data.batch_tokens=4096"])
+    assert job.data.batching == "packed"
+
+
 def test_fp16_on_cpu_warns(world, tmp_path, monkeypatch):
     monkeypatch.setattr("orchestrator.config.checks.gpu_present", lambda: False)
     _, warnings = load_job(write_job(tmp_path, world, precision="fp16"))

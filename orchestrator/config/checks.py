@@ -97,15 +97,18 @@ def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = N
                 "set method: qlora, or quantization.type: none",
             )
         )
-    if job.data.batching == "tokens" and job.data.batch_tokens is None:
-        problems.append(Problem("data.batch_tokens", "batching: tokens needs a token budget", f"set data.batch_tokens, e.g. {job.train.micro_batch_size * job.data.max_length}"))
-    elif job.data.batching == "tokens" and job.data.batch_tokens < job.data.max_length:  # type: ignore[operator]
+    budgeted = job.data.batching in ("tokens", "packed")
+    if budgeted and job.data.batch_tokens is None:
+        problems.append(Problem("data.batch_tokens", f"batching: {job.data.batching} needs a token budget",
+                                f"set data.batch_tokens, e.g. {job.train.micro_batch_size * job.data.max_length}"))
+    elif budgeted and job.data.batch_tokens < job.data.max_length:  # type: ignore[operator]
         problems.append(
             Problem("data.batch_tokens", f"{job.data.batch_tokens} is below data.max_length={job.data.max_length}: the longest row would not fit",
                     f"set data.batch_tokens >= {job.data.max_length}")
         )
-    elif job.data.batch_tokens is not None and job.data.batching != "tokens":
-        problems.append(Problem("data.batch_tokens", f"applies to batching: tokens, not {job.data.batching}", "set data.batching: tokens, or remove batch_tokens"))
+    elif job.data.batch_tokens is not None and not budgeted:
+        problems.append(Problem("data.batch_tokens", f"applies to batching: tokens or packed, not {job.data.batching}",
+                                "set data.batching: tokens (or packed), or remove batch_tokens"))
     if job.data.min_pixels is not None and job.data.max_pixels is not None and job.data.min_pixels > job.data.max_pixels:
         problems.append(Problem("data.min_pixels", f"{job.data.min_pixels} is above data.max_pixels={job.data.max_pixels}",
                                 "set min_pixels <= max_pixels, or remove one of them"))
@@ -152,7 +155,13 @@ def check_job(job: JobConfig, *, local_files: bool = True, gpus: bool | None = N
                     problems.append(Problem("model", str(e), "name lora.targets explicitly, or use method: full"))
                 else:
                     warnings.append(str(e))
+                if job.data.batching == "packed":
+                    problems.append(Problem("data.batching", f"packed: rayft has not checked that this architecture packs correctly ({e})",
+                                            "use data.batching: tokens (padding instead of packing)"))
             else:
+                if job.data.batching == "packed" and not arch.packs:
+                    problems.append(Problem("data.batching", f"packed: {arch.name} cannot pack rows (its model code is not in transformers, "
+                                            "so rayft cannot check packed positions against it)", "use data.batching: tokens (padding instead of packing)"))
                 if job.method not in arch.methods:
                     allowed = " or ".join(f"method: {m}" for m in arch.methods)
                     problems.append(

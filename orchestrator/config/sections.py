@@ -81,17 +81,20 @@ class DataConfig(Section):
     """An image of fewer pixels is resized up to this many, aspect kept. null: as stored."""
     blind: bool = False
     """Replace every image by a uniform grey one (a control run: accuracy should stay at chance if the task needs the image)."""
-    batching: Literal["rows", "length_grouped", "tokens"] = "rows"
+    batching: Literal["rows", "length_grouped", "tokens", "packed"] = "rows"
     """How rows form micro batches: rows (train.micro_batch_size rows in shuffled order), length_grouped
-    (the same rows per batch, batched with rows of similar length: less padding), or tokens (as many rows
-    as fit data.batch_tokens padded tokens per worker)."""
+    (the same rows per batch, batched with rows of similar length: less padding), tokens (as many rows
+    as fit data.batch_tokens padded tokens per worker), or packed (rows concatenated into one sequence of at
+    most data.batch_tokens tokens per worker: no padding, positions restarting at each row, no attention
+    across rows; eval batches are packed the same way)."""
     encode_once: Literal["auto", "off"] = "auto"
     """auto: before training, every row is encoded once (in the driver's process for a small file, else by a Ray
     Data pass) and the tensors are kept beside the row store, for every epoch, resume and search trial, when
     they fit a quarter of the machine's memory and half the free disk; otherwise, or with off, Ray Data
     encodes rows as they stream to the workers."""
     batch_tokens: int | None = Field(None, ge=8)
-    """With batching: tokens, the padded tokens (rows x longest row) of one worker's micro batch; at least data.max_length."""
+    """With batching: tokens, the padded tokens (rows x longest row) of one worker's micro batch; with packed, the
+    tokens of its one packed sequence. At least data.max_length."""
 
 
 class LoraConfig(Section):

@@ -203,15 +203,24 @@ def gpu_runtime(workers: int) -> int:
     return CUDA_CONTEXT + CUBLAS_WORKSPACE + (NCCL_BUFFERS if workers > 1 else 0)
 
 
+def micro_tokens(job: JobConfig) -> int:
+    """The most tokens of one worker's micro batch (image tokens included): data.batch_tokens under batching tokens
+    or packed, else micro_batch_size rows of data.max_length."""
+    if job.data.batching in ("tokens", "packed") and job.data.batch_tokens is not None:
+        return job.data.batch_tokens
+    return job.train.micro_batch_size * job.data.max_length
+
+
 def _activations(job: JobConfig, shape: ModelShape, element: int) -> int:
-    tokens = job.train.micro_batch_size * job.data.max_length
+    tokens = micro_tokens(job)
     logits = tokens * shape.vocab * (element + 8)  # the logits, their fp32 upcast for the loss, log-softmax
     total = logits + _stack_bytes(shape.text, tokens, element, job.train.gradient_checkpointing)
     if shape.vision is not None and _vision_trains(job, shape):
         per_image = shape.image_tokens or dynamic_patches(job, shape)
-        total += _stack_bytes(
-            shape.vision, job.train.micro_batch_size * per_image, element, job.train.gradient_checkpointing
-        )
+        images = job.train.micro_batch_size
+        if job.data.batching in ("tokens", "packed"):  # as many rows as fit the budget: short rows, many images
+            images = max(1, tokens // max(1, min(job.data.max_length, shape.image_tokens or job.data.max_length)))
+        total += _stack_bytes(shape.vision, images * per_image, element, job.train.gradient_checkpointing)
     return total
 
 
@@ -255,8 +264,7 @@ def _lora_dropout_bytes(job: JobConfig, shape: ModelShape, per_element: int) -> 
     layers = shape.text.layers + (shape.vision.layers if shape.vision and job.lora.train_vision else 0)
     if job.train.gradient_checkpointing:
         per_token //= max(1, layers)
-    tokens = job.train.micro_batch_size * job.data.max_length
-    return per_token * tokens
+    return per_token * micro_tokens(job)
 
 
 

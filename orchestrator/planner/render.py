@@ -3,9 +3,14 @@ one row per configuration with its bytes per term, what fits, and the recommenda
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from orchestrator.planner.fit import Comparison, change_text, fits, set_flags, split_note
 from orchestrator.planner.memory import GiB, four_bit_bytes
 from orchestrator.planner.shapes import ModelShape
+
+if TYPE_CHECKING:
+    from orchestrator.config import JobConfig
 
 UNITS = {"GiB": GiB, "GB": 10**9, "MiB": 2**20}
 
@@ -33,7 +38,7 @@ def render(c: Comparison, units: str = "GiB") -> str:
         "the architecture's default targets" if job.lora.targets == "auto" else ", ".join(job.lora.targets)
     )
     lines.append(
-        f"assumptions: micro batch {job.train.micro_batch_size} x {job.data.max_length} tokens (image tokens included), "
+        f"assumptions: micro batch {micro_batch_words(job)} (image tokens included), "
         f"precision {job.precision}, gradient checkpointing {'on' if job.train.gradient_checkpointing else 'off'}, {lora}, AdamW"
     )
     storage = [
@@ -117,3 +122,9 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}" if unit == "B" else f"{n / size:.1f}{unit}"
     return str(n)
+
+
+def micro_batch_words(job: JobConfig) -> str:
+    if job.data.batching in ("tokens", "packed") and job.data.batch_tokens is not None:
+        return f"of {job.data.batch_tokens} {'packed' if job.data.batching == 'packed' else 'padded'} tokens"
+    return f"{job.train.micro_batch_size} x {job.data.max_length} tokens"
