@@ -283,10 +283,17 @@ def qwen2_vl_image_processor_class() -> type:
     return qwen2_vl_image_only_processor("qwen2_vl")
 
 
-def build_tiny_qwen2_vl(model_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 1) -> Path:
-    """Qwen2-VL (ViT with 2x2 patch merger + Qwen2 text with multimodal RoPE); images resized to 32x32."""
+def build_tiny_qwen2_vl(model_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 1, version: str = "qwen2_vl") -> Path:
+    """Qwen2-VL (ViT with 2x2 patch merger + Qwen2 text with multimodal RoPE); images resized to 32x32.
+    version qwen2_5_vl: Qwen2.5-VL (its windowed ViT with a SwiGLU MLP; the same merger, processor and M-RoPE)."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
 
     image_text = "<|vision_start|><|image_pad|><|vision_end|>"
     tokenizer = build_tokenizer(
@@ -296,7 +303,9 @@ def build_tiny_qwen2_vl(model_dir: str | Path, seed: int = 0, hidden: int = 32, 
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=SMALL_PATCH, merge_size=merge, min_pixels=SMALL_IMAGE**2 // 4, max_pixels=SMALL_IMAGE**2
     )
-    processor = qwen2_vl_image_processor_class()(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    from jobs.model import qwen2_vl_image_only_processor
+
+    processor = qwen2_vl_image_only_processor(version)(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
     head_dim = hidden // 4
     text = _small_text(tokenizer, hidden, layers)
     # mrope_section splits head_dim/2 rotary frequencies over (time, height, width).
@@ -310,8 +319,13 @@ def build_tiny_qwen2_vl(model_dir: str | Path, seed: int = 0, hidden: int = 32, 
         "patch_size": SMALL_PATCH,
         "spatial_merge_size": merge,
     }
+    config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    if version == "qwen2_5_vl":
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision = {"depth": layers, "hidden_size": hidden, "out_hidden_size": hidden, "intermediate_size": 2 * hidden, "num_heads": 4,
+                  "patch_size": SMALL_PATCH, "spatial_merge_size": merge, "window_size": 2 * SMALL_PATCH * merge, "fullatt_block_indexes": [0]}
     ids = tokenizer.convert_tokens_to_ids
-    config = Qwen2VLConfig(
+    config = config_class(
         vision_config=vision,
         text_config=text,
         image_token_id=ids("<|image_pad|>"),
@@ -320,10 +334,10 @@ def build_tiny_qwen2_vl(model_dir: str | Path, seed: int = 0, hidden: int = 32, 
         vision_end_token_id=ids("<|vision_end|>"),
     )
     torch.manual_seed(seed)
-    return as_stock_qwen2_vl(_save(Qwen2VLForConditionalGeneration(config), processor, model_dir))
+    return as_stock_qwen2_vl(_save(model_class(config), processor, model_dir), "Qwen2_5_VLProcessor" if version == "qwen2_5_vl" else "Qwen2VLProcessor")
 
 
-def as_stock_qwen2_vl(model_dir: Path) -> Path:
+def as_stock_qwen2_vl(model_dir: Path, processor_class: str = "Qwen2VLProcessor") -> Path:
     """Rewrite processor_config.json as stock transformers 5 writes a Qwen2-VL checkpoint's (the stock class,
     with its video processor nested), which cannot be saved here: the video processor needs torchvision.
     AutoProcessor then fails on it without torchvision, exactly as on a released checkpoint."""
@@ -332,7 +346,7 @@ def as_stock_qwen2_vl(model_dir: Path) -> Path:
     image = config["image_processor"]
     video = {k: v for k, v in image.items() if k != "image_processor_type"}
     video.update(video_processor_type="Qwen2VLVideoProcessor", do_sample_frames=False, fps=2.0, min_frames=4, max_frames=768)
-    path.write_text(json.dumps({"image_processor": image, "processor_class": "Qwen2VLProcessor", "video_processor": video}, indent=2) + "\n")
+    path.write_text(json.dumps({"image_processor": image, "processor_class": processor_class, "video_processor": video}, indent=2) + "\n")
     return model_dir
 
 

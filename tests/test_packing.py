@@ -25,6 +25,7 @@ BUILDERS = {
     "llava": tinymodels.build_tiny_llava,
     "idefics3": lambda out: tinymodels.build_tiny_idefics3(out, image_splitting=True),  # crops per row differ
     "qwen2_vl": tinymodels.build_tiny_qwen2_vl,
+    "qwen2_5_vl": lambda out: tinymodels.build_tiny_qwen2_vl(out, version="qwen2_5_vl"),
     "paligemma": tinymodels.build_tiny_paligemma,
     "llama": lambda out: tinymodels.build_tiny_text(out, arch="llama"),
     "qwen2": lambda out: tinymodels.build_tiny_text(out, arch="qwen2"),
@@ -66,6 +67,7 @@ def test_a_packed_micro_batch_gives_each_row_its_unpacked_loss_gradients_and_eva
     tinymodels.qwen2_vl_image_processor_class()
     path = BUILDERS[name](tmp_path / name)
     arch = for_model_dir(path)
+    assert arch.name == name
     processor = load_processor(str(path), arch)
     examples, _ = encode_rows(rows_file, DataConfig(train=str(rows_file)), processor, arch.kind == "vlm")
     assert len({len(e.input_ids) for e in examples}) >= 2  # rows of different lengths
