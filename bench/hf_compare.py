@@ -155,18 +155,21 @@ def run_rayft(raw: dict[str, Any], warmup: int) -> dict[str, float]:
     plan = batching.build_schedule(np.array([e.row for e in rows]), np.array([len(e.input_ids) for e in rows]), job.train, job.data, 1)
     schedule = partial(lr_lambda, total=plan.total_steps, warmup=0, schedule=job.train.schedule)
     training = build_training(job, arch, device, 1, schedule, None)
+    if os.environ.get("RAYFT_BENCH_FULL_LOGITS") == "1":  # the ablation: logits at every position, as the model's own loss
+        training.keep_logits = False
     training.model.train()
+    packed_from = arch.first_position if job.data.batching == "packed" else None
     ends, tokens, samples, padded, losses = [], [], [], [], []
     for step in plan.steps:
-        batches = [data_mod.collate([by_id[int(i)] for i in micro[0]], pad_id) for micro in step]
-        tokens.append(sum(int(b["attention_mask"].sum()) for b in batches))
-        padded.append(sum(b["attention_mask"].numel() for b in batches))
+        batches = [data_mod.collate([by_id[int(i)] for i in micro[0]], pad_id, packed_from) for micro in step]
+        tokens.append(sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches))
+        padded.append(sum(b["input_ids"].numel() for b in batches))
         samples.append(sum(len(micro[0]) for micro in step))
         losses.append(optimizer_step(training, batches, device))
         ends.append(now())
     return {
         **rates(ends, tokens, warmup, samples), "padding": 1 - sum(tokens) / sum(padded), "peak_rss_mib": peak_rss_mib(),
-        "mean_loss": sum(losses) / len(losses), "load_1m": os.getloadavg()[0],
+        "mean_loss": sum(losses) / len(losses), "load_1m": os.getloadavg()[0], "keep_logits": training.keep_logits,
         **held_out(training.model, job, processor, training.autocast, training.input_dtype),
     }
 
@@ -262,10 +265,12 @@ def run_hf(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
     }
 
 
-def child(contender: str, raw: dict[str, Any], warmup: int) -> dict[str, float]:
-    """Run one contender in a fresh Python process; its last stdout line is the result."""
+def child(contender: str, raw: dict[str, Any], warmup: int, full_logits: bool = False) -> dict[str, float]:
+    """Run one contender in a fresh Python process; its last stdout line is the result. full_logits (rayft): the
+    head at every position (the ablation of logits-where-the-loss-is)."""
     cmd = [sys.executable, __file__, "--child", contender, "--raw", json.dumps(raw), "--warmup", str(warmup)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "RAYFT_BENCH_FULL_LOGITS": "1" if full_logits else "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{contender} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

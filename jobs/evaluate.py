@@ -58,7 +58,11 @@ def answer_logits(model: Any, batch: dict[str, Any], labels: Any, keep: bool) ->
     loss's fp32 copy would cover every one (with a 152k vocabulary the step's largest tensor). keep (keeps_logits):
     the head runs at the positions where any row of the batch has an answer token next; else at every position,
     and the answer positions are picked after. A packed batch (jobs/packing.py): the rows are those of its one
-    sequence, and the model runs without a cache, so that transformers builds the mask from the positions."""
+    sequence, and the model runs without a cache, so that transformers builds the mask from the positions.
+    labels: best on the CPU, as collate made them (the callers keep them there): the positions are found with nonzero,
+    which on a GPU tensor makes the host wait for the GPU at every micro batch; the indices then go to the model's
+    device."""
+    device = batch["input_ids"].device
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     owner = None
@@ -67,13 +71,16 @@ def answer_logits(model: Any, batch: dict[str, Any], labels: Any, keep: bool) ->
         batch = {**packing.model_inputs(model, batch), "use_cache": False}
     if keep:
         positions = mask.any(dim=0).nonzero(as_tuple=True)[0]  # a tensor, even empty (an int 0 would keep all)
-        logits = model(**batch, logits_to_keep=positions).logits
         mask, targets = mask[:, positions], targets[:, positions]
+        positions = positions.to(device, non_blocking=True)
+        logits = model(**batch, logits_to_keep=positions).logits
         owner = owner[:, positions] if owner is not None else None
     else:
         logits = model(**batch).logits[:, :-1]
     rows, cols = mask.nonzero(as_tuple=True)
-    return logits[rows, cols], targets[rows, cols], owner[rows, cols] if owner is not None else rows
+    targets = targets[rows, cols].to(device, non_blocking=True)
+    rows, cols = rows.to(device, non_blocking=True), cols.to(device, non_blocking=True)
+    return logits[rows, cols], targets, owner[rows, cols] if owner is not None else rows
 
 
 def answer_loss(model: Any, batch: dict[str, Any], labels: Any, keep: bool) -> Any:
@@ -95,8 +102,8 @@ def evaluate(model: Any, batches: list[dict[str, Any]], device: Any, autocast: A
     totals = [0.0, 0.0, 0.0, 0.0]
     with torch.no_grad(), autocast():
         for batch in batches:
-            batch = to_device(batch, device, float_dtype)
-            labels = batch.pop("labels")
+            labels = batch["labels"]  # on the CPU (answer_logits)
+            batch = to_device({k: v for k, v in batch.items() if k != "labels"}, device, float_dtype)
             stats = answer_counts(*answer_logits(model, batch, labels, keep))
             totals = [a + b for a, b in zip(totals, stats, strict=True)]
     loss, tokens, correct, count = reduce(totals, device)  # every rank, with or without rows

@@ -188,8 +188,8 @@ def optimizer_step(training: Training, batches: list[dict[str, Any]], device: An
     # host wait for the GPU at every micro batch instead of queueing the next one's kernels.
     step_loss: Any = 0.0
     for k, batch in enumerate(batches):
-        batch = to_device(batch, device, t.input_dtype)
-        labels = batch.pop("labels")
+        labels = batch["labels"]  # stays on the CPU: answer_logits finds the answer positions there, without a GPU sync
+        batch = to_device({k: v for k, v in batch.items() if k != "labels"}, device, t.input_dtype)
         if t.deepspeed:
             loss = answer_loss(t.model, batch, labels, t.keep_logits)
             t.model.backward(loss)  # divides by grad_accum itself

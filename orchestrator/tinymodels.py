@@ -92,8 +92,11 @@ def build_tiny_llava(
     vision_layers: int | None = None,
     image_size: int = IMAGE_SIZE,
     patch_size: int = PATCH_SIZE,
+    vocab: int | None = None,
 ) -> Path:
     """A LLaVA-style VLM (SigLIP vision + Qwen2 text) with random weights, saved with its processor.
+    vocab: the text model's vocabulary (default: the tokenizer's ~40 words; e.g. Qwen2's 151,646, whose embedding and
+    head then cost what a real one does, though only the tokenizer's ids ever occur).
     The text model is hidden x layers with an MLP of `intermediate` (default 2 x hidden); the vision
     tower is as wide and deep as the text model unless vision_hidden / vision_layers say otherwise.
     image_size / patch_size: the SigLIP geometry ((image_size // patch_size)^2 image tokens a row;
@@ -133,7 +136,7 @@ def build_tiny_llava(
         vision_use_head=False,  # LLaVA reads patch features; the pooling head would be an unused parameter
     )
     text = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab or len(tokenizer),
         hidden_size=hidden,
         intermediate_size=intermediate or hidden * 2,
         num_hidden_layers=layers,
