@@ -19,7 +19,9 @@ LoRA (rank 16, alpha 32, dropout 0), AdamW, learning rate and cosine schedule, m
 - length_grouped: rayft's step, rows grouped by length (mega batches of 50), logits at answer positions only;
 - packed: rayft's step, rows packed into one sequence per micro batch (data.batching: packed), logits at answer
   positions only;
-- packed_full_logits: packed, with the head at every position (the ablation of logits-where-the-loss-is).
+- packed_full_logits: packed, with the head at every position (the ablation of logits-where-the-loss-is);
+- rayft_train: the `rayft train` command (length_grouped) on an embedded Ray, rates from its metrics.jsonl
+  (bench/hf_compare.run_rayft_train: the worker's per-step windows after --warmup; peak RSS the worker's).
 Useful (non-pad) tokens/s over --steps timed steps after --warmup, and peak RSS of each process.
 
 --accuracy: held-out answer accuracy after --epochs on 1,024 rows (256 held out), hf against packed, on the
@@ -51,7 +53,7 @@ LR = {"full": 1e-3, "lora": 5e-3, "qlora": 5e-3}
 MICRO = 8
 TRAIN_ROWS, EVAL_ROWS = 1024, 256  # --accuracy
 THROUGHPUT_ROWS = 256  # more than the timed steps read
-CONTENDERS = ("hf", "length_grouped", "packed", "packed_full_logits")
+CONTENDERS = ("hf", "length_grouped", "packed", "packed_full_logits", "rayft_train")
 
 
 def varied(n: int, task: str, seed: int) -> list[dict[str, Any]]:
@@ -73,7 +75,7 @@ def varied(n: int, task: str, seed: int) -> list[dict[str, Any]]:
 
 def raw(method: str, model: Path, data: dict[str, Path], contender: str, steps: int | None, epochs: int, mean_len: int, out: Path) -> dict[str, Any]:
     """The job of one contender; data without "eval": no held-out eval (throughput runs)."""
-    batching = {"hf": "rows", "length_grouped": "length_grouped"}.get(contender, "packed")
+    batching = {"hf": "rows", "length_grouped": "length_grouped", "rayft_train": "length_grouped"}.get(contender, "packed")
     return {
         "name": f"lead-{method}-{contender}", "model": str(model), "output": str(out),
         "data": {"train": str(data["train"]), **({"eval": str(data["eval"])} if "eval" in data else {}), "max_length": 420, "batching": batching,
@@ -86,6 +88,10 @@ def raw(method: str, model: Path, data: dict[str, Path], contender: str, steps: 
 
 
 def run(contender: str, job: dict[str, Any], warmup: int) -> dict[str, Any]:
+    if contender == "rayft_train":  # the whole command on the embedded Ray this process started; rates from its metrics
+        from hf_compare import run_rayft_train
+
+        return run_rayft_train({**job, "train": {**job["train"], "log_every": 1}}, warmup)
     return child("hf" if contender == "hf" else "rayft", job, warmup, full_logits=contender == "packed_full_logits")
 
 
@@ -106,6 +112,12 @@ def material(work: Path, shape: str, rows: int) -> tuple[Path, dict[str, dict[st
 def throughput(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     results: dict[str, Any] = {}
     summary = []
+    if "rayft_train" in args.contenders:
+        import os
+
+        from orchestrator import launch
+
+        launch.ensure_local_ray(os.cpu_count() or 1)
     for shape in args.shapes:
         init, data, mean_len = material(work, shape, THROUGHPUT_ROWS)
         for method in args.methods:
@@ -121,7 +133,7 @@ def throughput(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], li
                 summary.append({
                     "benchmark": f"VLM step vs HF Trainer + PEFT ({shape}, rows of 25-400 tokens)", "measure": f"{method} {c}: useful tokens/s",
                     "rayft": round(med[c]["tokens_per_s"]), "baseline": round(hf["tokens_per_s"]), "ratio": ratio(med[c]["tokens_per_s"], hf["tokens_per_s"]),
-                    "note": f"padding {med[c]['padding']:.0%} vs {hf['padding']:.0%}; peak RSS {med[c]['peak_rss_mib']:.0f} vs {hf['peak_rss_mib']:.0f} MiB; "
+                    "note": f"padding {format(med[c]['padding'], '.0%') if 'padding' in med[c] else 'n/a'} vs {hf['padding']:.0%}; peak RSS {med[c]['peak_rss_mib']:.0f} vs {hf['peak_rss_mib']:.0f} MiB; "
                             f"{args.steps} steps after {args.warmup}, median of {args.rounds}",
                 })
                 print(f"  {c}: {summary[-1]['ratio']}x useful tokens/s ({summary[-1]['rayft']} vs {summary[-1]['baseline']}), {summary[-1]['note']}", flush=True)
