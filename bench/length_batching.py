@@ -61,8 +61,9 @@ def raw(method: str, model: Path, data: dict[str, Path], batching: str, steps: i
     }
 
 
-def train_base(init: Path, english: dict[str, Path], work: Path, epochs: int) -> Path:
-    """The lora/qlora base: the init model fully fine-tuned on English answers (in-process, rayft's step)."""
+def train_base(base_job: dict[str, Any], base: Path) -> Path:
+    """The lora/qlora base: base_job (a full fine-tuning job on English answers) trained in-process with rayft's step,
+    saved to `base` (kept: a later run reuses it)."""
     import numpy as np
     import torch
 
@@ -73,10 +74,9 @@ def train_base(init: Path, english: dict[str, Path], work: Path, epochs: int) ->
     from orchestrator import architectures
     from orchestrator.config import build_job
 
-    base = work / "base"
     if (base / "config.json").is_file():
         return base
-    job, _ = build_job(raw("full", init, english, "length_grouped", None, epochs, 0, work / "runs"))
+    job, _ = build_job(base_job)
     arch = architectures.for_model_dir(job.model)
     processor = load_processor(job.model, arch)
     rows, _ = data_mod.encode_rows(job.data.train, job.data, processor, True)
@@ -112,7 +112,7 @@ def main() -> None:
                       "eval": tinymodels.write_parquet(varied(EVAL_ROWS, task, 2), work / f"varied-{task}-eval.parquet")}
     lengths = [len(r["question"].split()) + 16 + 12 for r in varied(TRAIN_ROWS, "english", 1)]  # words ~ tokens here (word-level tokenizer)
     mean_len = int(statistics.mean(lengths))
-    base = train_base(work / "init", data["english"], work, args.epochs) if set(args.methods) - {"full"} else work / "init"
+    base = train_base(raw("full", work / "init", data["english"], "length_grouped", None, args.epochs, 0, work / "runs"), work / "base") if set(args.methods) - {"full"} else work / "init"
     steps = args.epochs * (TRAIN_ROWS // MICRO)
     results: dict[str, Any] = {}
     summary = []

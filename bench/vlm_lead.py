@@ -41,6 +41,7 @@ from typing import Any
 
 from common import alternate, ratio, write_result
 from hf_compare import child
+from length_batching import train_base
 
 SHAPES = {
     "51m": {"hidden": 1024, "layers": 4, "intermediate": 2816, "vision_hidden": 384, "vision_layers": 2},
@@ -140,43 +141,12 @@ def throughput(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], li
     return results, summary
 
 
-def train_base(init: Path, english: dict[str, Path], work: Path, epochs: int, mean_len: int) -> Path:
-    """The lora/qlora base: the init model fully fine-tuned on English answers (in-process, rayft's step)."""
-    from functools import partial
-
-    import numpy as np
-    import torch
-
-    from jobs import batching
-    from jobs import data as data_mod
-    from jobs.model import load_processor
-    from jobs.train_loop import build_training, lr_lambda, optimizer_step
-    from orchestrator import architectures
-    from orchestrator.config import build_job
-
-    base = work / "base"
-    if (base / "config.json").is_file():
-        return base
-    job, _ = build_job(raw("full", init, english, "length_grouped", None, epochs, mean_len, work / "runs"))
-    arch = architectures.for_model_dir(job.model)
-    processor = load_processor(job.model, arch)
-    rows, _ = data_mod.encode_rows(job.data.train, job.data, processor, True)
-    by_id = {e.row: e for e in rows}
-    plan = batching.build_schedule(np.array([e.row for e in rows]), np.array([len(e.input_ids) for e in rows]), job.train, job.data, 1)
-    training = build_training(job, arch, torch.device("cpu"), 1, partial(lr_lambda, total=plan.total_steps, warmup=0, schedule="cosine"), None)
-    for step in plan.steps:
-        optimizer_step(training, [data_mod.collate([by_id[int(i)] for i in m[0]], processor.tokenizer.pad_token_id) for m in step], torch.device("cpu"))
-    training.core.save_pretrained(base)
-    processor.save_pretrained(base)
-    return base
-
-
 def accuracy(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     init, data, mean_len = material(work, "small", TRAIN_ROWS)
     results: dict[str, Any] = {}
     summary = []
     for method in args.methods:
-        model, d = (init, data["english"]) if method == "full" else (train_base(init, data["english"], work / "small", args.epochs, mean_len), data["french"])
+        model, d = (init, data["english"]) if method == "full" else (train_base(raw("full", init, data["english"], "length_grouped", None, args.epochs, mean_len, work / "small" / "runs"), work / "small" / "base"), data["french"])
         steps = args.epochs * (TRAIN_ROWS // MICRO)
         jobs = {c: raw(method, model, d, c, steps if c == "hf" else None, args.epochs, mean_len, work / "runs") for c in ("hf", "packed")}
         print(f"accuracy {method}:", flush=True)

@@ -283,16 +283,17 @@ def quiet_data_context() -> None:
 
 
 def _encode_items(
-    batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool, encoded: rowstore.Store | None, pad_id: int, filler: bytes | None = None
+    batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool, encoded: rowstore.Store | None, pad_id: int, filler: bytes | None = None,
+    packed_from: int | None = None,
 ) -> Any:
     """encode_item as a Ray Data task: on one thread, naming the Ray node that ran it."""
     one_thread()
-    return encode_item(batch, job_json, store, option, with_image, encoded, pad_id, filler, _node_id())
+    return encode_item(batch, job_json, store, option, with_image, encoded, pad_id, filler, _node_id(), packed_from)
 
 
 def encode_item(
     batch: Any, job_json: str, store: rowstore.Store, option: str, with_image: bool, encoded: rowstore.Store | None, pad_id: int, filler: bytes | None,
-    node: str,
+    node: str, packed_from: int | None = None,
 ) -> Any:
     """One schedule item (a worker's micro batch: row ids) -> the collated micro batch, pickled. A row that
     fails here is sent on as the item's `problem` (not raised: Ray Data's task error would bury it), and
@@ -300,7 +301,8 @@ def encode_item(
     processor (a task process would otherwise spend seconds importing transformers and loading it).
     filler (DeepSpeed: deepspeed_filler): a pickled jobs.data.filler_row, added to a VLM micro batch without an
     image, and alone to an empty one (ZeRO-3's eval batches that even out the ranks). node: who encoded it (a
-    Ray node; jobs/local_worker.py, which runs without Ray, names its process)."""
+    Ray node; jobs/local_worker.py, which runs without Ray, names its process). packed_from (data.batching: packed, from
+    encode_kwargs): the architecture's first position id, for jobs/data.collate."""
     import pyarrow as pa
 
     job = job_from_json(job_json)
@@ -322,7 +324,6 @@ def encode_item(
     if not problem:
         if filler is not None and not any(has_image(e) for e in examples) and (with_image or not examples):
             examples.append(pickle.loads(filler))
-        packed_from = architectures.for_model_dir(job.model_dir).first_position if job.data.batching == "packed" else None
         tensors = {k: v.numpy() for k, v in collate(examples, pad_id, packed_from).items()}
         payload = pickle.dumps({"rows": ids, "tensors": tensors, "node": node}, protocol=5)
     return pa.table({"step": batch.column("step"), "micro": batch.column("micro"), "batch": pa.array([payload], pa.binary()), "problem": [problem]})
@@ -330,9 +331,10 @@ def encode_item(
 
 def encode_kwargs(job: JobConfig, index: Index, filler: bytes | None) -> dict[str, Any]:
     """_encode_items' arguments for the items of one data file (Ray Data's tasks, or jobs/local_worker.py)."""
-    with_image = architectures.for_model_dir(job.model_dir).kind == "vlm"
-    return {"job_json": job.model_dump_json(), "store": index.store, "option": index.option, "with_image": with_image, "encoded": index.encoded,
-            "pad_id": pad_token_id(processor_for(job.model_dir)), "filler": filler}
+    arch = architectures.for_model_dir(job.model_dir)
+    return {"job_json": job.model_dump_json(), "store": index.store, "option": index.option, "with_image": arch.kind == "vlm", "encoded": index.encoded,
+            "pad_id": pad_token_id(processor_for(job.model_dir)), "filler": filler,
+            "packed_from": arch.first_position if job.data.batching == "packed" else None}
 
 
 def _dataset(items: list[dict[str, Any]], job: JobConfig, index: Index, filler: bytes | None) -> Any:

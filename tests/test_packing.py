@@ -4,7 +4,6 @@ gradients and the eval answers of the same rows unpacked (padded, with an attent
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from jobs.model import build_model, load_processor
 from orchestrator import tinymodels
 from orchestrator.architectures import for_model_dir
 from orchestrator.config import DataConfig, JobConfig
-from tests.test_multiarch import non_square
+from tests.test_multiarch import non_square, one_thread  # noqa: F401 (one_thread: its autouse fixture, one torch thread)
 
 BUILDERS = {
     "llava": tinymodels.build_tiny_llava,
@@ -30,14 +29,6 @@ BUILDERS = {
     "llama": lambda out: tinymodels.build_tiny_text(out, arch="llama"),
     "qwen2": lambda out: tinymodels.build_tiny_text(out, arch="qwen2"),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
