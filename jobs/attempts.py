@@ -169,8 +169,8 @@ def describe(rank: int, error: BaseException) -> str:
     if killed:
         return killed
     if "actor is dead" in text or "ActorDiedError" in type(error).__name__ or "died unexpectedly" in text:
-        pid = re.search(r"\bpid=(\d+)", text)
-        ip = re.search(r"\bip=([\d.]+)", text)
+        pid = re.search(r"\bpid[=:] ?(\d+)", text)  # Ray Train's "pid=N", Ray's actor-death text "pid: N"
+        ip = re.search(r"\bip[=:] ?([\d.]+)", text)
         where = ", ".join(x for x in (f"pid {pid.group(1)}" if pid else "", f"node {ip.group(1)}" if ip else "") if x)
         oom = "memory" in text.lower() and "OutOfMemory" in text
         cause = "it was killed by Ray's memory monitor (out of memory)" if oom else "its process died (killed by a signal such as SIGKILL, the OOM killer, or a crash)"

@@ -49,3 +49,50 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The registered checkpoint of the highest step (full, LoRA and ZeRO alike), or None."""
     registered = registered_checkpoints(run_dir)
     return registered[max(registered)] if registered else None
+
+
+def store(run_dir: Path, staged: str, step: int) -> Path:
+    """Copy a staged checkpoint into RUN_DIR/checkpoints/checkpoint_<step> where no Ray Train storage holds it (a
+    search trial run in Tune's own actor: jobs/tune_worker.py; jobs/local_worker.py). It is copied under a name
+    kept_checkpoints does not match and renamed when complete, so a kill during the copy leaves no checkpoint
+    that counts (as Ray Train registers one only once its copy is complete)."""
+    import shutil
+
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    dest, partial = root / f"checkpoint_{step:06d}", root / f".partial_{step:06d}"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(staged, partial)
+    shutil.rmtree(dest, ignore_errors=True)
+    partial.rename(dest)
+    return dest
+
+
+def prune(run_dir: Path, keep: int | None, score: str | None) -> list[int]:
+    """Delete the checkpoints past `keep` (train.keep_checkpoints; None keeps all) from RUN_DIR/checkpoints, as Ray
+    Train's CheckpointConfig does: the best `keep` by `score` ("metric:max|min"; None: the newest) stay, and
+    the newest always stays (a restart continues from it). Returns the steps deleted."""
+    import shutil
+
+    kept = kept_checkpoints(run_dir)
+    if keep is None or len(kept) <= keep:
+        return []
+    metas = {step: json.loads((Path(path) / META_FILE).read_text()) for step, path in kept.items()}
+    if score:
+        metric, mode = score.split(":")
+        worst = float("-inf") if mode == "max" else float("inf")
+        sign = 1 if mode == "max" else -1
+        ranked = sorted(kept, key=lambda s: (sign * metas[s].get(metric, worst), s), reverse=True)
+    else:
+        ranked = sorted(kept, reverse=True)
+    stay = set(ranked[:keep]) | {max(kept)}
+    gone = sorted(set(kept) - stay)
+    for step in gone:
+        shutil.rmtree(kept[step], ignore_errors=True)
+    return gone
+
+
+def newest(run_dir: Path) -> Path | None:
+    """The kept checkpoint of the highest step in RUN_DIR/checkpoints (stored by `store`), or None."""
+    kept = kept_checkpoints(run_dir)
+    return Path(kept[max(kept)]) if kept else None

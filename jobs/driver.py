@@ -19,6 +19,32 @@ class Resources:
     cpus_per_worker: int
 
 
+def worker_config(job: JobConfig, run_dir: Path, resources: Resources, indexes: dict[str, Any], plan: Any) -> dict[str, Any]:
+    """What every worker's loop (jobs/train_loop.py: run_worker) is given: the job, the run directory, its CPUs,
+    the fault drills asked for in the environment, and the data's plan (jobs/stream.py: plan)."""
+    return {
+        "job": job.model_dump(mode="json"),
+        "run_dir": str(run_dir),
+        "cpus_per_worker": resources.cpus_per_worker,
+        # a fault drill: RAYFT_FAULT_AT_STEP=N makes the workers fail after step N (rehearse --resume)
+        "fault_at_step": int(os.environ.get("RAYFT_FAULT_AT_STEP") or 0),
+        # RAYFT_OOM_AT_STEP=N: rank 0 takes host memory after step N until Ray's memory monitor kills it
+        "oom_at_step": int(os.environ.get("RAYFT_OOM_AT_STEP") or 0),
+        # RAYFT_KILL_IN_CHECKPOINT=N: rank 0 dies (SIGKILL) halfway through copying step N's checkpoint into storage
+        "kill_in_checkpoint_at": int(os.environ.get("RAYFT_KILL_IN_CHECKPOINT") or 0),
+        "data": {
+            "total_steps": plan.total_steps,
+            "epoch_starts": plan.epoch_starts,
+            "rows": plan.rows,
+            "dropped_rows": plan.dropped_rows,
+            "eval_rows": plan.eval_rows,
+            "validation": {k: {"cached": v.cached, "nodes": v.nodes, "encoded_once": v.encoded is not None} for k, v in indexes.items()},
+            "datasets": plan.names,
+            "direct": plan.direct,
+        },
+    }
+
+
 def build_trainer(
     job: JobConfig,
     run_dir: Path,
@@ -47,27 +73,7 @@ def build_trainer(
     plan = stream.plan(job, indexes, job.scaling.workers, resume_step(run_dir), local=local)
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={
-            "job": job.model_dump(mode="json"),
-            "run_dir": str(run_dir),
-            "cpus_per_worker": resources.cpus_per_worker,
-            # a fault drill: RAYFT_FAULT_AT_STEP=N makes the workers fail after step N (rehearse --resume)
-            "fault_at_step": int(os.environ.get("RAYFT_FAULT_AT_STEP") or 0),
-            # RAYFT_OOM_AT_STEP=N: rank 0 takes host memory after step N until Ray's memory monitor kills it
-            "oom_at_step": int(os.environ.get("RAYFT_OOM_AT_STEP") or 0),
-            # RAYFT_KILL_IN_CHECKPOINT=N: rank 0 dies (SIGKILL) halfway through copying step N's checkpoint into storage
-            "kill_in_checkpoint_at": int(os.environ.get("RAYFT_KILL_IN_CHECKPOINT") or 0),
-            "data": {
-                "total_steps": plan.total_steps,
-                "epoch_starts": plan.epoch_starts,
-                "rows": plan.rows,
-                "dropped_rows": plan.dropped_rows,
-                "eval_rows": plan.eval_rows,
-                "validation": {k: {"cached": v.cached, "nodes": v.nodes, "encoded_once": v.encoded is not None} for k, v in indexes.items()},
-                "datasets": plan.names,
-                "direct": plan.direct,
-            },
-        },
+        train_loop_config=worker_config(job, run_dir, resources, indexes, plan),
         datasets=plan.datasets,
         # every worker reads only the datasets named after its rank: nothing is split; each stream's output
         # keeps its input's order (the schedule's). How far a stream runs ahead is Ray Data's own object-store

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -28,8 +27,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from jobs import stream
-from jobs.checkpoint import CHECKPOINTS, META_FILE
+from jobs import checkpoint, stream
+from jobs.checkpoint import META_FILE
 from jobs.driver import DATA_CACHE
 from jobs.train_loop import Training, run_worker
 from jobs.worker import Worker
@@ -79,10 +78,7 @@ class LocalRun:
         """Worker.report: the staged checkpoint is copied into RUN_DIR/checkpoints (upload, the fault drill's, is Ray's only)."""
         self.reports.append(metrics)
         if ckpt_dir is not None:
-            dest = self.run_dir / CHECKPOINTS / f"checkpoint_{metrics['step']:06d}"
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(ckpt_dir, dest)
-            self.checkpoints[int(metrics["step"])] = dest
+            self.checkpoints[int(metrics["step"])] = checkpoint.store(self.run_dir, ckpt_dir, int(metrics["step"]))
 
 
 def checkpoint_step(path: Path) -> int:
@@ -139,6 +135,7 @@ def run(job: JobConfig, run_dir: Path, device: Any, resume: Path | None = None, 
         node_id=NODE,
         preempted=lambda: None,
         force_parallel=True,
+        runner="local",
     )
     local.training = run_worker(config, worker)
     return local

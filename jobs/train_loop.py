@@ -17,7 +17,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -219,16 +219,24 @@ class InjectedFault(RuntimeError):
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's worker function (the loop, below)."""
+    with recording_fatal(Path(config["run_dir"])):
+        _train(config)
+
+
+@contextmanager
+def recording_fatal(run_dir: Path) -> Iterator[None]:
     """An error that would repeat on a restart (a NaN loss, a row that went bad after validation, the fault
-    drill) is recorded in the run directory: the restarts Ray Train makes (scaling.max_failures) then fail
-    at once with it instead of loading the model to fail again at the same step. A lost worker (SIGKILL,
-    the OOM killer, a lost node) is not recorded: its restart continues from the latest checkpoint."""
+    drill) is recorded in the run directory: the restarts Ray Train makes (scaling.max_failures), or Tune
+    makes of a trial run in its own actor (jobs/tune_worker.py), then fail at once with it instead of loading
+    the model to fail again at the same step. A lost worker (SIGKILL, the OOM killer, a lost node) is not
+    recorded: its restart continues from the latest checkpoint."""
     from jobs.data import DataError
 
     try:
-        _train(config)
+        yield
     except (FloatingPointError, DataError, InjectedFault) as e:
-        attempts.record_fatal(Path(config["run_dir"]), "\n".join(e.problems) if isinstance(e, DataError) else str(e))
+        attempts.record_fatal(run_dir, "\n".join(e.problems) if isinstance(e, DataError) else str(e))
         raise
 
 
@@ -522,6 +530,7 @@ def run_worker(config: dict[str, Any], worker: Worker, clock: dict[str, float] |
             "validation": plan["validation"],
             # how the micro batches arrive: "direct" (rows encoded once, read from this machine's disk) or "ray_data"
             "stream": "direct" if plan.get("direct") else "ray_data",
+            "runner": worker.runner,
             "attention": getattr(getattr(training.core, "config", None), "_attn_implementation", None),  # the kernel that ran
             "trainable_params": trainable,
             # train.lr_groups: each optimizer group's peak rate and parameters (one group at train.lr without it)

@@ -35,6 +35,9 @@ class Worker:
     force_parallel: bool = False
     """Run what only a run of several workers runs (DDP, rayft's collectives, the stop flag) with one worker
     too: jobs/local_worker.py's process group of one rank exercises them on a single GPU."""
+    runner: str = "ray_train"
+    """What runs the loop: "ray_train" (a TorchTrainer's worker), "tune_trial" (a search trial's own actor:
+    jobs/tune_worker.py) or "local" (no Ray: jobs/local_worker.py); metrics.jsonl's start record says which."""
 
 
 def from_ray(config: dict[str, Any]) -> Worker:

@@ -237,7 +237,8 @@ def _run(
 ) -> dict[str, Any]:
     from ray import tune as rt
 
-    from orchestrator.trial import tune_trial
+    from jobs.failure_recorder import TrialFailures
+    from orchestrator.trial import in_trial_actor, trial_resources, tune_trial
 
     tune = job.tune
     assert tune is not None
@@ -292,6 +293,7 @@ def _run(
 
                 earlier = _earlier_invocations(search_dir)
                 open_ledger(search_dir, tune.budget.trial_steps, tune.budget.wall_s, sum(i["wall_s"] for i in earlier))
+            in_actor = in_trial_actor(job, capacity.one_machine)
             trainable = rt.with_resources(
                 rt.with_parameters(
                     tune_trial,
@@ -303,8 +305,9 @@ def _run(
                     max_failures=tune.max_failures,
                     tracking_parent=parent.mlflow_run_id,
                     local=capacity.one_machine,
+                    in_actor=in_actor,
                 ),
-                {"cpu": 0, "memory": 1},  # the trial only drives its TorchTrainer; the Train workers carry the CPUs
+                trial_resources(resources, in_actor),
             )
             if resume:
                 tuner = rt.Tuner.restore(str(search_dir / TUNER_DIR), trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -334,7 +337,15 @@ def _run(
                         scheduler=scheduler,
                         search_alg=search_algorithm(tune, concurrency(job, capacity), search_dir, lengths),
                     ),
-                    run_config=rt.RunConfig(name=TUNER_DIR, storage_path=str(search_dir), verbose=0, stop=stopper),
+                    run_config=rt.RunConfig(
+                        name=TUNER_DIR,
+                        storage_path=str(search_dir),
+                        verbose=0,
+                        stop=stopper,
+                        # a trial in its own actor is restarted by Tune; a TorchTrainer's by Ray Train (tune_trial)
+                        failure_config=rt.FailureConfig(max_failures=tune.max_failures if in_actor else 0),
+                        callbacks=[TrialFailures(str(search_dir))] if in_actor else None,
+                    ),
                 )
             # A trial skipped before launch (predicted not to fit) ends without a report. Tune's strict check
             # then fails the whole search once the space has 2+ keys (the config keys count as metrics); the

@@ -1,6 +1,8 @@
 """One Ray Tune trial, run in the trial's actor: the job with the trial's overrides, checked against the
-search's memory budget (orchestrator.planner), trained by the same TorchTrainer as `rayft train`
-(jobs.driver.build_trainer). orchestrator.search hands `tune_trial` to Ray Tune."""
+search's memory budget (orchestrator.planner), trained by the same loop as `rayft train`: in the trial's actor
+itself when the trial is one worker on one machine (jobs/tune_worker.py), else by a TorchTrainer of its workers
+(jobs.driver.build_trainer). orchestrator.search hands `tune_trial` to Ray Tune, with `trial_resources` (and
+jobs.failure_recorder.TrialFailures)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,22 @@ from orchestrator.config import JobConfig
 from orchestrator.search_report import write_trial_memory
 
 SKIPPED = "skipped.txt"  # in a trial directory: the trial was predicted not to fit, and why
+
+
+def in_trial_actor(job: JobConfig, one_machine: bool) -> bool:
+    """Whether the search's trials run in Tune's trial actor (jobs/tune_worker.py) rather than a TorchTrainer: each
+    is one worker (scaling.workers 1, not searched) on a Ray of one machine. Then the actor reserves the worker's
+    CPUs and GPU itself, and Tune restarts a failed trial (tune.max_failures)."""
+    assert job.tune is not None
+    return one_machine and job.scaling.workers == 1 and "scaling.workers" not in job.tune.space
+
+
+def trial_resources(resources: Resources, in_actor: bool) -> dict[str, float]:
+    """What a trial's actor reserves: the worker's CPUs and GPU when it is the worker (in_trial_actor), else
+    nothing (its TorchTrainer's workers reserve theirs; it only drives them)."""
+    if in_actor:
+        return {"cpu": resources.cpus_per_worker, "gpu": 1 if resources.use_gpu else 0}
+    return {"cpu": 0, "memory": 1}
 
 
 def trial_fits(job: JobConfig, trial_dir: Path, budget: planner.Budget | None) -> bool:
@@ -41,6 +59,7 @@ def tune_trial(
     max_failures: int = 1,
     tracking_parent: str | None = None,
     local: bool = False,
+    in_actor: bool = False,
 ) -> None:
     """One Ray Tune trial: the job with the trial's dotted overrides applied by the same function as --set,
     trained by the same TorchTrainer as `rayft train`, its reports forwarded to Tune (ASHA decides on them).
@@ -48,7 +67,8 @@ def tune_trial(
     every trial's predicted memory per worker (on the budget's device) goes to trial_dir/memory.json.
     max_failures (tune.max_failures): restarts of the trial's workers after one is lost.
     tracking_parent: the search's MLflow run, under which the trial logs its child run.
-    local: the search's Ray is one node, this machine: rows encoded once are read by the workers from its disk."""
+    local: the search's Ray is one node, this machine: rows encoded once are read by the workers from its disk.
+    in_actor (in_trial_actor): the trial is its one worker, trained in this actor; Tune makes its restarts."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -74,10 +94,15 @@ def tune_trial(
     # encodes as it streams.
     try:  # a trial's bad rows (its max_length, say) fail that trial alone
         indexes = attach(job, stream.index(job, stream.build_stores(job, Path(search_dir) / DATA_CACHE)))
-        trainer = build_trainer(
-            job, trial_dir, resources, indexes, callbacks=[TuneReportCallback()], keep_best=keep_best, max_failures=max_failures, local=local
-        )
-        trainer.fit()
+        if in_actor:
+            from jobs import tune_worker
+
+            tune_worker.run(job, trial_dir, resources, indexes, keep_best)
+        else:
+            trainer = build_trainer(
+                job, trial_dir, resources, indexes, callbacks=[TuneReportCallback()], keep_best=keep_best, max_failures=max_failures, local=local
+            )
+            trainer.fit()
     except Exception as e:  # recorded for the results table; Tune marks the trial errored and goes on
         (trial_dir / "error.txt").write_text(root_message(e))
         tracker.finish("failed", [trial_dir / "job.yaml"])

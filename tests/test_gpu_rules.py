@@ -312,3 +312,28 @@ def test_auto_attention_is_flash_attention_2_on_a_gpu_where_it_imports_and_an_ex
     eager = job(train={**raw["train"], "attn_implementation": "eager"})
     loaded = model.load_base(eager, architectures.for_model_dir(eager.model_dir), cpu)
     assert loaded.config._attn_implementation == "eager" and loaded.config.text_config._attn_implementation == "eager"
+
+
+def test_a_trial_trained_in_its_own_actor_reserves_its_workers_gpu_and_trains_on_the_one_ray_leaves_visible(world, monkeypatch):
+    """A search trial of one worker on one machine is trained in Tune's trial actor (jobs/tune_worker.py), with no
+    TorchTrainer: the actor must reserve the worker's GPU and CPUs itself (else Ray gives it no GPU, and
+    CUDA_VISIBLE_DEVICES is empty), and train on cuda:0, the GPU Ray leaves visible to it. Trials of several
+    workers, or on a cluster, keep their TorchTrainer, whose workers reserve what they use."""
+    from jobs.driver import Resources
+    from jobs.tune_worker import device_for
+    from orchestrator.trial import in_trial_actor, trial_resources
+
+    raw = {**load_raw(world / "jobs" / "qlora.yaml"), "model": str(world / "init"), "tune": {"space": {"train.lr": {"grid": [1e-3, 2e-3]}}}}
+    job, _ = build_job(raw)
+    assert in_trial_actor(job, one_machine=True) and trial_resources(Resources(True, 4), True) == {"cpu": 4, "gpu": 1}
+    assert trial_resources(Resources(False, 2), True) == {"cpu": 2, "gpu": 0}
+    assert not in_trial_actor(job, one_machine=False)  # a cluster: the trial's worker may land on any node
+    two, _ = build_job({**raw, "scaling": {"workers": 2}})
+    searched, _ = build_job({**raw, "tune": {"space": {"scaling.workers": {"grid": [1, 2]}}}})
+    assert not in_trial_actor(two, True) and not in_trial_actor(searched, True)
+    assert trial_resources(Resources(True, 4), False) == {"cpu": 0, "memory": 1}  # it only drives its TorchTrainer
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_for(True) == torch.device("cuda", 0) and device_for(False) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="reserved a GPU but CUDA sees none"):
+        device_for(True)

@@ -200,19 +200,29 @@ def test_validate_checks_the_tracking_uri_and_submit_refuses_to_carry_secrets(qu
 
 
 def test_a_search_is_one_parent_run_with_a_child_run_per_trial(quickstart_run, mlflow_server, tmp_path):
-    """Two trials, one failing (every row longer than its max_length): the parent holds the results and the
-    best trial; each child its trial's config, overrides and status."""
+    """Two trials of two workers each, one failing (every row longer than its max_length): the failing trial is
+    recorded as failed with the reason, the other still wins and is exported; in MLflow the parent holds the
+    results and the best trial, each child its trial's config, overrides and status. (Trials of several workers
+    run as a TorchTrainer each: the one search of the suite that does; test_tune's run in their own actors.)"""
     import yaml
     from test_tune import search_file
 
     path = search_file(quickstart_run, tmp_path, num_samples=1, scheduler="fifo", space={"data.max_length": {"grid": [64, 20]}})
     body = yaml.safe_load(path.read_text())
     body["train"]["max_steps"] = 8
+    body["scaling"] = {"workers": 2, "cpus_per_worker": 1}
     body["tracking"] = {"mlflow": {"tracking_uri": mlflow_server["uri"], "experiment": tmp_path.name}}
     path.write_text(yaml.safe_dump(body))
     proc = subprocess.run([RAYFT, "tune", str(path), "--json"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{\n") :])
+    by_length = {t["overrides"]["data.max_length"]: t for t in summary["trials"]}
+    assert by_length[20]["status"] == "failed" and "longer than data.max_length=20" in by_length[20]["reason"]
+    assert by_length[64]["status"] == "finished" and summary["best"]["trial"] == by_length[64]["trial"]
+    search_dir = Path(summary["best_model"]).parents[1]
+    assert "failed: " in (search_dir / "results.md").read_text()
+    start = next(json.loads(x) for x in (search_dir / "trials" / by_length[64]["trial"] / "metrics.jsonl").read_text().splitlines() if '"event": "start"' in x)
+    assert start["runner"] == "ray_train" and start["world_size"] == 2
     c = client(mlflow_server)
     (experiment,) = [e for e in c.search_experiments() if e.name == tmp_path.name]
     runs = c.search_runs([experiment.experiment_id])

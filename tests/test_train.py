@@ -220,3 +220,24 @@ def test_row_too_long_fails_before_training_naming_the_row(quickstart_run, ray_l
         launch.train(job, progress=False)
     assert "longer than data.max_length=20" in str(e.value) and "row 0" in str(e.value) and "(data.train)" in str(e.value)
     assert not [p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]
+
+
+def test_checkpoints_kept_outside_ray_train_are_whole_and_pruned_as_ray_trains_are(tmp_path):
+    """A trial trained in Tune's own actor stores its checkpoints itself (jobs/checkpoint.store, prune): a copy cut
+    short never counts as a checkpoint, and train.keep_checkpoints keeps the best by the search's metric plus the
+    newest (the one a restart continues from), as Ray Train's CheckpointConfig does."""
+    from jobs import checkpoint
+
+    run_dir = tmp_path / "trial"
+    for step, accuracy in ((8, 0.5), (16, 0.9), (24, 0.7), (32, 0.6)):
+        staged = tmp_path / f"staged-{step}"
+        staged.mkdir()
+        (staged / checkpoint.META_FILE).write_text(json.dumps({"step": step, "eval_accuracy": accuracy}))
+        checkpoint.store(run_dir, str(staged), step)
+        checkpoint.prune(run_dir, 2, "eval_accuracy:max")
+    assert sorted(checkpoint.kept_checkpoints(run_dir)) == [16, 24, 32]  # the best two, and the newest
+    assert checkpoint.newest(run_dir) == run_dir / "checkpoints" / "checkpoint_000032"
+    assert checkpoint.prune(run_dir, 1, "eval_accuracy:min") == [16, 24]
+    assert checkpoint.prune(run_dir, None, None) == []
+    (run_dir / "checkpoints" / ".partial_000040").mkdir()  # a copy killed halfway: not a checkpoint
+    assert checkpoint.newest(run_dir).name == "checkpoint_000032"
