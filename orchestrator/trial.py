@@ -107,4 +107,7 @@ def tune_trial(
         (trial_dir / "error.txt").write_text(root_message(e))
         tracker.finish("failed", [trial_dir / "job.yaml"])
         raise
+    except SystemExit:  # Tune stopped a trial run in this actor at a report (ASHA, the budget): the actor may take
+        tracker.stop()  # the next trial, so its tailing ends here; the search ends its runs (tracking.finish_search)
+        raise
     tracker.finish("finished", [trial_dir / "job.yaml", metrics_path(trial_dir)])
