@@ -407,13 +407,42 @@ class Window:
 
 
 def peak_memory(device: Any) -> dict[str, float]:
-    """This worker's peaks: its process's RSS, and the CUDA memory allocated on a GPU."""
+    """This worker's peaks since reset_peaks (or its process's start): its RSS (Linux: VmHWM), and the CUDA memory
+    allocated on a GPU."""
     import torch
 
-    peaks = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peaks = {"peak_rss_mib": _peak_rss_kib() / 1024}
     if device.type == "cuda":
         peaks["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peaks
+
+
+def _peak_rss_kib() -> float:
+    try:  # the high-water mark reset_peaks can reset; ru_maxrss also keeps the peak of threads that have ended
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def reset_peaks(device: Any) -> None:
+    """Start this process's peaks (peak_memory) afresh: a Tune actor that trains one trial after another
+    (jobs/tune_worker.py) reports each trial's own peak, not the largest of the trials before it. The memory
+    of the trial before is released first (its CUDA cache included)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := the RSS now
+    except OSError:
+        pass
 
 
 def next_batches(stream_items: Iterator[Any], step: int, grad_accum: int) -> tuple[list[Any], list[dict[str, Any]]]:

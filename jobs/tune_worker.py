@@ -48,10 +48,11 @@ def run(job: JobConfig, trial_dir: Path, resources: Resources, indexes: dict[str
     import ray.tune
 
     from jobs.local_worker import LocalCheckpoint, checkpoint_step, process_group
-    from jobs.train_loop import recording_fatal, run_worker
+    from jobs.train_loop import recording_fatal, reset_peaks, run_worker
 
     clock = {"worker_started": time.time()}
     device = device_for(resources.use_gpu)
+    reset_peaks(device)  # the actor may have trained a trial before this one (reuse_actors): this trial's peaks are its own
     process_group(device)
     resume = checkpoint.newest(trial_dir)
     plan = stream.plan(job, indexes, 1, checkpoint_step(resume) if resume else 0, local=True)

@@ -242,3 +242,18 @@ def test_the_memory_budget_comes_from_tune_yaml(tmp_path):
     assert search_report.memory_budget({}) is None
     with Image.open(root / "frontier.png") as img:
         assert img.format == "PNG" and img.width >= 1000
+
+
+def test_a_trial_in_a_reused_actor_measures_its_own_peak_memory():
+    """Tune reuses a trial's actor for the next trial (jobs/tune_worker.py): each trial's measured peak (the memory
+    frontier's) is its own, not the largest of the trials the actor trained before it."""
+    import torch
+
+    from jobs.train_loop import peak_memory, reset_peaks
+
+    cpu = torch.device("cpu")
+    earlier_trial = torch.ones(400 * 2**20 // 4)  # 400 MiB held by the trial before
+    held = peak_memory(cpu)["peak_rss_mib"]
+    del earlier_trial
+    reset_peaks(cpu)
+    assert peak_memory(cpu)["peak_rss_mib"] < held - 300
