@@ -17,7 +17,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-ORDER = ["hf_compare", "data_scale", "length_batching", "vlm_lead_51m", "vlm_lead_rayft_train", "vlm_lead", "vlm_lead_accuracy", "hardware", "overhead", "cluster_submit", "methods", "zero_memory", "search_compare", "planner_calibration", "claims", "tracking_overhead"]
+ORDER = ["hf_compare", "data_scale", "length_batching", "vlm_lead_51m", "vlm_lead_rayft_train", "vlm_lead", "vlm_lead_accuracy", "hardware", "overhead", "search_trials", "cluster_submit", "methods", "zero_memory", "search_compare", "planner_calibration", "claims", "tracking_overhead"]
 
 
 def _methods(d: dict[str, Any]) -> list[dict[str, Any]]:
