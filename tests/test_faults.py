@@ -221,6 +221,9 @@ def test_a_trial_whose_worker_is_killed_is_retried_and_the_search_completes(quic
     path = search_file(quickstart_run, tmp_path, num_samples=1, scheduler="fifo", max_concurrent=1, space={"train.lr": {"grid": [5e-3]}})
     body = yaml.safe_load(path.read_text())
     body["train"].update(max_steps=16, checkpoint_every=8, eval_every=8)
+    # rows encoded as they stream (Ray Data's tasks, launched from the trial's actor), not read encoded once:
+    # the trial's other data path, which test_tune's searches do not take
+    body["data"]["encode_once"] = "off"
     path.write_text(yaml.safe_dump(body))
     proc = subprocess.Popen([RAYFT, "tune", str(path), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -240,6 +243,7 @@ def test_a_trial_whose_worker_is_killed_is_retried_and_the_search_completes(quic
     trials = Path(summary["best_model"]).parents[1] / "trials"
     starts = {t.name: [(r["attempt"], r["step"]) for r in records(t) if r.get("event") == "start"] for t in trials.iterdir()}
     assert list(starts.values()) == [[(1, 0), (2, 8)]], starts  # the killed trial took over at its step-8 checkpoint
+    assert {(r["runner"], r["stream"]) for t in trials.iterdir() for r in records(t) if r.get("event") == "start"} == {("tune_trial", "ray_data")}
     # Tune restarted it (tune.max_failures); why its first attempt ended is recorded, naming the lost process
     failures = [json.loads(x) for t in trials.iterdir() for x in (t / "failures.jsonl").read_text().splitlines()]
     assert [f["attempt"] for f in failures] == [1] and f"pid {workers[0]}" in failures[0]["reason"] and "was lost" in failures[0]["reason"], failures
