@@ -124,18 +124,24 @@ def run(job: JobConfig, run_dir: Path, device: Any, resume: Path | None = None, 
         },
     }
     local = LocalRun(run_dir)
-    worker = Worker(
+    worker = one_rank(device, train, evals, resume, local.report, NODE, runner="local", force_parallel=True)
+    local.training = run_worker(config, worker)
+    return local
+
+
+def one_rank(device: Any, train: Any, evals: Any, resume: Path | None, report: Any, node: str, runner: str, force_parallel: bool = False) -> Worker:
+    """The Worker of a run of one rank that Ray Train does not run (this module's, jobs/tune_worker.py's): rank 0 of
+    1, continuing from the checkpoint directory `resume` if given, on one machine (no node is drained under it)."""
+    return Worker(
         rank=0,
         world=1,
         device=device,
         train_shard=train,
         eval_shard=evals,
         checkpoint=LocalCheckpoint(resume) if resume is not None else None,
-        report=local.report,
-        node_id=NODE,
+        report=report,
+        node_id=node,
         preempted=lambda: None,
-        force_parallel=True,
-        runner="local",
+        force_parallel=force_parallel,
+        runner=runner,
     )
-    local.training = run_worker(config, worker)
-    return local

@@ -26,7 +26,6 @@ from typing import Any
 
 from jobs import checkpoint, stream
 from jobs.driver import Resources, worker_config
-from jobs.worker import Worker
 from orchestrator.config import JobConfig
 
 
@@ -47,7 +46,7 @@ def run(job: JobConfig, trial_dir: Path, resources: Resources, indexes: dict[str
     import ray
     import ray.tune
 
-    from jobs.local_worker import LocalCheckpoint, checkpoint_step, process_group
+    from jobs.local_worker import checkpoint_step, one_rank, process_group
     from jobs.train_loop import recording_fatal, reset_peaks, run_worker
 
     clock = {"worker_started": time.time()}
@@ -71,17 +70,6 @@ def run(job: JobConfig, trial_dir: Path, resources: Resources, indexes: dict[str
             checkpoint.prune(trial_dir, job.train.keep_checkpoints, keep_best)
         ray.tune.report(metrics)
 
-    worker = Worker(
-        rank=0,
-        world=1,
-        device=device,
-        train_shard=train,
-        eval_shard=evals,
-        checkpoint=LocalCheckpoint(resume) if resume else None,
-        report=report,
-        node_id=node,
-        preempted=lambda: None,  # one machine: no node of it is drained under a running trial
-        runner="tune_trial",
-    )
+    worker = one_rank(device, train, evals, resume, report, node, runner="tune_trial")
     with recording_fatal(trial_dir):
         run_worker(worker_config(job, trial_dir, resources, indexes, plan), worker, clock)

@@ -62,10 +62,12 @@ def tune_trial(
     in_actor: bool = False,
 ) -> None:
     """One Ray Tune trial: the job with the trial's dotted overrides applied by the same function as --set,
-    trained by the same TorchTrainer as `rayft train`, its reports forwarded to Tune (ASHA decides on them).
+    trained by the same loop as `rayft train` (in this actor, or by a TorchTrainer), its reports sent to Tune (ASHA
+    decides on them).
     budget (planner.Budget): a trial predicted not to fit in it is recorded as skipped and never launched;
     every trial's predicted memory per worker (on the budget's device) goes to trial_dir/memory.json.
-    max_failures (tune.max_failures): restarts of the trial's workers after one is lost.
+    max_failures (tune.max_failures): restarts of a TorchTrainer trial's workers after one is lost (a trial in
+    this actor is restarted by Tune: the search's FailureConfig).
     tracking_parent: the search's MLflow run, under which the trial logs its child run.
     local: the search's Ray is one node, this machine: rows encoded once are read by the workers from its disk.
     in_actor (in_trial_actor): the trial is its one worker, trained in this actor; Tune makes its restarts."""
